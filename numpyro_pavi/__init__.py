@@ -1,0 +1,19 @@
+"""numpyro-pavi: Plate-Amortized Variational Inference (PAVI) as a NumPyro autoguide."""
+
+from .autoguide import AutoPAVI
+from .checkpoint import Checkpoint, fit, load_checkpoint, save_checkpoint
+from .flows import ConditionalFlow
+from .structure import ModelStructure, model_structure
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AutoPAVI",
+    "Checkpoint",
+    "ConditionalFlow",
+    "ModelStructure",
+    "fit",
+    "load_checkpoint",
+    "model_structure",
+    "save_checkpoint",
+]

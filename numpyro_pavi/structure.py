@@ -1,0 +1,274 @@
+"""The plate structure of a NumPyro model, read from one trace.
+
+:func:`model_structure` turns a trace of the model (plus, optionally, the prior dependencies
+from :func:`numpyro.infer.inspect.get_dependencies`) into an immutable
+:class:`ModelStructure`: the plates (name, dim, full size, subsample size), the latent sites
+in topological order (plates, event shape, support, unconstrained size, parents) and the
+observed sites. Everything the guide builds is derived from this description.
+
+Layouts used throughout the package
+-----------------------------------
+*Site layout* is the shape NumPyro gives a site's value: ``batch_shape + event_shape`` with
+plate dims at their (negative) ``dim`` positions. Batch positions not owned by a plate are
+*intrinsic* dims (often size 1, from broadcasting).
+
+*Canonical layout* is ``(*plate_sizes, d)``: one axis per plate of the site, outermost plate
+(most negative dim) first, then the flattened unconstrained element of size ``d`` (intrinsic
+dims times the unconstrained event). Flows work on rows of the canonical layout.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+from numpyro.distributions import constraints
+from numpyro.distributions.transforms import biject_to
+
+__all__ = ["PlateInfo", "LatentSite", "ObservedSite", "ModelStructure", "model_structure"]
+
+
+@dataclass(frozen=True)
+class PlateInfo:
+    """One plate of the model.
+
+    :param name: plate name.
+    :param dim: negative batch dim the plate occupies.
+    :param size: full number of elements.
+    :param subsample_size: elements per model call when traced (``size`` when not subsampled).
+    """
+
+    name: str
+    dim: int
+    size: int
+    subsample_size: int
+
+
+@dataclass(frozen=True)
+class LatentSite:
+    """A latent sample site and everything needed to build its flow.
+
+    :param name: site name.
+    :param plates: names of the site's plates, outermost (most negative dim) first.
+    :param batch_shape: batch shape in site layout when traced (plates at subsample size).
+    :param event_shape: constrained event shape.
+    :param unconstrained_event_shape: event shape after ``biject_to(support).inv``.
+    :param intrinsic_shape: batch dims not owned by any plate, in position order.
+    :param intrinsic_positions: their positions (0-based from the left of ``batch_shape``).
+    :param support: the site's support constraint.
+    :param parents: latent sites the site depends on a priori whose plates are a subset of
+        the site's plates (their sampled values condition the site's flow).
+    :param dropped_parents: prior parents that sit in plates the site is not in; their
+        per-element values cannot be aligned with this site's elements, so they are not
+        part of the flow's context.
+    """
+
+    name: str
+    plates: tuple[str, ...]
+    batch_shape: tuple[int, ...]
+    event_shape: tuple[int, ...]
+    unconstrained_event_shape: tuple[int, ...]
+    intrinsic_shape: tuple[int, ...]
+    support: Any
+    intrinsic_positions: tuple[int, ...]
+    parents: tuple[str, ...] = ()
+    dropped_parents: tuple[str, ...] = ()
+
+    @property
+    def dim(self) -> int:
+        """Size ``d`` of one plate element's flattened unconstrained value."""
+        return math.prod(self.intrinsic_shape) * math.prod(self.unconstrained_event_shape)
+
+    @property
+    def plate_positions(self) -> tuple[int, ...]:
+        """Batch positions (0-based from the left of ``batch_shape``) owned by plates."""
+        return tuple(p for p in range(len(self.batch_shape)) if p not in self.intrinsic_positions)
+
+
+@dataclass(frozen=True)
+class ObservedSite:
+    """An observed sample site: the data of the plate elements it sits in.
+
+    :param name: site name.
+    :param plates: names of its plates, outermost first.
+    :param shape: value shape when traced (site layout).
+    :param event_shape: event shape.
+    """
+
+    name: str
+    plates: tuple[str, ...]
+    shape: tuple[int, ...]
+    event_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModelStructure:
+    """Immutable description of a model's plates and sites (see module docstring)."""
+
+    plates: Mapping[str, PlateInfo]
+    latent: Mapping[str, LatentSite]
+    observed: Mapping[str, ObservedSite]
+
+    def plate_order(self, names) -> tuple[str, ...]:
+        """``names`` sorted outermost (most negative dim) first."""
+        return tuple(sorted(names, key=lambda n: self.plates[n].dim))
+
+    def num_latent_elements(self) -> int:
+        """Number of scalar latent parameters over the full plates (the paper's count)."""
+        return sum(
+            site.dim * math.prod(self.plates[p].size for p in site.plates)
+            for site in self.latent.values()
+        )
+
+
+def _event_dim(site: dict) -> int:
+    return len(site["fn"].event_shape)
+
+
+def _check_plate_frames(trace: dict) -> dict[str, Any]:
+    """Collect every plate frame seen on sample sites and check they agree."""
+    frames: dict[str, Any] = {}
+    owner: dict[str, str] = {}
+    for name, site in trace.items():
+        if site["type"] != "sample":
+            continue
+        for frame in site["cond_indep_stack"]:
+            seen = frames.get(frame.name)
+            if seen is None:
+                frames[frame.name] = frame
+                owner[frame.name] = name
+            elif seen != frame:
+                raise ValueError(
+                    f"Plate '{frame.name}' is inconsistent: site '{owner[frame.name]}' sees it "
+                    f"with dim={seen.dim}, size={seen.size} but site '{name}' with "
+                    f"dim={frame.dim}, size={frame.size}. Declare the plate once (same size, "
+                    "same subsample_size and same dim) and reuse it for every site it holds."
+                )
+    return frames
+
+
+def _plates(trace: dict, frames: dict) -> dict[str, PlateInfo]:
+    plates = {}
+    for name, frame in frames.items():
+        site = trace.get(name)
+        if site is None or site["type"] != "plate":  # pragma: no cover - numpyro always records plates
+            raise ValueError(f"Plate '{name}' was not recorded in the model trace.")
+        size, subsample_size = site["args"]
+        if subsample_size is not None and subsample_size > size:
+            raise ValueError(
+                f"Plate '{name}': subsample_size={subsample_size} is larger than the plate "
+                f"size {size}. Use subsample_size <= {size}, or None to use the whole plate."
+            )
+        plates[name] = PlateInfo(name, frame.dim, int(size), int(frame.size))
+    return plates
+
+
+def _latent_site(site: dict, plates: Mapping[str, PlateInfo]) -> LatentSite:
+    name = site["name"]
+    fn = site["fn"]
+    if fn.support.is_discrete:
+        raise ValueError(
+            f"Latent site '{name}' is discrete ({type(fn).__name__}); AutoPAVI's flows need "
+            "continuous latents. Marginalize it with enumeration "
+            f"(numpyro.sample('{name}', ..., infer={{'enumerate': 'parallel'}}) and "
+            "TraceEnum_ELBO), or give it its own guide: AutoGuideList with "
+            f"AutoPAVI(handlers.block(model, hide=['{name}'])) plus a guide for '{name}'."
+        )
+    event_dim = _event_dim(site)
+    shape = tuple(jnp.shape(site["value"]))
+    batch_shape = shape[: len(shape) - event_dim]
+    event_shape = shape[len(shape) - event_dim :]
+    site_plates = {f.name: f for f in site["cond_indep_stack"]}
+    n = len(batch_shape)
+    owned = {n + f.dim for f in site_plates.values()}
+    intrinsic_positions = tuple(p for p in range(n) if p not in owned)
+    try:
+        transform = biject_to(fn.support)
+    except NotImplementedError as e:
+        raise ValueError(
+            f"Latent site '{name}' has support {fn.support} with no bijection to the real "
+            "numbers registered in numpyro.distributions.transforms.biject_to; register one "
+            "or reparametrize the site."
+        ) from e
+    unc_event = tuple(transform.inverse_shape(event_shape))
+    order = tuple(sorted(site_plates, key=lambda p: plates[p].dim))
+    return LatentSite(
+        name=name,
+        plates=order,
+        batch_shape=batch_shape,
+        event_shape=event_shape,
+        unconstrained_event_shape=unc_event,
+        intrinsic_shape=tuple(batch_shape[p] for p in intrinsic_positions),
+        support=fn.support,
+        intrinsic_positions=intrinsic_positions,
+    )
+
+
+def model_structure(
+    trace: Mapping[str, dict], dependencies: Mapping[str, Mapping[str, Any]] | None = None
+) -> ModelStructure:
+    """Describe the plates and sites of a model from one trace of it.
+
+    :param trace: an ordered trace of the model (``handlers.trace(handlers.seed(model, key))``).
+        Site order is execution order, hence a topological order of the prior.
+    :param dependencies: ``get_dependencies(model, ...)["prior_dependencies"]``; when None,
+        every earlier latent site whose plates are a subset of a site's plates counts as
+        its parent (a superset of the true parents: safe, only less sparse).
+    :raises ValueError: for discrete latent sites, inconsistent plates, subsample sizes
+        larger than their plate, or supports with no bijection.
+    """
+    frames = _check_plate_frames(trace)
+    plates = _plates(trace, frames)
+    latent: dict[str, LatentSite] = {}
+    observed: dict[str, ObservedSite] = {}
+    for name, site in trace.items():
+        if site["type"] != "sample":
+            continue
+        if site["is_observed"]:
+            order = tuple(sorted((f.name for f in site["cond_indep_stack"]), key=lambda p: plates[p].dim))
+            shape = tuple(jnp.shape(site["value"]))
+            ev = _event_dim(site)
+            observed[name] = ObservedSite(name, order, shape, shape[len(shape) - ev :])
+            continue
+        latent[name] = _latent_site(site, plates)
+
+    resolved: dict[str, LatentSite] = {}
+    for name, site in latent.items():
+        if dependencies is not None:
+            upstream = [p for p in dependencies.get(name, {}) if p in latent and p != name]
+        else:
+            upstream = list(resolved)
+        keep = tuple(p for p in upstream if set(latent[p].plates) <= set(site.plates))
+        dropped = tuple(p for p in upstream if p not in keep)
+        resolved[name] = dataclasses.replace(site, parents=keep, dropped_parents=dropped)
+    return ModelStructure(plates=plates, latent=resolved, observed=observed)
+
+
+def prior_dependencies(model, args: tuple, kwargs: dict) -> dict | None:
+    """Prior dependencies via :func:`numpyro.infer.inspect.get_dependencies`, or None.
+
+    ``get_dependencies`` traces the model abstractly; a model it cannot trace (e.g. one that
+    needs concrete values) falls back to the conservative parent rule with a warning.
+    """
+    from numpyro.infer.inspect import get_dependencies
+
+    try:
+        return get_dependencies(model, args, kwargs)["prior_dependencies"]
+    except Exception as e:  # noqa: BLE001 - any tracing failure falls back, loudly
+        warnings.warn(
+            f"Could not read the model's prior dependencies ({type(e).__name__}: {e}); "
+            "AutoPAVI conditions each site on every earlier latent site in its plates instead.",
+            stacklevel=3,
+        )
+        return None
+
+
+def is_real_support(support) -> bool:
+    """True when the support is the real line (possibly with event dims)."""
+    return support is constraints.real or (
+        isinstance(support, constraints.independent) and support.base_constraint is constraints.real
+    )
