@@ -2,6 +2,8 @@
 
 from .autoguide import AutoPAVI
 from .checkpoint import Checkpoint, fit, load_checkpoint, save_checkpoint
+from .data import Ragged
+from .encoders import SetEncoder
 from .flows import ConditionalFlow
 from .structure import ModelStructure, model_structure
 
@@ -12,6 +14,8 @@ __all__ = [
     "Checkpoint",
     "ConditionalFlow",
     "ModelStructure",
+    "Ragged",
+    "SetEncoder",
     "fit",
     "load_checkpoint",
     "model_structure",

@@ -9,9 +9,10 @@ express the coupling between global and local variables that mean-field guides m
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from contextlib import ExitStack
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,12 +24,15 @@ from numpyro.distributions.transforms import biject_to
 from numpyro.infer.autoguide import AutoGuide
 from numpyro.infer.initialization import init_to_median
 
+from . import data as _data
+from .data import Ragged
+from .encoders import SetEncoder, init_linear, linear
 from .flows import ConditionalFlow
 from .structure import LatentSite, ModelStructure, model_structure, prior_dependencies
 
 __all__ = ["AutoPAVI"]
 
-_ENCODINGS = ("auto", "free")
+_ENCODINGS = ("auto", "free", "set", "hybrid")
 _FLOW_LAYERS = ("autoregressive", "coupling")
 
 
@@ -114,7 +118,13 @@ class AutoPAVI(AutoGuide):
     and NumPyro scales both by ``N / B``.
 
     :param callable model: a NumPyro model.
-    :param str encoding: ``"free"`` (PAVI-F) or ``"auto"`` (currently the same as ``"free"``).
+    :param str encoding: how plate elements get their encodings:
+
+        * ``"free"`` (PAVI-F): one learned ``D``-vector per element;
+        * ``"set"`` (PAVI-E): computed by a learned set encoder from the element's observed
+          data (see :mod:`numpyro_pavi.data`); raises if a plate's data cannot be found;
+        * ``"hybrid"``: the set encoding plus a free per-element residual (zeros at init);
+        * ``"auto"`` (default): ``"set"`` where a plate's data is found, ``"free"`` elsewhere.
     :param int encoding_dim: D, size of each plate element's encoding.
     :param int flow_layers: autoregressive/coupling layers per flow (only used for sites
         whose element has more than one coordinate).
@@ -127,6 +137,10 @@ class AutoPAVI(AutoGuide):
     :param callable create_plates: as in :class:`~numpyro.infer.autoguide.AutoGuide`.
     :param int chunk_size: plate elements per chunk when sampling over full plates in
         :meth:`sample_posterior`; bounds the memory of the flows' intermediates.
+    :param SetEncoder encoder: architecture of the set encoders (``out_dim`` is replaced by
+        ``encoding_dim``); default Deep Sets with mean pooling.
+    :param dict ragged: ``{plate: Ragged(index=..., covariates=...)}`` for plates whose data
+        is a flat observation plate plus an index array (see :class:`~numpyro_pavi.Ragged`).
     """
 
     def __init__(
@@ -143,6 +157,8 @@ class AutoPAVI(AutoGuide):
         init_scale: float = 0.1,
         create_plates: Callable | None = None,
         chunk_size: int = 2**16,
+        encoder: SetEncoder | None = None,
+        ragged: dict[str, Ragged] | None = None,
     ):
         if encoding not in _ENCODINGS:
             raise ValueError(f"Unknown encoding {encoding!r}; use one of {_ENCODINGS}.")
@@ -156,8 +172,18 @@ class AutoPAVI(AutoGuide):
             raise ValueError(f"init_scale must be positive, got {init_scale!r}.")
         if not (isinstance(chunk_size, int) and chunk_size >= 1):
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
-        self.encoding = "free" if encoding == "auto" else encoding
+        ragged = dict(ragged or {})
+        for plate, decl in ragged.items():
+            if not isinstance(decl, Ragged):
+                raise ValueError(
+                    f"ragged[{plate!r}] must be numpyro_pavi.Ragged(index=..., covariates=...), got {decl!r}."
+                )
+        if encoder is not None and not isinstance(encoder, SetEncoder):
+            raise ValueError(f"encoder must be a numpyro_pavi.SetEncoder, got {encoder!r}.")
+        self.encoding = encoding
         self.encoding_dim = encoding_dim
+        self.encoder = encoder if encoder is not None else SetEncoder(kind="deep_sets")
+        self.ragged = ragged
         self.flow_layers = flow_layers
         self.flow_layer = flow_layer
         self.hidden = tuple(hidden)
@@ -181,11 +207,12 @@ class AutoPAVI(AutoGuide):
         self.structure = model_structure(self.prototype_trace, deps)
         if not self.structure.latent:
             raise ValueError("The model has no latent sample sites: there is nothing to infer.")
+        self._setup_data(self.prototype_trace, args, kwargs)
         self._build(rng_key)
 
     def _context_dim(self, site: LatentSite) -> int:
-        own = self.encoding_dim * (len(site.plates) if site.plates else 1)
-        return own + sum(self.structure.latent[p].dim for p in site.parents)
+        # one encoding per element of the site's plate set (a learned context for globals)
+        return self.encoding_dim + sum(self.structure.latent[p].dim for p in site.parents)
 
     def _build(self, rng_key) -> None:
         keys = jax.random.split(rng_key, len(self.structure.latent) + len(self.structure.plates) + 1)
@@ -207,14 +234,171 @@ class AutoPAVI(AutoGuide):
             self._init_values[self._param_name(name, "flow")] = flow.init(k1, loc=loc, skip=self._encoding_skip(site))
             if not site.plates:
                 self._init_values[self._param_name(name, "context")] = jax.random.normal(k2, (self.encoding_dim,))
-        used = {p for site in self.structure.latent.values() for p in site.plates}
-        for k, name in zip(keys[len(self.structure.latent) :], sorted(used)):
-            size = self.structure.plates[name].size
+        self._plan = self._encoding_plan(self.prototype_trace)
+        for k, (key, sources) in zip(keys[len(self.structure.latent) :], self._plan.items()):
+            self._init_encoding(k, key, sources)
+
+    # -- encodings -----------------------------------------------------------------------
+    def _encoding_plan(self, trace) -> dict:
+        """``{plate set: data sources}`` for every plate set that holds latent sites.
+
+        A source is ``("nested", obs_site)`` or ``("ragged", plate)``; an empty list means
+        free encodings.
+        """
+        keys = sorted({site.plates for site in self.structure.latent.values() if site.plates}, key=len)
+        unknown = set(self.ragged) - set(self.structure.plates)
+        if unknown:
+            raise ValueError(f"ragged names unknown plate(s) {sorted(unknown)}; plates: {sorted(self.structure.plates)}.")
+        plan = {}
+        for key in keys:
+            sources = []
+            if self.encoding != "free":
+                sources = [("nested", o) for o, obs in self.structure.observed.items() if set(key) <= set(obs.plates)]
+                if len(key) == 1 and key[0] in self.ragged:
+                    sources.append(("ragged", key[0]))
+                if not sources and self.encoding in ("set", "hybrid"):
+                    raise ValueError(
+                        f"encoding={self.encoding!r}: no observed data identifies the elements of plate(s) "
+                        f"{'/'.join(key)}: no observed site sits inside {'/'.join(key)}. Put the "
+                        "observations inside the plate, declare a ragged index with "
+                        f"ragged={{{key[-1]!r}: Ragged(index=..., covariates=...)}}, or use "
+                        "encoding='auto' (free encodings where no data is found)."
+                    )
+            plan[key] = sources
+        return plan
+
+    def _key_name(self, key: tuple) -> str:
+        return "__".join(key)
+
+    def _input_dims(self, key: tuple, sources: list) -> list:
+        """Encoder input sizes per pooled level of each source."""
+        D = self.encoding_dim
+        dims = []
+        for kind, name in sources:
+            if kind == "nested":
+                obs = self.structure.observed[name]
+                pooled = [p for p in obs.plates if p not in key]
+                dims.append((kind, name, [self._features[name] if i == 0 else D + 1 for i in range(len(pooled))]))
+            else:
+                dims.append((kind, name, [self._features[("ragged", name)]]))
+        return dims
+
+    def _init_encoding(self, rng_key, key: tuple, sources: list) -> None:
+        D = self.encoding_dim
+        sizes = [self.structure.plates[p].size for p in key]
+        kname = self._key_name(key)
+        if not sources or self.encoding == "hybrid":
             # zero: every element starts at the flow's shared initial distribution
-            self._init_values[self._param_name(name, "encoding")] = jnp.zeros((size, self.encoding_dim))
+            what = "residual" if sources else "encoding"
+            self._init_values[self._param_name(kname, what)] = jnp.zeros((*sizes, D))
+        if not sources:
+            return
+        enc = dataclasses.replace(self.encoder, out_dim=D)
+        width = 0
+        for kind, name, levels in self._input_dims(key, sources):
+            keys = jax.random.split(jax.random.fold_in(rng_key, hash(name) % 2**31), max(len(levels), 1))
+            if kind == "nested":
+                obs = self.structure.observed[name]
+                pooled = [p for p in obs.plates if p not in key][::-1]  # innermost first
+                pname = self._param_name(name, "encoder")
+                store = self._init_values.setdefault(pname, {})
+                for level, (p, in_dim, k) in enumerate(zip(pooled, levels, keys)):
+                    store.setdefault(f"{p}@{level}", enc.init(k, in_dim))
+                width += (D + 1) if pooled else self._features[name]
+            else:
+                self._init_values[self._param_name(name, "ragged_encoder")] = enc.init(keys[0], levels[0])
+                width += D + 1
+        self._init_values[self._param_name(kname, "encoder_out")] = init_linear(rng_key, width, D, scale=0.1)
+
+    def _set_encoding(self, params, key: tuple, sources: list, trace, indices, sizes, bound) -> jax.Array:
+        """Encodings ``(*grid, D)`` of the current elements of plate set ``key`` from data."""
+        dims = {n: p.dim for n, p in self.structure.plates.items()}
+        enc = dataclasses.replace(self.encoder, out_dim=self.encoding_dim)
+        outs = []
+        for kind, name in sources:
+            if kind == "nested":
+                x, oplates = _data.observed_canonical(trace[name], dims)
+                mean, std = self._stats[name]
+                x = (x - mean) / std
+                pooled = [p for p in oplates if p not in key]
+                perm = [oplates.index(p) for p in key] + [oplates.index(p) for p in pooled] + [len(oplates)]
+                h = jnp.transpose(x, perm)
+                for level, p in enumerate(pooled[::-1]):
+                    n = h.shape[-2]
+                    out = enc(params[self._param_name(name, "encoder")][f"{p}@{level}"], h)
+                    h = jnp.concatenate([out, jnp.broadcast_to(_data.log_count(n, sizes[p], n), out.shape[:-1] + (1,))], -1)
+                outs.append(h)
+            else:
+                outs.append(self._ragged_encoding(params, name, trace, indices, sizes, bound, enc))
+        return linear(params[self._param_name(self._key_name(key), "encoder_out")], jnp.concatenate(outs, -1))
+
+    def _ragged_parts(self, plate: str, trace, bound):
+        """Features ``(B_obs, F)`` and element ids ``(B_obs,)`` of a ragged plate's data."""
+        decl = self.ragged[plate]
+        if decl.index not in bound:
+            raise ValueError(
+                f"Ragged plate '{plate}': the model has no argument named '{decl.index}' (its arguments: "
+                f"{sorted(bound)}). Ragged(index=...) names the model argument holding the index array."
+            )
+        dims = {n: p.dim for n, p in self.structure.plates.items()}
+        names = decl.observed or tuple(
+            o for o, obs in self.structure.observed.items() if len(obs.plates) == 1 and obs.plates[0] != plate
+        )
+        if not names:
+            raise ValueError(f"Ragged plate '{plate}': no observed site in a flat plate holds its data.")
+        feats, obs_plate = [], None
+        for o in names:
+            if o not in trace:
+                raise ValueError(f"Ragged plate '{plate}': observed site '{o}' is not in the model.")
+            x, oplates = _data.observed_canonical(trace[o], dims)
+            if len(oplates) != 1:
+                raise ValueError(f"Ragged plate '{plate}': observed site '{o}' must sit in exactly one (flat) plate.")
+            obs_plate = oplates[0]
+            feats.append(x)
+        idx = trace[obs_plate]["value"]
+        num = self.structure.plates[obs_plate].size if obs_plate in self.structure.plates else None
+        full_index = jnp.asarray(bound[decl.index])
+        ids = full_index[idx]
+        for c in decl.covariates:
+            if c not in bound:
+                raise ValueError(f"Ragged plate '{plate}': the model has no argument named '{c}' (covariate).")
+            feats.append(_data.as_rows(bound[c], full_index.shape[0] if num is None else num, c)[idx])
+        return jnp.concatenate(feats, -1), ids, obs_plate
+
+    def _ragged_encoding(self, params, plate, trace, indices, sizes, bound, enc) -> jax.Array:
+        feats, ids, obs_plate = self._ragged_parts(plate, trace, bound)
+        mean, std = self._stats[("ragged", plate)]
+        feats = (feats - mean) / std
+        B = int(indices[plate].shape[0])
+        # position of each observation's element in the current subsample; B = not in it
+        where = jnp.full((sizes[plate],), B).at[indices[plate]].set(jnp.arange(B))
+        seg = where[ids]
+        out = enc.segments(params[self._param_name(plate, "ragged_encoder")], feats, seg, B + 1)[:B]
+        counts = jax.ops.segment_sum(jnp.ones(seg.shape[0]), seg, B + 1)[:B]
+        n_obs = int(trace[obs_plate]["value"].shape[0])
+        return jnp.concatenate([out, _data.log_count(counts, sizes[obs_plate], n_obs)], -1)
+
+    def _setup_data(self, trace, args, kwargs) -> None:
+        """Feature sizes and normalization constants of every data source (from setup data)."""
+        self._features, self._stats = {}, {}
+        dims = {n: p.dim for n, p in self.structure.plates.items()}
+        if self.encoding == "free":
+            return
+        for name, obs in self.structure.observed.items():
+            x, _ = _data.observed_canonical(trace[name], dims)
+            if obs.plates:
+                _data.check_finite(f"observed site {name}", x, obs.plates[0])
+            self._features[name] = int(x.shape[-1])
+            self._stats[name] = _data.feature_stats(x)
+        bound = _data.bind_arguments(self.model, args, kwargs) if self.ragged else {}
+        for plate in self.ragged:
+            feats, _, _ = self._ragged_parts(plate, trace, bound)
+            _data.check_finite(f"data of ragged plate {plate}", feats, plate)
+            self._features[("ragged", plate)] = int(feats.shape[-1])
+            self._stats[("ragged", plate)] = _data.feature_stats(feats)
 
     def _encoding_skip(self, site: LatentSite) -> np.ndarray:
-        """Initial skip ``(C, 2d)``: each plate's encoding starts as a direct offset.
+        """Initial skip ``(C, 2d)``: the element's encoding starts as a direct offset.
 
         Encoding coordinates ``[0, d)`` add to the element's shift and ``[d, 2d)`` to its raw
         scale, so from the first step each element moves on its own, as in a mean-field
@@ -223,11 +407,11 @@ class AutoPAVI(AutoGuide):
         """
         d, D = site.dim, self.encoding_dim
         skip = np.zeros((self._context_dim(site), 2 * d), np.float32)
-        for i, _ in enumerate(site.plates):
+        if site.plates:
             for j in range(min(D, d)):
-                skip[i * D + j, j] = 1.0
+                skip[j, j] = 1.0
             for j in range(min(max(D - d, 0), d)):
-                skip[i * D + d + j, d + j] = 1.0
+                skip[d + j, d + j] = 1.0
         return skip
 
     def _param_name(self, name: str, what: str) -> str:
@@ -238,12 +422,16 @@ class AutoPAVI(AutoGuide):
 
     # -- plates --------------------------------------------------------------------------
     def _create_plates(self, *args, **kwargs) -> dict:
-        """Open every plate of the model at its *current* subsample size.
+        """Open every plate of the model at its *current* subsample size (see ``_probe``)."""
+        return self._open_plates(*self._probe(args, kwargs))
 
-        A blocked, seeded trace of the model (its latent draws are dead code under ``jit``)
-        gives the indices the model would draw; the guide opens its plates with exactly those
-        indices, so the model replays them. User plates from ``create_plates`` take
-        precedence and are substituted into that trace.
+    def _probe(self, args, kwargs):
+        """A blocked, seeded trace of the model on this call's arguments.
+
+        It gives the plate indices the model would draw now (so different subsample sizes
+        at ``init`` and ``update`` work) and the observed data at those indices for the set
+        encoders. Its latent draws are dead code under ``jit``. User plates from
+        ``create_plates`` take precedence and are substituted into the trace.
         """
         user = {}
         if self.create_plates is not None:
@@ -253,11 +441,13 @@ class AutoPAVI(AutoGuide):
         key = numpyro.prng_key()
         key = jax.random.PRNGKey(0) if key is None else key
         fixed = {name: p._indices for name, p in user.items()}
+        model = handlers.substitute(handlers.seed(self.model, key), data=fixed)
         with handlers.block():
-            trace = handlers.trace(handlers.substitute(handlers.seed(self.model, key), data=fixed)).get_trace(
-                *args, **kwargs
-            )
+            trace = handlers.trace(model).get_trace(*args, **kwargs)
         self._check_shapes(trace)
+        return trace, user
+
+    def _open_plates(self, trace, user) -> dict:
         plates = dict(user)
         for name, info in self.structure.plates.items():
             if name in plates:
@@ -302,13 +492,20 @@ class AutoPAVI(AutoGuide):
         return tuple(shape)
 
     # -- sampling ------------------------------------------------------------------------
-    def _encodings(self, params: dict, indices: dict) -> dict:
-        """Encodings ``(len(indices[p]), D)`` of the current elements of every used plate."""
+    def _encodings(self, params: dict, indices: dict, trace, sizes: dict, bound: dict) -> dict:
+        """Encodings ``(*grid, D)`` of the current elements of every plate set."""
         out = {}
-        for name in self.structure.plates:
-            pname = self._param_name(name, "encoding")
-            if pname in params:
-                out[name] = params[pname][indices[name]]
+        for key, sources in self._plan.items():
+            kname = self._key_name(key)
+            enc = None
+            if sources:
+                enc = self._set_encoding(params, key, sources, trace, indices, sizes, bound)
+            for what in ("encoding", "residual"):
+                free = params.get(self._param_name(kname, what))
+                if free is not None:
+                    free = free[jnp.ix_(*(indices[p] for p in key))]
+                    enc = free if enc is None else enc + free
+            out[key] = enc
         return out
 
     def _sample_site(self, site, params, enc, unc, centers, noise, chunk_size=None):
@@ -324,7 +521,7 @@ class AutoPAVI(AutoGuide):
         :return: canonical ``x (*grid, d)``, ``log q (*grid)`` and, when the site has
             children, its center ``(*grid, d)`` (else None).
         """
-        grid = tuple(enc[p].shape[0] for p in site.plates)
+        grid = enc[site.plates].shape[:-1] if site.plates else ()
         n = math.prod(grid)
         flow = self._flows[site.name]
         fparams = params[self._param_name(site.name, "flow")]
@@ -334,7 +531,7 @@ class AutoPAVI(AutoGuide):
         def rows(r, z, with_parents=True):
             multi = jnp.unravel_index(r, grid) if grid else ()
             pos = dict(zip(site.plates, multi))
-            parts = [enc[p][pos[p]] for p in site.plates]
+            parts = [enc[site.plates][tuple(pos[p] for p in site.plates)]] if site.plates else []
             if context is not None:
                 parts.append(jnp.broadcast_to(context, jnp.shape(r) + context.shape))
             for par, value, center in parents:
@@ -357,13 +554,16 @@ class AutoPAVI(AutoGuide):
             center = jax.lax.stop_gradient(jnp.reshape(center, grid + (site.dim,)))
         return jnp.reshape(x, grid + (site.dim,)), jnp.reshape(logq, grid), center
 
-    def _sample_all(self, params, rng_key, indices, chunk_size=None):
+    def _sample_all(self, params, rng_key, indices, trace, sizes, bound, chunk_size=None):
         """Top-down sample of every latent site on the given plate elements.
 
+        :param indices: ``{plate: current element indices}``.
+        :param trace: a model trace on those indices (observed data for the encoders).
+        :param sizes: ``{plate: full size}``; ``bound``: model arguments by name.
         :return: constrained site-layout values, canonical unconstrained values and
             per-element ``log q`` (on each site's grid, support log-det included).
         """
-        enc = self._encodings(params, indices)
+        enc = self._encodings(params, indices, trace, sizes, bound)
         values, unc, centers, logqs = {}, {}, {}, {}
         keys = jax.random.split(rng_key, len(self.structure.latent))
         for key, (name, site) in zip(keys, self.structure.latent.items()):
@@ -377,13 +577,16 @@ class AutoPAVI(AutoGuide):
     def __call__(self, *args, **kwargs):
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
-        plates = self._create_plates(*args, **kwargs)
+        trace, user = self._probe(args, kwargs)
+        plates = self._open_plates(trace, user)
         params = self._params()
         indices = {name: p._indices for name, p in plates.items()}
         rng_key = numpyro.prng_key()
         if rng_key is None:
             raise RuntimeError("AutoPAVI must run under a seed handler (SVI and Predictive provide one).")
-        values, _, logqs = self._sample_all(params, rng_key, indices)
+        sizes = {name: info.size for name, info in self.structure.plates.items()}
+        bound = _data.bind_arguments(self.model, args, kwargs) if self.ragged else {}
+        values, _, logqs = self._sample_all(params, rng_key, indices, trace, sizes, bound)
         result = {}
         for name, site in self.structure.latent.items():
             with ExitStack() as stack:
@@ -395,8 +598,9 @@ class AutoPAVI(AutoGuide):
         return result
 
     # -- posterior over full plates ------------------------------------------------------
-    def _full_indices(self) -> dict:
-        return {name: jnp.arange(info.size) for name, info in self.structure.plates.items()}
+    def _full_indices(self, sizes: dict | None = None) -> dict:
+        sizes = sizes or {name: info.size for name, info in self.structure.plates.items()}
+        return {name: jnp.arange(size) for name, size in sizes.items()}
 
     def _check_params(self, params: dict) -> None:
         missing = [k for k in self._init_values if k not in params]
@@ -406,10 +610,49 @@ class AutoPAVI(AutoGuide):
                 "of an SVI run with this guide (svi.get_params(state))."
             )
 
-    def _deterministic(self, values: dict, args, kwargs) -> dict:
+    def _full_inputs(self, args, kwargs):
+        """Full plate sizes, indices, a full-plate trace and the bound arguments.
+
+        With the set encoder, ``args`` may hold new data (more or other groups): the plate
+        sizes are read from it. Free encodings only exist for the training elements.
+        """
+        if self.structure is None:
+            raise RuntimeError("The guide is not set up yet: run SVI (or call the guide) once first.")
+        sizes = {name: info.size for name, info in self.structure.plates.items()}
+        needs_data = any(self._plan.values())
+        if not (args or kwargs):
+            if needs_data:
+                raise ValueError(
+                    "This guide encodes plate elements from their data: pass the model's arguments "
+                    "(e.g. guide.sample_posterior(key, params, *args, **kwargs))."
+                )
+            return sizes, self._full_indices(sizes), None, {}
+        with handlers.block():
+            trace = handlers.trace(handlers.seed(self.model, 0)).get_trace(*args, **kwargs)
+        for name in sizes:
+            if name in trace and trace[name]["type"] == "plate":
+                sizes[name] = int(trace[name]["args"][0])
+        changed = {n for n, sz in sizes.items() if sz != self.structure.plates[n].size}
+        for key, sources in self._plan.items():
+            free_needed = not sources or self.encoding == "hybrid"
+            if free_needed and changed & set(key):
+                p = sorted(changed & set(key))[0]
+                raise ValueError(
+                    f"Plate '{p}' has {sizes[p]} elements here but {self.structure.plates[p].size} in "
+                    f"training, and its elements have free (per-element, learned) encodings: there "
+                    f"is none for new elements. Use encoding='set' with data inside plate '{p}' (or "
+                    "a Ragged declaration) to get posteriors of new elements without retraining."
+                )
+        indices = self._full_indices(sizes)
+        with handlers.block():
+            model = handlers.substitute(handlers.seed(self.model, 0), data=indices)
+            trace = handlers.trace(model).get_trace(*args, **kwargs)
+        bound = _data.bind_arguments(self.model, args, kwargs) if self.ragged else {}
+        return sizes, indices, trace, bound
+
+    def _deterministic(self, values: dict, indices: dict, args, kwargs) -> dict:
         """The model's deterministic sites given full-plate latent values."""
-        data = {**self._full_indices(), **values}
-        model = handlers.substitute(handlers.seed(self.model, 0), data=data)
+        model = handlers.substitute(handlers.seed(self.model, 0), data={**indices, **values})
         with handlers.block():
             trace = handlers.trace(model).get_trace(*args, **kwargs)
         return {k: s["value"] for k, s in trace.items() if s["type"] == "deterministic"}
@@ -419,34 +662,32 @@ class AutoPAVI(AutoGuide):
 
         Samples are drawn one at a time (``lax.map``) and, within a sample, along each
         site's plate elements in chunks of ``chunk_size``, so memory is bounded by the
-        output plus one chunk of flow intermediates.
+        output plus one chunk of flow intermediates. With set encodings, ``args`` may be
+        new data with other or more groups: their posterior comes without retraining.
 
         :param rng_key: PRNG key.
         :param params: ``svi.get_params(state)``.
-        :param args, kwargs: model arguments (needed for deterministic sites).
+        :param args, kwargs: model arguments (needed for set encodings and deterministic sites).
         :param sample_shape: leading shape of the samples.
         :return: ``{site: array of shape sample_shape + full site shape}``.
         """
-        if self.structure is None:
-            raise RuntimeError("The guide is not set up yet: run SVI (or call the guide) once first.")
         self._check_params(params)
+        sizes, indices, trace, bound = self._full_inputs(args, kwargs)
         sample_shape = tuple(sample_shape)
-        indices = self._full_indices()
 
         def one(key):
-            values, _, _ = self._sample_all(params, key, indices, self.chunk_size)
+            values, _, _ = self._sample_all(params, key, indices, trace, sizes, bound, self.chunk_size)
             if args or kwargs:
-                values.update(self._deterministic(values, args, kwargs))
+                values.update(self._deterministic(values, indices, args, kwargs))
             return values
 
-        n = math.prod(sample_shape)
-        keys = jax.random.split(rng_key, max(n, 1))
+        keys = jax.random.split(rng_key, max(math.prod(sample_shape), 1))
         if not sample_shape:
             return one(keys[0])
         out = jax.lax.map(one, keys)
         return jax.tree.map(lambda v: jnp.reshape(v, sample_shape + v.shape[1:]), out)
 
-    def sample_with_log_prob(self, rng_key, params, sample_shape=()):
+    def sample_with_log_prob(self, rng_key, params, *args, sample_shape=(), **kwargs):
         """Full-plate samples with their log density under the guide.
 
         :return: ``(values, log_q)`` where ``values`` maps sites to constrained samples of
@@ -454,11 +695,16 @@ class AutoPAVI(AutoGuide):
             log densities of shape ``sample_shape + plate sizes`` (outermost plate first).
         """
         self._check_params(params)
-        indices = self._full_indices()
+        sizes, indices, trace, bound = self._full_inputs(args, kwargs)
         sample_shape = tuple(sample_shape)
         keys = jax.random.split(rng_key, max(math.prod(sample_shape), 1))
-        values, _, logqs = jax.lax.map(lambda k: self._sample_all(params, k, indices, self.chunk_size), keys)
-        reshape = lambda v: jnp.reshape(v, sample_shape + v.shape[1:])  # noqa: E731
+
+        def one(key):
+            values, _, logqs = self._sample_all(params, key, indices, trace, sizes, bound, self.chunk_size)
+            return values, logqs
+
+        values, logqs = jax.lax.map(one, keys)
+        reshape = lambda v: jnp.reshape(v, sample_shape + v.shape[1:])
         return jax.tree.map(reshape, values), jax.tree.map(reshape, logqs)
 
     def median(self, params, *args, num_samples: int = 1000, rng_key=None, **kwargs):
@@ -477,7 +723,8 @@ class AutoPAVI(AutoGuide):
             leading axis is dropped.
         """
         rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
-        samples = self.sample_posterior(rng_key, params, sample_shape=(num_samples,))
+        samples = self.sample_posterior(rng_key, params, *args, sample_shape=(num_samples,), **kwargs)
+        samples = {k: v for k, v in samples.items() if k in self.structure.latent}
         qs = jnp.asarray(quantiles)
         out = {k: jnp.quantile(v, qs, axis=0) for k, v in samples.items()}
         if list(np.atleast_1d(quantiles)) == [0.5] and np.ndim(quantiles) == 1 and len(quantiles) == 1:
@@ -502,9 +749,10 @@ class AutoPAVI(AutoGuide):
                 f" | parents: {','.join(site.parents)}" if site.parents else ""
             )
             lines.append(f"{name:<16}{plates:<24}{site.dim:>4}{flow.context_dim:>9}  {desc:<28}{count:>10}")
-        for name in self.structure.plates:
-            pname = self._param_name(name, "encoding")
-            if pname in self._init_values:
-                lines.append(f"plate {name:<10} encoding: {self.encoding} {self._init_values[pname].shape}")
+        for key, sources in self._plan.items():
+            kind = "free" if not sources else ("hybrid" if self.encoding == "hybrid" else "set")
+            src = ", ".join(f"{k}:{n}" for k, n in sources)
+            size = "x".join(str(self.structure.plates[p].size) for p in key)
+            lines.append(f"plates {'/'.join(key):<20} elements {size:<10} encoding: {kind}" + (f" from {src}" if src else ""))
         lines.append(f"total parameters: {self.num_params()}")
         return "\n".join(lines)

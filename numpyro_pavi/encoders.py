@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,22 +47,22 @@ import jax.numpy as jnp
 __all__ = [
     "Params",
     "SetEncoder",
-    "init_linear",
-    "linear",
-    "init_mlp",
-    "mlp",
-    "init_mab",
-    "mab",
-    "mab_segments",
-    "init_sab",
-    "sab",
     "init_isab",
+    "init_linear",
+    "init_mab",
+    "init_mlp",
+    "init_pma",
+    "init_sab",
     "isab",
     "isab_segments",
-    "init_pma",
+    "linear",
+    "mab",
+    "mab_segments",
+    "masked_softmax",
+    "mlp",
     "pma",
     "pma_segments",
-    "masked_softmax",
+    "sab",
     "segment_softmax",
 ]
 
@@ -105,16 +106,12 @@ def init_mlp(rng_key: jax.Array, sizes: Sequence[int], final_scale: float = 1.0)
     keys = jax.random.split(rng_key, len(sizes) - 1)
     num_layers = len(sizes) - 1
     return {
-        str(i): init_linear(
-            keys[i], sizes[i], sizes[i + 1], final_scale if i == num_layers - 1 else 1.0
-        )
+        str(i): init_linear(keys[i], sizes[i], sizes[i + 1], final_scale if i == num_layers - 1 else 1.0)
         for i in range(num_layers)
     }
 
 
-def mlp(
-    params: Params, x: jax.Array, activation: Callable[[jax.Array], jax.Array] = jax.nn.gelu
-) -> jax.Array:
+def mlp(params: Params, x: jax.Array, activation: Callable[[jax.Array], jax.Array] = jax.nn.gelu) -> jax.Array:
     """Apply the MLP row-wise: ``(..., in_dim) -> (..., out_dim)``; no activation on the output."""
     num_layers = len(params)
     for i in range(num_layers):
@@ -129,7 +126,7 @@ def mlp(
 # ----------------------------------------------------------------------------------------
 
 
-def masked_softmax(logits: jax.Array, mask: Optional[jax.Array] = None, axis: int = -1) -> jax.Array:
+def masked_softmax(logits: jax.Array, mask: jax.Array | None = None, axis: int = -1) -> jax.Array:
     """Softmax along ``axis`` restricted to entries where ``mask`` is True.
 
     Masked entries get weight exactly 0 and receive zero gradient, whatever their logits
@@ -154,9 +151,7 @@ def masked_softmax(logits: jax.Array, mask: Optional[jax.Array] = None, axis: in
     return e / jnp.where(denom > 0, denom, 1.0)
 
 
-def segment_softmax(
-    logits: jax.Array, segment_ids: jax.Array, num_segments: int
-) -> tuple[jax.Array, jax.Array]:
+def segment_softmax(logits: jax.Array, segment_ids: jax.Array, num_segments: int) -> tuple[jax.Array, jax.Array]:
     """Unnormalised, stabilised softmax weights over the leading axis, per segment.
 
     :param logits: ``(n, ...)``.
@@ -192,7 +187,7 @@ def _layer_norm(params: Params, x: jax.Array, eps: float = 1e-5) -> jax.Array:
 def init_mab(
     rng_key: jax.Array,
     dim: int,
-    dim_kv: Optional[int] = None,
+    dim_kv: int | None = None,
     num_heads: int = 2,
     layer_norm: bool = False,
 ) -> Params:
@@ -246,7 +241,7 @@ def mab(
     x: jax.Array,
     y: jax.Array,
     num_heads: int,
-    mask: Optional[jax.Array] = None,
+    mask: jax.Array | None = None,
 ) -> jax.Array:
     """Multihead attention block ``MAB(X, Y) = H + rFF(H)``, ``H = X + Multihead(X, Y, Y)``.
 
@@ -265,7 +260,7 @@ def mab(
         key_mask = mask[..., None, None, :]
         # A zero weight times an inf/nan value is nan, so masked values must be removed too.
         v = jnp.where(mask[..., :, None, None], v, 0.0)
-    weights = masked_softmax(logits, None, axis=-1)
+    weights = masked_softmax(logits, key_mask, axis=-1)
     attended = jnp.einsum("...hqk,...khd->...qhd", weights, v)
     attended = attended.reshape(attended.shape[:-2] + (-1,))
     return _mab_output(params, x, attended)
@@ -294,23 +289,19 @@ def mab_segments(
     v = _split_heads(linear(params["wv"], y), num_heads)
     logits = jnp.einsum("nqhd,nhd->nhq", q[segment_ids], k) / math.sqrt(q.shape[-1])
     e, denom = segment_softmax(logits, segment_ids, num_segments)  # (n, h, nq), (S, h, nq)
-    num = jax.ops.segment_sum(
-        e[..., None] * v[:, :, None, :], segment_ids, num_segments=num_segments
-    )  # (S, h, nq, dh)
+    num = jax.ops.segment_sum(e[..., None] * v[:, :, None, :], segment_ids, num_segments=num_segments)  # (S, h, nq, dh)
     attended = num / jnp.where(denom > 0, denom, 1.0)[..., None]
     attended = jnp.swapaxes(attended, -3, -2)  # (S, nq, h, dh)
     attended = attended.reshape(attended.shape[:-2] + (-1,))
     return _mab_output(params, x, attended)
 
 
-def init_sab(
-    rng_key: jax.Array, dim: int, num_heads: int = 2, layer_norm: bool = False
-) -> Params:
+def init_sab(rng_key: jax.Array, dim: int, num_heads: int = 2, layer_norm: bool = False) -> Params:
     """Parameters of ``SAB(X) = MAB(X, X)`` (same layout as :func:`init_mab`)."""
     return init_mab(rng_key, dim, dim, num_heads, layer_norm)
 
 
-def sab(params: Params, x: jax.Array, num_heads: int, mask: Optional[jax.Array] = None) -> jax.Array:
+def sab(params: Params, x: jax.Array, num_heads: int, mask: jax.Array | None = None) -> jax.Array:
     """Set attention block ``SAB(X) = MAB(X, X)``; permutation equivariant.
 
     :param x: ``(*batch, n, dim)``; :param mask: ``(*batch, n)`` or None.
@@ -335,7 +326,7 @@ def init_isab(
     }
 
 
-def isab(params: Params, x: jax.Array, num_heads: int, mask: Optional[jax.Array] = None) -> jax.Array:
+def isab(params: Params, x: jax.Array, num_heads: int, mask: jax.Array | None = None) -> jax.Array:
     """Induced set attention block; permutation equivariant, ``O(n * m)`` instead of ``O(n^2)``.
 
     :param x: ``(*batch, n, dim)``; :param mask: ``(*batch, n)`` or None (masked elements
@@ -382,7 +373,7 @@ def init_pma(
     }
 
 
-def pma(params: Params, x: jax.Array, num_heads: int, mask: Optional[jax.Array] = None) -> jax.Array:
+def pma(params: Params, x: jax.Array, num_heads: int, mask: jax.Array | None = None) -> jax.Array:
     """Pooling by multihead attention; permutation invariant.
 
     :param x: ``(*batch, n, dim)``; :param mask: ``(*batch, n)`` or None.
@@ -401,9 +392,7 @@ def pma_segments(
     num_heads: int,
 ) -> jax.Array:
     """:func:`pma` for each segment of a flat ragged set: ``(n, dim) -> (num_segments, num_seeds, dim)``."""
-    return mab_segments(
-        params["mab"], params["seeds"], mlp(params["ff"], x), segment_ids, num_segments, num_heads
-    )
+    return mab_segments(params["mab"], params["seeds"], mlp(params["ff"], x), segment_ids, num_segments, num_heads)
 
 
 # ----------------------------------------------------------------------------------------
@@ -439,13 +428,9 @@ class SetEncoder:
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
-            raise ValueError(
-                f"Unknown SetEncoder kind {self.kind!r}; expected one of {', '.join(map(repr, _KINDS))}."
-            )
+            raise ValueError(f"Unknown SetEncoder kind {self.kind!r}; expected one of {', '.join(map(repr, _KINDS))}.")
         if self.pool not in _POOLS:
-            raise ValueError(
-                f"Unknown SetEncoder pool {self.pool!r}; expected one of {', '.join(map(repr, _POOLS))}."
-            )
+            raise ValueError(f"Unknown SetEncoder pool {self.pool!r}; expected one of {', '.join(map(repr, _POOLS))}.")
         for name in ("out_dim", "hidden_dim", "num_heads", "num_inducing", "num_blocks"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -486,7 +471,7 @@ class SetEncoder:
 
     # -- padded sets --------------------------------------------------------------------
 
-    def __call__(self, params: Params, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+    def __call__(self, params: Params, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """Encode padded sets.
 
         :param x: ``(*batch, n, in_dim)``.
@@ -526,9 +511,7 @@ class SetEncoder:
 
     # -- ragged sets --------------------------------------------------------------------
 
-    def segments(
-        self, params: Params, x: jax.Array, segment_ids: jax.Array, num_segments: int
-    ) -> jax.Array:
+    def segments(self, params: Params, x: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
         """Encode ragged sets stored flat, in ``O(n)`` memory.
 
         :param x: ``(n, in_dim)``.

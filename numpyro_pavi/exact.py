@@ -94,11 +94,7 @@ def random_effects_posterior(
 
     ss_within = ((x - xbar[:, None, :]) ** 2).sum(axis=(0, 1))  # (K,)
     # log p(x | xbar) part: the within-group residuals do not depend on any latent.
-    within = (
-        -0.5 * ss_within / s2_2
-        - 0.5 * G * (M - 1) * math.log(2.0 * math.pi * s2_2)
-        - 0.5 * G * math.log(M)
-    )
+    within = -0.5 * ss_within / s2_2 - 0.5 * G * (M - 1) * math.log(2.0 * math.pi * s2_2) - 0.5 * G * math.log(M)
     # log p(xbar): xbar_g | mu ~ N(mu, v) independently, mu integrated out.
     between = (
         -0.5 * G * math.log(2.0 * math.pi * v)
@@ -228,9 +224,7 @@ class SitePosterior:
             value = np.asarray(values[name], dtype=np.float64)
             lead = value.shape[: value.ndim - len(shape)]
             if value.shape[len(lead) :] != shape:
-                raise ValueError(
-                    f"Site '{name}' has shape {value.shape}; expected (..., *{shape})."
-                )
+                raise ValueError(f"Site '{name}' has shape {value.shape}; expected (..., *{shape}).")
             parts.append(value.reshape(lead + (-1,)))
         return np.concatenate(parts, axis=-1)
 
@@ -317,9 +311,7 @@ class _Builder:
 # ---------------------------------------------------------------------------------------------
 
 
-def random_effects_dense(
-    x: ArrayLike, s0: float = 0.5, s1: float = 0.5, s2: float = 0.1
-) -> DenseLinearGaussian:
+def random_effects_dense(x: ArrayLike, s0: float = 0.5, s1: float = 0.5, s2: float = 0.1) -> DenseLinearGaussian:
     """:func:`~numpyro_pavi.models.random_effects` as a linear-Gaussian model.
 
     Latent order: ``mu`` (K,), then ``mu_g`` (G, 1, K). Observations: ``x.ravel()``.
@@ -385,8 +377,7 @@ def ragged_groups_dense(
     covariate = np.asarray(covariate, dtype=np.float64)
     if not (y.ndim == 1 and y.shape == group.shape == covariate.shape):
         raise ValueError(
-            f"y, group and covariate must share one shape (N,); got {y.shape}, "
-            f"{group.shape}, {covariate.shape}."
+            f"y, group and covariate must share one shape (N,); got {y.shape}, {group.shape}, {covariate.shape}."
         )
     if group.size and (group.min() < 0 or group.max() >= num_groups):
         raise ValueError(f"group indices must lie in [0, {num_groups}).")
@@ -405,9 +396,7 @@ def ragged_groups_dense(
     return DenseLinearGaussian(A, m0, C0, y, float(s_y) ** 2, b.layout)
 
 
-def crossed_dense(
-    y: ArrayLike, s_r: float = 1.0, s_c: float = 1.0, s_y: float = 0.5
-) -> DenseLinearGaussian:
+def crossed_dense(y: ArrayLike, s_r: float = 1.0, s_c: float = 1.0, s_y: float = 0.5) -> DenseLinearGaussian:
     """:func:`~numpyro_pavi.models.crossed` as a linear-Gaussian model.
 
     Latent order: ``r`` (R, 1), ``c`` (C,). Observations: ``y.ravel()``.
@@ -455,14 +444,10 @@ def ragged_groups_posterior(
 
     Sites: ``mu_a`` (), ``mu_b`` (), ``a`` (num_groups,), ``b`` (num_groups,).
     """
-    return posterior_from_dense(
-        ragged_groups_dense(y, group, covariate, num_groups, s_mu, s_a, s_b, s_y)
-    )
+    return posterior_from_dense(ragged_groups_dense(y, group, covariate, num_groups, s_mu, s_a, s_b, s_y))
 
 
-def crossed_posterior(
-    y: ArrayLike, s_r: float = 1.0, s_c: float = 1.0, s_y: float = 0.5
-) -> SitePosterior:
+def crossed_posterior(y: ArrayLike, s_r: float = 1.0, s_c: float = 1.0, s_y: float = 0.5) -> SitePosterior:
     """Exact posterior of :func:`~numpyro_pavi.models.crossed` given ``y`` (R, C).
 
     Sites: ``r`` (R, 1), ``c`` (C,).

@@ -19,17 +19,18 @@ dims times the unconstrained event). Flows work on rows of the canonical layout.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
-import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import jax.numpy as jnp
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
 
-__all__ = ["PlateInfo", "LatentSite", "ObservedSite", "ModelStructure", "model_structure"]
+__all__ = ["LatentSite", "ModelStructure", "ObservedSite", "PlateInfo", "model_structure"]
 
 
 @dataclass(frozen=True)

@@ -93,9 +93,7 @@ def _ragged_data(
     return y, group, cov, {"mu_a": mu_a, "mu_b": mu_b, "a": a, "b": b}
 
 
-def _crossed_data(
-    seed: int, R: int, C: int, scales=(1.0, 1.0, 0.5)
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def _crossed_data(seed: int, R: int, C: int, scales=(1.0, 1.0, 0.5)) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     s_r, s_c, s_y = scales
     r = s_r * rng.standard_normal((R, 1))
@@ -179,9 +177,7 @@ def test_random_effects_log_evidence_matches_numerical_integral():
 
         c = float(xg.mean())
         # The integrand is concentrated within a few s2/sqrt(M) of the group mean.
-        return scipy.integrate.quad(
-            integrand, c - 1.0, c + 1.0, points=[c], epsabs=0, epsrel=1e-10
-        )[0]
+        return scipy.integrate.quad(integrand, c - 1.0, c + 1.0, points=[c], epsabs=0, epsrel=1e-10)[0]
 
     def outer(mu: float) -> float:
         return pdf(mu, 0.0, s0) * group_marginal(mu, x[0]) * group_marginal(mu, x[1])
@@ -204,8 +200,7 @@ def _random_effects_closed_log_post(closed: dict, mu: np.ndarray, mu_g: np.ndarr
     cond_mean = closed["mu_g_mean"] + slope * (mu - closed["mu_mean"])
     cond_sd = np.sqrt(closed["mu_g_sd"] ** 2 - closed["cov_mu_mu_g"] ** 2 / mu_var)
     return float(
-        norm.logpdf(mu, closed["mu_mean"], closed["mu_sd"]).sum()
-        + norm.logpdf(mu_g[:, 0, :], cond_mean, cond_sd).sum()
+        norm.logpdf(mu, closed["mu_mean"], closed["mu_sd"]).sum() + norm.logpdf(mu_g[:, 0, :], cond_mean, cond_sd).sum()
     )
 
 
@@ -361,9 +356,7 @@ def test_subsampled_random_effects_slices_data_and_scales(x64):
         {"mu": z["mu"], "mu_g": z["mu_g"][idx]},
     )
     lp_mu = scipy.stats.norm.logpdf(z["mu"], 0.0, 0.5).sum()
-    lp_selected = _log_joint(
-        models.random_effects, (x[idx],), {}, {"mu": z["mu"], "mu_g": z["mu_g"][idx]}
-    )
+    lp_selected = _log_joint(models.random_effects, (x[idx],), {}, {"mu": z["mu"], "mu_g": z["mu_g"][idx]})
     assert got == pytest.approx(lp_mu + G / B * (lp_selected - lp_mu), rel=1e-12)
 
 
@@ -372,9 +365,7 @@ def test_subsampled_nested_slices_data_and_scales(x64):
     x, z = _nested_data(6, S, T, M)
     idx = np.array([3, 0, 4])
     z_sub = {"mu": z["mu"], "mu_s": z["mu_s"][idx], "mu_st": z["mu_st"][idx]}
-    got = _subsampled_log_joint(
-        models.nested_three_level, (x,), {"subsample_size": B}, "subjects", idx, z_sub
-    )
+    got = _subsampled_log_joint(models.nested_three_level, (x,), {"subsample_size": B}, "subjects", idx, z_sub)
     lp_mu = scipy.stats.norm.logpdf(z["mu"], 0.0, 1.0)
     lp_selected = _log_joint(models.nested_three_level, (x[idx],), {}, z_sub)
     assert got == pytest.approx(lp_mu + S / B * (lp_selected - lp_mu), rel=1e-12)

@@ -1,0 +1,119 @@
+"""Each plate element's observed data, for the set encoders of PAVI-E.
+
+Two ways a plate element owns data:
+
+* **nested** (found automatically): an observed site inside the plate. Sliced at the
+  element, the site's remaining plate axes form the element's set (pooled one plate at a
+  time, innermost first), and its non-plate dims are the features of each set member;
+* **ragged** (declared with :class:`Ragged`): a flat observation plate plus an index array
+  mapping each observation to an element, e.g. ``y ~ Normal(a[group] + b[group] * x)``.
+
+The values always come from a trace of the model taken on the *current* call, with the
+guide's plate indices, never from the setup trace, so they are right under subsampling.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["Ragged", "bind_arguments", "observed_canonical"]
+
+
+@dataclass(frozen=True)
+class Ragged:
+    """Declares a ragged plate: which observations belong to which plate element.
+
+    Example: in ``y ~ Normal(a[group] + b[group] * x, s)`` with ``a, b`` in plate
+    ``"groups"`` and ``y`` in a flat plate ``"obs"``::
+
+        guide = AutoPAVI(model, ragged={"groups": Ragged(index="group", covariates=("x",))})
+
+    :param index: name of the model argument holding the ``(num_obs,)`` int array that maps
+        each observation to its plate element.
+    :param covariates: names of model arguments with one row per observation (shape
+        ``(num_obs,)`` or ``(num_obs, k)``) that join the observed values as encoder input.
+    :param observed: names of the observed sites that form the data (default: every
+        observed site in the index's plate).
+    """
+
+    index: str
+    covariates: tuple[str, ...] = ()
+    observed: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if isinstance(self.covariates, str):
+            object.__setattr__(self, "covariates", (self.covariates,))
+        if isinstance(self.observed, str):
+            object.__setattr__(self, "observed", (self.observed,))
+
+
+def bind_arguments(model: Callable, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The model's arguments by name (defaults applied), to look up ragged declarations."""
+    sig = inspect.signature(model)
+    bound = sig.bind_partial(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def observed_canonical(site: dict, plate_dims: Mapping[str, int]) -> tuple[jnp.ndarray, tuple[str, ...]]:
+    """An observed site's value as ``(*plate_axes, F)``, plates outermost first.
+
+    :param site: the site from a model trace.
+    :param plate_dims: ``{plate name: dim}``.
+    :return: the array (non-plate batch dims and event dims flattened into ``F`` features)
+        and the plate names of its leading axes.
+    """
+    value = jnp.asarray(site["value"])
+    event_dim = len(site["fn"].event_shape)
+    n_batch = value.ndim - event_dim
+    frames = sorted((f for f in site["cond_indep_stack"]), key=lambda f: plate_dims[f.name])
+    plate_pos = [n_batch + f.dim for f in frames]
+    order = plate_pos + [p for p in range(value.ndim) if p not in plate_pos]
+    value = jnp.transpose(value, order)
+    lead = value.shape[: len(plate_pos)]
+    return jnp.reshape(value, lead + (-1,)).astype(jnp.float32), tuple(f.name for f in frames)
+
+
+def feature_stats(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and std over all leading axes (std 1 where constant)."""
+    flat = np.reshape(np.asarray(values, np.float64), (-1, np.shape(values)[-1]))
+    mean, std = flat.mean(0), flat.std(0)
+    std = np.where(std > 0, std, 1.0)
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def check_finite(name: str, values, plate: str) -> None:
+    """Raise a clear error when an encoder's input holds NaN or inf."""
+    arr = np.asarray(values)
+    if not np.all(np.isfinite(arr)):
+        bad = int(np.size(arr) - np.isfinite(arr).sum())
+        raise ValueError(
+            f"'{name}' holds {bad} NaN/inf value(s); it is the data of plate '{plate}' for the "
+            "set encoder, which cannot encode missing values. Drop those observations (or "
+            f"mask them in the model with obs_mask), or use encoding='free' for plate '{plate}'."
+        )
+
+
+def log_count(n: jnp.ndarray, full: int, batch: int) -> jnp.ndarray:
+    """``log(1 + n * full / batch)``: the set size scaled up to the full plate, as a feature.
+
+    Mean pooling forgets how many members a set has, but the posterior's width depends on
+    it; under subsampling of the pooled plate the batch count is scaled to estimate the
+    full count.
+    """
+    return jnp.log1p(n * (full / max(batch, 1)))[..., None]
+
+
+def as_rows(x, num: int, name: str) -> jnp.ndarray:
+    """A covariate as ``(num, k)`` float rows."""
+    x = jnp.asarray(x, jnp.float32)
+    if x.shape[:1] != (num,):
+        raise ValueError(f"Covariate '{name}' has shape {x.shape}; expected {num} rows, one per observation.")
+    return jnp.reshape(x, (num, math.prod(x.shape[1:])))
