@@ -101,9 +101,10 @@ class AutoPAVI(AutoGuide):
     * an *encoding* ``E^n in R^D`` for each plate the site sits in. With
       ``encoding="free"`` (PAVI-F) the encodings are learned parameters, one
       ``(plate_size, D)`` array per plate named ``{plate}_{prefix}_encoding``;
-    * the sampled (unconstrained) values of the site's parents, so ``q`` factorizes like
-      the prior: ``q(theta) = prod_i q(theta_i | parents_i, E)``. Parents in plates the site
-      is not in are left out (their per-element values do not align with the site's);
+    * the sampled (unconstrained) values of every earlier latent site whose plates are a
+      subset of the site's (its prior parents and the siblings the posterior couples it
+      with), so ``q(theta) = prod_i q(theta_i | theta_<i, E)`` in the model's order. Sites in
+      plates the site is not in are left out (their per-element values do not align);
     * for sites outside every plate, a learned context vector ``{site}_{prefix}_context``.
 
     The flow (params ``{site}_{prefix}_flow``) is a standard normal on the site's flattened
@@ -212,12 +213,12 @@ class AutoPAVI(AutoGuide):
 
     def _context_dim(self, site: LatentSite) -> int:
         # one encoding per element of the site's plate set (a learned context for globals)
-        return self.encoding_dim + sum(self.structure.latent[p].dim for p in site.parents)
+        return self.encoding_dim + sum(self.structure.latent[p].dim for p in site.conditions_on)
 
     def _build(self, rng_key) -> None:
         keys = jax.random.split(rng_key, len(self.structure.latent) + len(self.structure.plates) + 1)
         self._flows, self._init_values = {}, {}
-        self._has_children = {p for site in self.structure.latent.values() for p in site.parents}
+        self._has_children = {p for site in self.structure.latent.values() for p in site.conditions_on}
         for k, (name, site) in zip(keys, self.structure.latent.items()):
             flow = ConditionalFlow(
                 site.dim,
@@ -226,6 +227,7 @@ class AutoPAVI(AutoGuide):
                 layer=self.flow_layer,
                 hidden=self.hidden,
                 init_scale=self._init_scale,
+                bilinear=self.encoding_dim if site.plates else 0,
             )
             self._flows[name] = flow
             loc = _unconstrained_to_canonical(site, self._init_locs[name])
@@ -526,7 +528,7 @@ class AutoPAVI(AutoGuide):
         flow = self._flows[site.name]
         fparams = params[self._param_name(site.name, "flow")]
         context = params.get(self._param_name(site.name, "context"))
-        parents = [(self.structure.latent[p], unc[p], centers[p]) for p in site.parents]
+        parents = [(self.structure.latent[p], unc[p], centers[p]) for p in site.conditions_on]
 
         def rows(r, z, with_parents=True):
             multi = jnp.unravel_index(r, grid) if grid else ()
@@ -746,7 +748,7 @@ class AutoPAVI(AutoGuide):
             count = sum(np.size(x) for x in jax.tree.leaves(self._init_values[self._param_name(name, "flow")]))
             plates = ",".join(f"{p}[{self.structure.plates[p].size}]" for p in site.plates) or "-"
             desc = f"affine+{flow.num_layers if site.dim > 1 else 0}x{flow.layer[:4]}" + (
-                f" | parents: {','.join(site.parents)}" if site.parents else ""
+                f" | given: {','.join(site.conditions_on)}" if site.conditions_on else ""
             )
             lines.append(f"{name:<16}{plates:<24}{site.dim:>4}{flow.context_dim:>9}  {desc:<28}{count:>10}")
         for key, sources in self._plan.items():

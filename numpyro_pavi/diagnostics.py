@@ -58,11 +58,15 @@ import numpy as np
 from numpyro import handlers
 from numpyro.infer.util import compute_log_probs
 
-__all__ = ["PSISResult", "khat_category", "psis_diagnostic"]
+__all__ = ["PSISResult", "full_plate_sizes", "khat_category", "psis_diagnostic"]
 
 #: Thresholds of :func:`khat_category`.
 KHAT_GOOD: float = 0.5
 KHAT_BAD: float = 0.7
+
+#: NumPyro's warning when a plate's substituted indices disagree with its subsample_size:
+#: expected (and harmless) whenever a subsampled model is evaluated over its full plates.
+_SUBSAMPLE_WARNING = "subsample_size does not match"
 
 
 def khat_category(khat: float) -> str:
@@ -87,6 +91,8 @@ class PSISResult:
     :param khat_per_element: ``{plate: (size,)}`` k-hat of each element's local weights,
         for every plate that holds latent sites (empty when not computed).
     :param log_weights: raw log weights ``log p(x, z_s) - log q(z_s)``, shape ``(S,)``.
+    :param local_log_weights: ``{plate: (S, size)}`` the per-element local log weights the
+        per-element k-hat is computed from.
     :param smoothed_log_weights: Pareto-smoothed, normalized log weights, shape ``(S,)``
         (``logsumexp == 0``).
     :param ess: PSIS effective sample size ``1 / sum(w_s^2)`` of the normalized smoothed
@@ -99,6 +105,7 @@ class PSISResult:
     khat: float
     khat_per_element: dict[str, np.ndarray] = field(default_factory=dict)
     log_weights: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    local_log_weights: dict[str, np.ndarray] = field(default_factory=dict)
     smoothed_log_weights: np.ndarray = field(default_factory=lambda: np.zeros(0))
     ess: float = float("nan")
     log_evidence: float = float("nan")
@@ -165,6 +172,23 @@ def _per_element(x: jax.Array, axis: int, size: int, what: str) -> jax.Array:
     return jnp.sum(jnp.moveaxis(x, axis, 0).reshape(size, -1), -1)
 
 
+def full_plate_sizes(model: Any, structure: Any, args: tuple, kwargs: dict) -> dict[str, int]:
+    """Full size of every plate of ``structure`` for this call's arguments.
+
+    Read from a blocked trace of the model rather than from ``structure``: a guide with set
+    encodings may be evaluated on new data whose plates have other sizes than in training.
+    """
+    with handlers.block(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        trace = handlers.trace(handlers.seed(model, 0)).get_trace(*args, **kwargs)
+    sizes = {name: info.size for name, info in structure.plates.items()}
+    for name in sizes:
+        site = trace.get(name)
+        if site is not None and site["type"] == "plate":
+            sizes[name] = int(site["args"][0])
+    return sizes
+
+
 def psis_diagnostic(
     guide: Any,
     params: dict,
@@ -189,8 +213,8 @@ def psis_diagnostic(
     per-element k-hat.
 
     :param guide: a set-up ``AutoPAVI`` (run SVI, or call it once, first); any guide with
-        ``sample_with_log_prob(rng_key, params, sample_shape)``, ``structure``, ``model``
-        and ``_full_indices()`` works.
+        ``sample_with_log_prob(rng_key, params, *args, sample_shape=..., **kwargs)``,
+        ``structure`` and ``model`` works.
     :param params: ``svi.get_params(state)``.
     :param args, kwargs: the model's arguments (the data).
     :param num_samples: ``S``; PSIS needs a few hundred for a stable k-hat.
@@ -205,20 +229,22 @@ def psis_diagnostic(
         raise ValueError(f"num_samples must be at least 2, got {num_samples}.")
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
     structure = guide.structure
-    full = guide._full_indices()
+    sizes = full_plate_sizes(guide.model, structure, args, kwargs)
+    full = {name: jnp.arange(size) for name, size in sizes.items()}
     # Substituting the plates' full index ranges overrides any subsample_size in the model.
     model = handlers.substitute(handlers.seed(guide.model, 0), data=full)
-    values, log_q = guide.sample_with_log_prob(rng_key, params, (num_samples,))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_SUBSAMPLE_WARNING)
+        values, log_q = guide.sample_with_log_prob(rng_key, params, *args, sample_shape=(num_samples,), **kwargs)
 
     local = [p for p in structure.plates if any(p in s.plates for s in structure.latent.values())]
     local = local if per_element else []
-    sizes = {p: structure.plates[p].size for p in local}
 
     def one(inputs: tuple[dict, dict]) -> tuple[jax.Array, dict[str, jax.Array]]:
         value, logq = inputs
         with warnings.catch_warnings():
             # the model's subsample_size disagrees with the full indices on purpose
-            warnings.filterwarnings("ignore", message="subsample_size does not match")
+            warnings.filterwarnings("ignore", message=_SUBSAMPLE_WARNING)
             log_probs, trace = compute_log_probs(model, args, kwargs, value, sum_log_prob=False)
         log_p = sum((jnp.sum(lp) for lp in log_probs.values()), start=jnp.zeros(()))
         log_q_total = sum((jnp.sum(lq) for lq in logq.values()), start=jnp.zeros(()))
@@ -246,11 +272,13 @@ def psis_diagnostic(
             stacklevel=2,
         )
     smoothed, khat = _psislw(log_w)
-    khat_local = {p: _psislw(np.asarray(local_w[p]).T)[1].reshape(sizes[p]) for p in local}
+    local_w = {p: np.asarray(local_w[p], dtype=np.float64) for p in local}
+    khat_local = {p: _psislw(local_w[p].T)[1].reshape(sizes[p]) for p in local}
     return PSISResult(
         khat=float(khat),
         khat_per_element=khat_local,
         log_weights=log_w,
+        local_log_weights=local_w,
         smoothed_log_weights=smoothed,
         ess=float(1.0 / np.sum(np.exp(2.0 * smoothed))),
         log_evidence=float(np.logaddexp.reduce(log_w) - math.log(num_samples)),

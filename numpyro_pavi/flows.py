@@ -81,21 +81,33 @@ class ConditionalAffine:
     :param dim: d, size of the element.
     :param context_dim: C, size of the context.
     :param hidden: hidden widths of the conditioner.
+    :param bilinear: when > 0, the context splits into its first ``bilinear`` coordinates
+        (the element's encoding) and the rest (its parents); a bilinear term
+        ``enc^T T_k parents`` is added to every output. It gives each element its own
+        coupling to its parents (e.g. a per-group regression of slope on intercept in the
+        posterior), which a shared linear skip cannot express. Zero at init.
     """
 
     dim: int
     context_dim: int
     hidden: tuple[int, ...] = (32,)
+    bilinear: int = 0
 
     def init(self, key, loc=None, skip=None) -> dict:
         """Initial shift ``loc + c @ skip[:, :d]`` and raw scale ``c @ skip[:, d:]`` (the scale
         at raw 0 is set in ``forward``)."""
         loc = jnp.zeros(self.dim) if loc is None else jnp.reshape(jnp.asarray(loc), (self.dim,))
         bias = jnp.concatenate([loc, jnp.zeros(self.dim)])
-        return {"net": init_resnet(key, self.context_dim, 2 * self.dim, self.hidden, bias, skip)}
+        params = {"net": init_resnet(key, self.context_dim, 2 * self.dim, self.hidden, bias, skip)}
+        if 0 < self.bilinear < self.context_dim:
+            params["bilinear"] = jnp.zeros((self.bilinear, self.context_dim - self.bilinear, 2 * self.dim))
+        return params
 
     def forward(self, params: dict, z: jax.Array, c: jax.Array, init_scale: float = 1.0):
         out = resnet(params["net"], c)
+        if "bilinear" in params:
+            k = self.bilinear
+            out = out + jnp.einsum("...i,...j,ijk->...k", c[..., :k], c[..., k:], params["bilinear"])
         shift, raw = out[..., : self.dim], out[..., self.dim :]
         # init_scale is static (not trained): it is the scale when the conditioner outputs 0
         scale = _positive(raw, init_scale)
@@ -201,6 +213,7 @@ class ConditionalFlow:
     :param layer: ``"autoregressive"`` or ``"coupling"``.
     :param hidden: hidden widths of every conditioner.
     :param init_scale: scale of every coordinate at initialization (in unconstrained space).
+    :param bilinear: see :class:`ConditionalAffine`.
     """
 
     dim: int
@@ -209,6 +222,7 @@ class ConditionalFlow:
     layer: str = "autoregressive"
     hidden: tuple[int, ...] = (32,)
     init_scale: float = 0.1
+    bilinear: int = 0
 
     def __post_init__(self):
         if self.layer not in _LAYER_KINDS:
@@ -225,7 +239,7 @@ class ConditionalFlow:
                 "coupling": lambda i: ConditionalCoupling(self.dim, self.context_dim, self.hidden, i % 2),
             }[self.layer]
             inner = tuple(make(i) for i in range(self.num_layers))
-        return inner + (ConditionalAffine(self.dim, self.context_dim, self.hidden),)
+        return inner + (ConditionalAffine(self.dim, self.context_dim, self.hidden, self.bilinear),)
 
     def init(self, key, loc=None, skip=None) -> list:
         """Parameters whose initial distribution is ``N(loc, init_scale^2 I)`` for a zero

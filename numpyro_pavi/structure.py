@@ -62,10 +62,14 @@ class LatentSite:
     :param intrinsic_positions: their positions (0-based from the left of ``batch_shape``).
     :param support: the site's support constraint.
     :param parents: latent sites the site depends on a priori whose plates are a subset of
-        the site's plates (their sampled values condition the site's flow).
+        the site's plates.
     :param dropped_parents: prior parents that sit in plates the site is not in; their
         per-element values cannot be aligned with this site's elements, so they are not
         part of the flow's context.
+    :param conditions_on: the sites whose sampled values condition the site's flow: every
+        earlier latent site whose plates are a subset of the site's plates. This is the
+        parents plus earlier *siblings*, which the posterior couples through shared
+        observations (a group's intercept and slope, say) even when the prior does not.
     """
 
     name: str
@@ -78,6 +82,7 @@ class LatentSite:
     intrinsic_positions: tuple[int, ...]
     parents: tuple[str, ...] = ()
     dropped_parents: tuple[str, ...] = ()
+    conditions_on: tuple[str, ...] = ()
 
     @property
     def dim(self) -> int:
@@ -245,7 +250,8 @@ def model_structure(
             upstream = list(resolved)
         keep = tuple(p for p in upstream if set(latent[p].plates) <= set(site.plates))
         dropped = tuple(p for p in upstream if p not in keep)
-        resolved[name] = dataclasses.replace(site, parents=keep, dropped_parents=dropped)
+        context = tuple(p for p in resolved if set(latent[p].plates) <= set(site.plates))
+        resolved[name] = dataclasses.replace(site, parents=keep, dropped_parents=dropped, conditions_on=context)
     return ModelStructure(plates=plates, latent=resolved, observed=observed)
 
 
