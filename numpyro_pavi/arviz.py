@@ -166,27 +166,29 @@ def to_inference_data(
     log_lik: dict[str, np.ndarray] | None = None
     if log_likelihood:
         log_lik = _pointwise_log_likelihood(model, {k: samples[k] for k in latent_names}, list(observed), args, kwargs)
-        log_lik = {k: np.squeeze(np.asarray(v), tuple(1 + a for a in obs_batch[k][1]))[None] for k, v in log_lik.items()}
+        log_lik = {
+            k: np.squeeze(np.asarray(v), tuple(1 + a for a in obs_batch[k][1]))[None] for k, v in log_lik.items()
+        }
 
-    coords = {p: np.arange(sizes[p]) for p in sizes}
+    used = {d for names in dims.values() for d in names}
+    coords = {p: np.arange(sizes[p]) for p in sizes if p in used}
     posterior_attrs = {"inference_library": "numpyro", "guide": type(guide).__name__}
     if losses is not None:
         losses = np.asarray(losses)
         posterior_attrs["final_loss"] = float(losses[-1]) if losses.size else float("nan")
-    with warnings.catch_warnings():
-        # only the posterior's dims would be checked here; the other groups get their own below
-        warnings.simplefilter("ignore", UserWarning)
-        idata = az.from_dict(
-            posterior=posterior,
-            observed_data=observed or None,
-            coords=coords,
-            dims=dims,
-            posterior_attrs=posterior_attrs,
-        )
+    idata = az.from_dict(
+        posterior=posterior,
+        observed_data=observed or None,
+        coords=coords,
+        dims=dims,
+        posterior_attrs=posterior_attrs,
+    )
     if log_lik is not None:
+        # from_dict keys dims by variable name across groups, and an observed site's
+        # log-likelihood lacks its event dims: it needs a call of its own.
         ll_dims = {k: obs_batch[k][0] for k in log_lik}
-        ll = az.from_dict(log_likelihood=log_lik, coords=coords, dims=ll_dims)
-        idata.extend(ll)
+        ll_coords = {p: c for p, c in coords.items() if any(p in d for d in ll_dims.values())}
+        idata.extend(az.from_dict(log_likelihood=log_lik, coords=ll_coords, dims=ll_dims))
     if losses is not None:
         idata.add_groups({"svi": xr.Dataset({"loss": ("step", losses)}, coords={"step": np.arange(losses.size)})})
     return idata

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable
 from contextlib import ExitStack
 
@@ -358,13 +359,13 @@ class AutoPAVI(AutoGuide):
             obs_plate = oplates[0]
             feats.append(x)
         idx = trace[obs_plate]["value"]
-        num = self.structure.plates[obs_plate].size if obs_plate in self.structure.plates else None
         full_index = jnp.asarray(bound[decl.index])
         ids = full_index[idx]
         for c in decl.covariates:
             if c not in bound:
                 raise ValueError(f"Ragged plate '{plate}': the model has no argument named '{c}' (covariate).")
-            feats.append(_data.as_rows(bound[c], full_index.shape[0] if num is None else num, c)[idx])
+            # one row per observation of *this* call's data (new data may have other sizes)
+            feats.append(_data.as_rows(bound[c], full_index.shape[0], c)[idx])
         return jnp.concatenate(feats, -1), ids, obs_plate
 
     def _ragged_encoding(self, params, plate, trace, indices, sizes, bound, enc) -> jax.Array:
@@ -447,6 +448,15 @@ class AutoPAVI(AutoGuide):
         with handlers.block():
             trace = handlers.trace(model).get_trace(*args, **kwargs)
         self._check_shapes(trace)
+        for name, info in self.structure.plates.items():
+            site = trace.get(name)
+            if site is not None and site["type"] == "plate" and int(site["args"][0]) != info.size:
+                raise ValueError(
+                    f"Plate '{name}' has {int(site['args'][0])} elements in this call but {info.size} "
+                    "when the guide was set up. Training needs fixed plate sizes (subsample with "
+                    "subsample_size instead); for posteriors of new elements use "
+                    "guide.sample_posterior(key, params, *new_args) with encoding='set'."
+                )
         return trace, user
 
     def _open_plates(self, trace, user) -> dict:
@@ -611,6 +621,14 @@ class AutoPAVI(AutoGuide):
                 f"params lack {missing[:3]}{'...' if len(missing) > 3 else ''}: pass the params "
                 "of an SVI run with this guide (svi.get_params(state))."
             )
+        for name, init in self._init_values.items():
+            want = jax.tree.map(jnp.shape, init)
+            got = jax.tree.map(jnp.shape, params[name])
+            if want != got:
+                raise ValueError(
+                    f"params['{name}'] does not match this guide (shapes {got} vs {want}): were they "
+                    "trained with other options (encoding_dim, hidden, flow_layers) or another model?"
+                )
 
     def _full_inputs(self, args, kwargs):
         """Full plate sizes, indices, a full-plate trace and the bound arguments.
@@ -646,17 +664,22 @@ class AutoPAVI(AutoGuide):
                     "a Ragged declaration) to get posteriors of new elements without retraining."
                 )
         indices = self._full_indices(sizes)
-        with handlers.block():
-            model = handlers.substitute(handlers.seed(self.model, 0), data=indices)
-            trace = handlers.trace(model).get_trace(*args, **kwargs)
+        trace = self._trace_full(indices, args, kwargs)
+        self._check_shapes(trace)
         bound = _data.bind_arguments(self.model, args, kwargs) if self.ragged else {}
         return sizes, indices, trace, bound
 
+    def _trace_full(self, data: dict, args, kwargs) -> dict:
+        """A blocked trace of the model with full-plate indices (and any values) substituted."""
+        with handlers.block(), warnings.catch_warnings():
+            # full indices in a subsampled plate are intended here, not a model/guide mismatch
+            warnings.filterwarnings("ignore", message="subsample_size does not match")
+            model = handlers.substitute(handlers.seed(self.model, 0), data=data)
+            return handlers.trace(model).get_trace(*args, **kwargs)
+
     def _deterministic(self, values: dict, indices: dict, args, kwargs) -> dict:
         """The model's deterministic sites given full-plate latent values."""
-        model = handlers.substitute(handlers.seed(self.model, 0), data={**indices, **values})
-        with handlers.block():
-            trace = handlers.trace(model).get_trace(*args, **kwargs)
+        trace = self._trace_full({**indices, **values}, args, kwargs)
         return {k: s["value"] for k, s in trace.items() if s["type"] == "deterministic"}
 
     def sample_posterior(self, rng_key, params, *args, sample_shape=(), **kwargs):

@@ -139,7 +139,8 @@ class Fit:
 
     name: str
     losses: np.ndarray  # (steps,) training loss (single-sample negative ELBO)
-    seconds: float  # wall time of svi.run, JIT compilation included
+    setup_seconds: float  # wall time of svi.init (guide setup)
+    seconds: float  # wall time of svi.run from the initial state: JIT compilation and all steps
     num_params: int
     elbo: float  # num_particles-sample ELBO estimate at the final params
     mean: dict  # site -> posterior mean (sample estimate), site shapes
@@ -161,18 +162,29 @@ def _fit(name, guide, x, steps, rng_key, num_particles, num_samples):
     svi = SVI(random_effects, guide, optax_to_numpyro(optax.adam(schedule)), Trace_ELBO())
     k_train, k_elbo, k_post = jax.random.split(rng_key, 3)
 
+    # Timed in two parts: svi.init (guide setup: tracing the model, initial values, building
+    # the flows) and svi.run from that state (JIT compilation of the update plus all steps).
     start = time.perf_counter()
-    result = svi.run(k_train, steps, x, progress_bar=False, **SCALES)
+    state = svi.init(k_train, x, **SCALES)
+    jax.block_until_ready(state)
+    setup_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    result = svi.run(k_train, steps, x, progress_bar=False, init_state=state, **SCALES)
     jax.block_until_ready(result.params)
     seconds = time.perf_counter() - start
 
     params = result.params
-    neg_elbo = Trace_ELBO(num_particles=num_particles).loss(k_elbo, params, random_effects, guide, x, **SCALES)
-    samples = guide.sample_posterior(k_post, params, x, sample_shape=(num_samples,), **SCALES)
+    # jit: the vectorized particles and the sampling loop then compile once instead of
+    # dispatching every small op eagerly (several times faster for AutoPAVI's flows).
+    elbo = Trace_ELBO(num_particles=num_particles)
+    neg_elbo = jax.jit(lambda k, p: elbo.loss(k, p, random_effects, guide, x, **SCALES))(k_elbo, params)
+    draw = jax.jit(lambda k, p: guide.sample_posterior(k, p, x, sample_shape=(num_samples,), **SCALES))
+    samples = draw(k_post, params)
     samples = {k: np.asarray(samples[k], np.float64) for k in ("mu", "mu_g")}
     return Fit(
         name=name,
         losses=np.asarray(result.losses, np.float64),
+        setup_seconds=setup_seconds,
         seconds=seconds,
         num_params=int(sum(np.size(v) for v in jax.tree.leaves(params))),
         elbo=-float(neg_elbo),
@@ -203,15 +215,16 @@ def _table(fits: list[Fit], exact: dict, x: np.ndarray, steps: int, num_particle
         return f"{m:.3f} ({s:.3f})"
 
     def row(label, cells):
-        return f"{label:<34}" + "".join(f"{c:>{width}}" for c in cells)
+        return (f"{label:<34}" + "".join(f"{c:>{width}}" for c in cells)).rstrip()
 
     lines = [
-        f"Synthetic subjects data: {G} subjects x {M} trials x {len(OUTCOMES)} outcomes; "
-        f"{steps} SVI steps each (adam, lr 1e-2 -> 1e-3).",
+        f"Synthetic subjects data: {G} subjects x {M} trials x {len(OUTCOMES)} outcomes; {steps} SVI steps each "
+        + "(adam, lr 1e-2 -> 1e-3).",
         "",
         row("", [f.name for f in fits] + ["exact"]),
         row(f"ELBO ({num_particles} particles)", [f"{f.elbo:.1f}" for f in fits] + [f"{exact['log_evidence']:.1f}"]),
-        row("training time (s, incl. JIT)", [f"{f.seconds:.1f}" for f in fits] + ["-"]),
+        row("training time (s): setup", [f"{f.setup_seconds:.1f}" for f in fits] + ["-"]),
+        row(f"                   {steps} steps", [f"{f.seconds:.1f}" for f in fits] + ["-"]),
         row("guide parameters", [str(f.num_params) for f in fits] + ["-"]),
         row("posterior mean (sd):", []),
     ]
@@ -228,6 +241,15 @@ def _table(fits: list[Fit], exact: dict, x: np.ndarray, steps: int, num_particle
     lines.append(row("  RMSE of posterior means", [f"{v:.4f}" for v in rmse] + ["0"]))
     ratio = [np.mean(f.sd["mu_g"] / exact["sd"]["mu_g"]) for f in fits]
     lines.append(row("  mean of sd / exact sd", [f"{v:.3f}" for v in ratio] + ["1"]))
+    lines += [
+        "",
+        "ELBO: higher is better, at most log p(x) (exact column). Means and sds of the guides are",
+        "estimated from their posterior samples. Training time (wall clock, evaluation excluded):",
+        "setup = svi.init (tracing the model, initial values, building the guide); steps = svi.run",
+        "from that state, JIT compilation included. AutoNormal has a loc and a scale per",
+        f"latent coordinate ({2 * len(OUTCOMES)} parameters per subject); AutoPAVI's count with set encodings does",
+        "not grow with the number of subjects.",
+    ]
     return "\n".join(lines)
 
 

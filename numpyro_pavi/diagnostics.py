@@ -178,8 +178,7 @@ def full_plate_sizes(model: Any, structure: Any, args: tuple, kwargs: dict) -> d
     Read from a blocked trace of the model rather than from ``structure``: a guide with set
     encodings may be evaluated on new data whose plates have other sizes than in training.
     """
-    with handlers.block(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
+    with handlers.block():
         trace = handlers.trace(handlers.seed(model, 0)).get_trace(*args, **kwargs)
     sizes = {name: info.size for name, info in structure.plates.items()}
     for name in sizes:
@@ -211,6 +210,10 @@ def psis_diagnostic(
     importance sampling reliable); ``0.5-0.7`` ok-ish (slow convergence); ``> 0.7``
     unreliable: the guide misses posterior mass. See the module docstring, also for the
     per-element k-hat.
+
+    The log weights are sums over every plate element, computed in JAX's default precision:
+    for plates of ~10^5 elements and more, float32 round-off in ``log p`` reaches ~0.1,
+    enough to blur k-hat; enable ``jax_enable_x64`` there.
 
     :param guide: a set-up ``AutoPAVI`` (run SVI, or call it once, first); any guide with
         ``sample_with_log_prob(rng_key, params, *args, sample_shape=..., **kwargs)``,

@@ -1,0 +1,101 @@
+"""Smoke tests of the benchmark scripts: each ``main(["--quick", ...])`` runs in-process on
+tiny sizes and writes a JSON with every method and finite numbers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", os.path.join(BENCH, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _numbers(obj, path="$"):
+    """Every number in a JSON tree, with its path."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _numbers(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _numbers(v, f"{path}[{i}]")
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield path, obj
+
+
+def _check_finite(tree):
+    numbers = list(_numbers(tree))
+    assert numbers
+    bad = [(p, v) for p, v in numbers if not math.isfinite(v)]
+    assert not bad, bad[:5]
+
+
+def test_convergence_quick(tmp_path):
+    mod = _load("convergence")
+    out, png = tmp_path / "c.json", tmp_path / "c.png"
+    mod.main(["--quick", "--out", str(out), "--plot", str(png)])
+    data = json.loads(out.read_text())
+    assert png.exists() and png.stat().st_size > 0
+    (entry,) = data["results"].values()
+    assert set(entry["methods"]) == set(mod.METHODS)
+    for method, m in entry["methods"].items():
+        best = m["best"]
+        for key in ("train_s", "s_per_step", "num_params", "final_gap_per_group", "peak_rss_mb_process", "compile_s"):
+            assert isinstance(best[key], (int, float)) and math.isfinite(best[key]), (method, key, best[key])
+        assert best["steps"] > 0 and best["num_params"] > 0
+        assert len(best["curve"]) >= 2
+    _check_finite(data["results"])
+    assert data["summary"]["pavi_e_num_params"]
+
+
+def test_encoding_size_quick(tmp_path):
+    mod = _load("encoding_size")
+    out, png = tmp_path / "e.json", tmp_path / "e.png"
+    mod.main(["--quick", "--out", str(out), "--plot", str(png)])
+    data = json.loads(out.read_text())
+    rows = data["results"]
+    assert {(r["method"], r["encoding_dim"]) for r in rows} == {(m, d) for m in ("pavi_f", "pavi_e") for d in (4,)}
+    for r in rows:
+        assert math.isfinite(r["final_gap_per_group"]) and r["num_params"] > 0
+    _check_finite(rows)
+    # free encodings: N * D parameters
+    by = {(r["method"], r["encoding_dim"]): r for r in rows}
+    assert by[("pavi_f", 4)]["num_free_encoding_params"] == 200 * 4
+    assert by[("pavi_e", 4)]["num_free_encoding_params"] == 0
+
+
+def test_neuro_quick(tmp_path):
+    mod = _load("neuro")
+    out = tmp_path / "n.json"
+    mod.main(["--quick", "--out", str(out)])
+    data = json.loads(out.read_text())
+    rows = data["results"]
+    assert [r["subjects"] for r in rows] == [6, 12]
+    for r in rows:
+        S, T, V, L, F = r["subjects"], r["sessions"], r["vertices"], r["networks"], r["features"]
+        assert r["num_latents"] == L * F + S * L * F + S * T * L * F + S * T * V * F
+        assert r["sample_posterior"]["all_finite"]
+        assert r["sample_posterior"]["shapes"]["z"] == [S, T, V, F]
+        assert r["throughput_latents_steps_per_s"] > 0
+    # set encodings: guide size does not depend on the number of subjects
+    assert rows[0]["num_guide_params"] == rows[1]["num_guide_params"]
+    _check_finite(rows)
+    _check_finite(data["growth"])
+
+
+@pytest.mark.parametrize("name", ["convergence", "encoding_size", "neuro"])
+def test_help(name, capsys):
+    mod = _load(name)
+    with pytest.raises(SystemExit) as exc:
+        mod.main(["--help"])
+    assert exc.value.code == 0
+    assert "--quick" in capsys.readouterr().out
