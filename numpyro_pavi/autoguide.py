@@ -656,7 +656,7 @@ class AutoPAVI(AutoGuide):
         for key, sources in self._plan.items():
             free_needed = not sources or self.encoding == "hybrid"
             if free_needed and changed & set(key):
-                p = sorted(changed & set(key))[0]
+                p = min(changed & set(key))
                 raise ValueError(
                     f"Plate '{p}' has {sizes[p]} elements here but {self.structure.plates[p].size} in "
                     f"training, and its elements have free (per-element, learned) encodings: there "
