@@ -177,11 +177,11 @@ class AutoPAVI(AutoGuide):
         ragged = dict(ragged or {})
         for plate, decl in ragged.items():
             if not isinstance(decl, Ragged):
-                raise ValueError(
+                raise TypeError(
                     f"ragged[{plate!r}] must be numpyro_pavi.Ragged(index=..., covariates=...), got {decl!r}."
                 )
         if encoder is not None and not isinstance(encoder, SetEncoder):
-            raise ValueError(f"encoder must be a numpyro_pavi.SetEncoder, got {encoder!r}.")
+            raise TypeError(f"encoder must be a numpyro_pavi.SetEncoder, got {encoder!r}.")
         self.encoding = encoding
         self.encoding_dim = encoding_dim
         self.encoder = encoder if encoder is not None else SetEncoder(kind="deep_sets")

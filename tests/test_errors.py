@@ -214,3 +214,10 @@ def test_fitted_fixture_is_usable(fitted):
     samples = guide.sample_posterior(jax.random.PRNGKey(0), svi.get_params(state), x)
     assert samples["mu_g"].shape == (6, 1, 2)
     assert np.all(np.isfinite(samples["mu_g"]))
+
+
+def test_wrong_types_for_encoder_and_ragged():
+    with pytest.raises(TypeError, match="encoder must be a numpyro_pavi.SetEncoder"):
+        AutoPAVI(models.random_effects, encoder="deep_sets")
+    with pytest.raises(TypeError, match=r"ragged\['groups'\] must be numpyro_pavi.Ragged"):
+        AutoPAVI(models.ragged_groups, ragged={"groups": "group"})
