@@ -107,13 +107,23 @@ def parse_list(text: str, cast=float) -> list:
     return [cast(float(t)) if cast is int else cast(t) for t in text.split(",") if t.strip()]
 
 
-def adam(lr: float):
-    """Constant-learning-rate Adam whose rate lives in the optimizer state.
+def _decayed_adam(learning_rate, decay_per_step):
+    # optax.adam is scale_by_adam followed by a scale of -learning_rate; here that scale
+    # shrinks by decay_per_step at every step (decay_per_step = 1 is plain Adam)
+    return optax.chain(
+        optax.scale_by_adam(),
+        optax.scale_by_schedule(lambda count: -learning_rate * decay_per_step**count),
+    )
 
-    ``optax.inject_hyperparams`` makes the learning rate an array of the state, so one
-    compiled ``svi.update`` serves every learning rate of a grid.
+
+def adam(lr: float, decay_per_step: float = 1.0):
+    """Adam whose learning rate ``lr * decay_per_step**step`` lives in the optimizer state.
+
+    ``optax.inject_hyperparams`` makes both numbers arrays of the state, so one compiled
+    ``svi.update`` serves every learning rate of a grid. ``decay_per_step = 1`` gives
+    constant-rate Adam (identical to ``optax.adam(lr)``).
     """
-    return optax.inject_hyperparams(optax.adam)(learning_rate=lr)
+    return optax.inject_hyperparams(_decayed_adam)(learning_rate=lr, decay_per_step=decay_per_step)
 
 
 class Harness:
@@ -157,8 +167,8 @@ class Harness:
         self.compile_s = None
         self.eval_compile_s = None
 
-    def start(self, lr: float, seed: int = 0) -> Run:
-        svi = SVI(self.model, self.guide, adam(lr), Trace_ELBO())
+    def start(self, lr: float, seed: int = 0, decay_per_step: float = 1.0) -> Run:
+        svi = SVI(self.model, self.guide, adam(lr, decay_per_step), Trace_ELBO())
         t0 = time.perf_counter()
         state = svi.init(jax.random.PRNGKey(seed), *self.train_args, **self.train_kwargs)
         jax.block_until_ready(state)

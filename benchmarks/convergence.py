@@ -13,7 +13,8 @@ data set is simulated and every method is trained on it in this process:
 * ``pavi_f``: ``AutoPAVI(encoding="free")`` (PAVI-F), ``B`` groups per step.
 * ``pavi_e``: ``AutoPAVI(encoding="set")`` (PAVI-E), ``B`` groups per step.
 
-All methods use constant-learning-rate Adam (``optax.adam``), one ``Trace_ELBO`` particle per
+All methods use Adam, constant-rate by default (``--decay`` makes it decay exponentially
+to ``lr * decay`` at ``--max-steps``), one ``Trace_ELBO`` particle per
 step and the same initialisation strategy (``init_to_median(num_samples=15)``, initial scale
 0.1). Every method's learning rate is a grid flag; by default only ``normal_full`` gets a
 grid at every size (see ``benchmarks/RESULTS.md`` for how the others were chosen).
@@ -110,7 +111,8 @@ def make_harness(method: str, x, args) -> _common.Harness:
 def run_one(harness: _common.Harness, lr: float, log_z: float, args, time_cap: float) -> dict:
     """Train one method at one learning rate until tolerance or budget."""
     N = int(harness.train_args[0].shape[0])
-    runner = harness.start(lr, seed=args.seed)
+    # --decay is the total factor over --max-steps
+    runner = harness.start(lr, seed=args.seed, decay_per_step=args.decay ** (1.0 / args.max_steps))
     curve = []  # (steps, train seconds, gap per group)
     key = jax.random.PRNGKey(args.seed + 12345)
     t_eval = 0.0
@@ -267,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-pavi-f", default="0.001", help="Adam lr (grid) for PAVI-F")
     p.add_argument("--lr-pavi-e", default="0.001", help="Adam lr (grid) for PAVI-E")
     p.add_argument("--encoding-dim", type=int, default=8, help="PAVI encoding size D")
+    p.add_argument(
+        "--decay",
+        type=float,
+        default=1.0,
+        help="learning-rate decay: lr * decay**(step / max_steps), exponential (1 = constant)",
+    )
     p.add_argument("--tol", type=float, default=0.02, help="ELBO gap tolerance, nats per group")
     p.add_argument("--eval-every", type=int, default=100, help="steps between full-data ELBO evaluations")
     p.add_argument("--eval-particles", type=int, default=4, help="particles of the evaluation ELBO")

@@ -11,6 +11,9 @@ Two families are provided through :class:`SetEncoder`:
 * ``"set_transformer"`` -- linear embedding, ``num_blocks`` ISAB blocks, PMA with one seed,
   linear read-out (Lee et al., 2019).
 
+Both add (by default) a linear read-out of the set's pooled first and second moments, the
+sufficient statistics of Gaussian likelihoods (see ``SetEncoder.moments``).
+
 Sets come in two storage formats:
 
 * *padded*: ``x`` of shape ``(*batch, n, in_dim)`` plus a boolean ``mask`` of shape
@@ -31,6 +34,9 @@ Parameter layouts
 * MAB: ``{"wq", "wk", "wv", "wo": linear, "ff": MLP[, "ln0", "ln1": {"scale", "bias"}]}``
 * ISAB: ``{"inducing": (m, d), "mab0": MAB, "mab1": MAB}``
 * PMA: ``{"seeds": (k, d), "ff": MLP, "mab": MAB}``
+* SetEncoder: deep sets ``{"phi": MLP, "rho": MLP}``, set transformer ``{"embed": linear,
+  "blocks": {"0": ISAB, ...}, "pma": PMA, "out": linear}``, plus ``"moments": linear`` when
+  ``moments=True``.
 """
 
 from __future__ import annotations
@@ -400,6 +406,25 @@ def pma_segments(
 # ----------------------------------------------------------------------------------------
 
 
+_MAX_CROSS_MOMENTS = 8
+
+
+def _num_moments(in_dim: int) -> int:
+    if in_dim > _MAX_CROSS_MOMENTS:
+        return 2 * in_dim
+    return in_dim + in_dim * (in_dim + 1) // 2
+
+
+def _moment_features(x: jax.Array) -> jax.Array:
+    """``(..., k) -> (..., num_moments(k))``: ``x`` then ``x_i x_j`` for ``i <= j`` (squares
+    only when ``k > 8``, to keep the read-out small)."""
+    k = x.shape[-1]
+    if k > _MAX_CROSS_MOMENTS:
+        return jnp.concatenate([x, x * x], -1)
+    i, j = jnp.triu_indices(k)
+    return jnp.concatenate([x, x[..., i] * x[..., j]], -1)
+
+
 @dataclass(frozen=True)
 class SetEncoder:
     """A permutation-invariant map from a set of vectors ``(n, in_dim)`` to one vector ``(out_dim,)``.
@@ -412,6 +437,11 @@ class SetEncoder:
     :param num_blocks: ISAB blocks (set transformer) / number of layers of ``phi`` (deep sets).
     :param pool: deep sets pooling, ``"mean"`` or ``"sum"``.
     :param layer_norm: post layer norms inside every MAB (set transformer); off by default.
+    :param moments: add a linear read-out of the pooled first and second moments of the
+        set (``x`` and the products ``x_i x_j``; squares only when ``in_dim > 8``), pooled
+        like deep sets (mean, or sum with ``pool="sum"``). These are the sufficient
+        statistics of Gaussian likelihoods, so a Gaussian hierarchy's exact posterior needs
+        nothing the network has to approximate; the network adds everything else.
 
     The read-out layer is initialised with small weights, so initial encodings are close to 0.
     Instances hold hyperparameters only; parameters are the pytree returned by :meth:`init`.
@@ -425,6 +455,7 @@ class SetEncoder:
     num_blocks: int = 2
     pool: str = "mean"
     layer_norm: bool = False
+    moments: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -446,23 +477,28 @@ class SetEncoder:
     def init(self, rng_key: jax.Array, in_dim: int) -> Params:
         """Initial parameters for sets of ``in_dim``-vectors (a nested dict of arrays)."""
         d = self.hidden_dim
+        k_net, k_mom = jax.random.split(rng_key)
         if self.kind == "deep_sets":
-            k_phi, k_rho = jax.random.split(rng_key)
-            return {
+            k_phi, k_rho = jax.random.split(k_net)
+            params = {
                 "phi": init_mlp(k_phi, (in_dim,) + (d,) * self.num_blocks),
                 "rho": init_mlp(k_rho, (d, d, self.out_dim), final_scale=_FINAL_SCALE),
             }
-        k_embed, k_blocks, k_pma, k_out = jax.random.split(rng_key, 4)
-        block_keys = jax.random.split(k_blocks, self.num_blocks)
-        return {
-            "embed": init_linear(k_embed, in_dim, d),
-            "blocks": {
-                str(i): init_isab(block_keys[i], d, self.num_inducing, self.num_heads, self.layer_norm)
-                for i in range(self.num_blocks)
-            },
-            "pma": init_pma(k_pma, d, 1, self.num_heads, self.layer_norm),
-            "out": init_linear(k_out, d, self.out_dim, scale=_FINAL_SCALE),
-        }
+        else:
+            k_embed, k_blocks, k_pma, k_out = jax.random.split(k_net, 4)
+            block_keys = jax.random.split(k_blocks, self.num_blocks)
+            params = {
+                "embed": init_linear(k_embed, in_dim, d),
+                "blocks": {
+                    str(i): init_isab(block_keys[i], d, self.num_inducing, self.num_heads, self.layer_norm)
+                    for i in range(self.num_blocks)
+                },
+                "pma": init_pma(k_pma, d, 1, self.num_heads, self.layer_norm),
+                "out": init_linear(k_out, d, self.out_dim, scale=_FINAL_SCALE),
+            }
+        if self.moments:
+            params["moments"] = init_linear(k_mom, _num_moments(in_dim), self.out_dim, scale=_FINAL_SCALE)
+        return params
 
     def num_params(self, in_dim: int) -> int:
         """Number of scalar parameters for sets of ``in_dim``-vectors (computed without FLOPs)."""
@@ -487,17 +523,9 @@ class SetEncoder:
             # Zeroing (rather than only masking attention/pooling) keeps inf/nan padding out
             # of every product, including 0 * inf in the forward pass and in gradients.
             x = jnp.where(mask[..., None], x, 0.0)
+        out = self._moments_padded(params, x, mask)
         if self.kind == "deep_sets":
-            feats = mlp(params["phi"], x)  # (*batch, n, d)
-            if mask is None:
-                pooled = jnp.sum(feats, axis=-2)
-                count = jnp.asarray(feats.shape[-2], feats.dtype)
-            else:
-                pooled = jnp.sum(jnp.where(mask[..., None], feats, 0.0), axis=-2)
-                count = jnp.sum(mask, axis=-1, keepdims=True).astype(feats.dtype)
-            if self.pool == "mean":
-                pooled = pooled / jnp.maximum(count, 1.0)
-            return mlp(params["rho"], pooled)
+            return out + mlp(params["rho"], self._pool_padded(mlp(params["phi"], x), mask))
 
         h = linear(params["embed"], x)
         for i in range(self.num_blocks):
@@ -507,7 +535,29 @@ class SetEncoder:
                 # stay finite across many blocks (0 * inf would leak through the attention).
                 h = jnp.where(mask[..., None], h, 0.0)
         pooled = pma(params["pma"], h, self.num_heads, mask)[..., 0, :]
-        return linear(params["out"], pooled)
+        return out + linear(params["out"], pooled)
+
+    def _pool_padded(self, feats: jax.Array, mask: jax.Array | None) -> jax.Array:
+        """Deep-sets pooling ``(*batch, n, k) -> (*batch, k)``."""
+        if mask is None:
+            pooled = jnp.sum(feats, axis=-2)
+            count = jnp.asarray(feats.shape[-2], feats.dtype)
+        else:
+            pooled = jnp.sum(jnp.where(mask[..., None], feats, 0.0), axis=-2)
+            count = jnp.sum(mask, axis=-1, keepdims=True).astype(feats.dtype)
+        return pooled / jnp.maximum(count, 1.0) if self.pool == "mean" else pooled
+
+    def _moments_padded(self, params: Params, x: jax.Array, mask: jax.Array | None) -> jax.Array | float:
+        if "moments" not in params:
+            return 0.0
+        return linear(params["moments"], self._pool_padded(_moment_features(x), mask))
+
+    def _pool_segments(self, feats: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
+        pooled = jax.ops.segment_sum(feats, segment_ids, num_segments=num_segments)
+        if self.pool == "mean":
+            count = jax.ops.segment_sum(jnp.ones(segment_ids.shape, feats.dtype), segment_ids, num_segments=num_segments)
+            pooled = pooled / jnp.maximum(count, 1.0)[:, None]
+        return pooled
 
     # -- ragged sets --------------------------------------------------------------------
 
@@ -524,18 +574,14 @@ class SetEncoder:
         if x.ndim != 2:
             raise ValueError(f"SetEncoder.segments expects flat x of shape (n, in_dim), got {x.shape}")
         segment_ids = jnp.asarray(segment_ids)
+        out = 0.0
+        if "moments" in params:
+            out = linear(params["moments"], self._pool_segments(_moment_features(x), segment_ids, num_segments))
         if self.kind == "deep_sets":
-            feats = mlp(params["phi"], x)
-            pooled = jax.ops.segment_sum(feats, segment_ids, num_segments=num_segments)
-            if self.pool == "mean":
-                count = jax.ops.segment_sum(
-                    jnp.ones(segment_ids.shape, feats.dtype), segment_ids, num_segments=num_segments
-                )
-                pooled = pooled / jnp.maximum(count, 1.0)[:, None]
-            return mlp(params["rho"], pooled)
+            return out + mlp(params["rho"], self._pool_segments(mlp(params["phi"], x), segment_ids, num_segments))
 
         h = linear(params["embed"], x)
         for i in range(self.num_blocks):
             h = isab_segments(params["blocks"][str(i)], h, segment_ids, num_segments, self.num_heads)
         pooled = pma_segments(params["pma"], h, segment_ids, num_segments, self.num_heads)[:, 0, :]
-        return linear(params["out"], pooled)
+        return out + linear(params["out"], pooled)

@@ -352,3 +352,28 @@ def test_layer_norm_variant_invariant_and_masked():
     expected = _call(enc, params, x[np.asarray(mask)], None)
     _close(_call(enc, params, jnp.where(mask[:, None], x, 1e30), mask), expected)
     _close(_segments(enc, params, x[::-1], ids, 2)[0], expected)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("in_dim", [2, 10])
+def test_moment_readout_is_linear_in_pooled_moments(kind, in_dim):
+    """With the network's read-out zeroed, the encoding is exactly the linear read-out of
+    the set's mean of x and of x_i x_j (squares only above 8 features), masked or ragged."""
+    enc = SetEncoder(kind=kind, out_dim=3)
+    params = enc.init(jax.random.PRNGKey(0), in_dim)
+    last = "rho" if kind == "deep_sets" else "out"
+    params[last] = jax.tree.map(jnp.zeros_like, params[last])
+    params["moments"] = {
+        "w": jax.random.normal(jax.random.PRNGKey(1), params["moments"]["w"].shape),
+        "b": jnp.arange(3.0),
+    }
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(2), (5, in_dim)), np.float64)
+    pairs = [(i, j) for i in range(in_dim) for j in range(i, in_dim)] if in_dim <= 8 else [(i, i) for i in range(in_dim)]
+    feats = np.concatenate([x.mean(0), [np.mean(x[:, i] * x[:, j]) for i, j in pairs]])
+    want = feats @ np.asarray(params["moments"]["w"]) + np.arange(3.0)
+    padded = np.concatenate([x, np.full((2, in_dim), np.nan)])
+    mask = np.arange(7) < 5
+    np.testing.assert_allclose(enc(params, jnp.asarray(padded, jnp.float32), mask), want, rtol=1e-4, atol=1e-4)
+    seg = enc.segments(params, jnp.asarray(x, jnp.float32), jnp.zeros(5, int), 1)[0]
+    np.testing.assert_allclose(seg, want, rtol=1e-4, atol=1e-4)
+    assert "moments" not in SetEncoder(kind=kind, moments=False).init(jax.random.PRNGKey(0), in_dim)

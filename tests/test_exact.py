@@ -26,8 +26,8 @@ from numpyro_pavi import AutoPAVI, Ragged, exact, models
 NUM_DRAWS = 2000
 
 
-def _fit(model, guide, steps, *args, lr=1e-2, seed=0, **kwargs):
-    opt = numpyro.optim.optax_to_numpyro(optax.adam(optax.exponential_decay(lr, steps, 0.01)))
+def _fit(model, guide, steps, *args, lr=1e-2, decay=0.01, seed=0, **kwargs):
+    opt = numpyro.optim.optax_to_numpyro(optax.adam(optax.exponential_decay(lr, steps, decay)))
     svi = SVI(model, guide, opt, Trace_ELBO())
     return svi.run(jax.random.PRNGKey(seed), steps, *args, progress_bar=False, **kwargs).params
 
@@ -54,16 +54,19 @@ def re_data():
 
 @pytest.mark.parametrize(
     "encoding, subsample, steps, max_gap",
-    [("free", None, 2500, 0.02), ("free", 10, 3000, 0.02), ("set", 10, 2500, 0.02)],
+    [("free", None, 4000, 0.01), ("free", 10, 4000, 0.01), ("set", 10, 4000, 0.01)],
 )
 def test_random_effects_exact(re_data, encoding, subsample, steps, max_gap):
     x = re_data
     G = x.shape[0]
     guide = AutoPAVI(models.random_effects, encoding=encoding)
-    params = _fit(models.random_effects, guide, steps, x, subsample_size=subsample)
+    # the rate ends at 1e-5: under subsampling the last steps' noise sets the final gap
+    # (benchmarks/RESULTS.md, "Exact gap")
+    params = _fit(models.random_effects, guide, steps, x, decay=1e-3, subsample_size=subsample)
     ex = exact.random_effects_posterior(np.asarray(x))
     gap = (ex["log_evidence"] - _elbo(models.random_effects, guide, params, x)) / G
     # the ELBO never exceeds the evidence (up to its Monte Carlo error), and is close to it
+    print(f"{encoding} B={subsample}: ELBO gap {gap:.4f} nats/group")
     assert -0.01 < gap < max_gap, gap
     s = guide.sample_posterior(jax.random.PRNGKey(1), params, x, sample_shape=(NUM_DRAWS,))
     _assert_moments(s["mu"], ex["mu_mean"], ex["mu_sd"])
@@ -86,8 +89,9 @@ def test_nested_three_level_exact():
 def test_ragged_groups_with_covariates_exact():
     y, group, cov = models.simulate_ragged_groups(jax.random.PRNGKey(4), 15, min_size=2, max_size=8)
     kw = {"num_groups": 15}
-    # hybrid: the pooled encoder alone leaves an amortization gap here (about 0.13 nats per
-    # group after 3000 steps, against 0.02 with the free residual): see CHANGELOG
+    # hybrid: the pooled encoder alone learns this regression slowly (0.15 nats per group
+    # after 3000 steps, 0.012-0.015 after 8000) while the free residual gets 0.012-0.014
+    # in 3000 steps: see benchmarks/RESULTS.md
     guide = AutoPAVI(
         models.ragged_groups, encoding="hybrid", ragged={"groups": Ragged(index="group", covariates=("covariate",))}
     )
@@ -95,7 +99,7 @@ def test_ragged_groups_with_covariates_exact():
     assert guide._plan[("groups",)] == [("ragged", "groups")]
     post = exact.ragged_groups_posterior(np.asarray(y), np.asarray(group), np.asarray(cov), 15)
     gap = (post.log_evidence - _elbo(models.ragged_groups, guide, params, y, group, cov, **kw)) / 15
-    assert -0.01 < gap < 0.05, gap
+    assert -0.01 < gap < 0.03, gap
     s = guide.sample_posterior(jax.random.PRNGKey(5), params, y, group, cov, sample_shape=(NUM_DRAWS,), **kw)
     for site in ("mu_a", "mu_b", "a", "b"):
         _assert_moments(s[site], post.mean[site], post.sd[site], slack=0.15)
