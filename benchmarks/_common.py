@@ -7,6 +7,7 @@ them with ``importlib``.
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import math
@@ -101,6 +102,34 @@ def write_json(path: str, obj) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump(_clean(obj), f, indent=1)
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """An argument parser whose description is the first paragraph of a script's docstring."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def record(name: str, script: str, argv: list[str] | None, args, info: dict, t_start: float, **fields) -> dict:
+    """The JSON record of a run: what ran, where, how long, then the script's ``fields``."""
+    return {
+        "benchmark": name,
+        "command": command_line(script, argv),
+        "argv": sys.argv[1:] if argv is None else list(argv),
+        "config": vars(args),
+        "machine": info,
+        "wall_s_total": time.perf_counter() - t_start,
+        "loadavg_at_end": list(os.getloadavg()),
+        **fields,
+    }
+
+
+def save_figure(fig, path: str) -> None:
+    """Write a matplotlib figure as a PNG (creating its folder) and close it."""
+    import matplotlib.pyplot as plt
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def parse_list(text: str, cast=float) -> list:

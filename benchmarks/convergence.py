@@ -250,15 +250,11 @@ def plot(results: dict, tol: float, path: str) -> None:
         ax.set_ylabel("ELBO gap (nats / group)")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _common.save_figure(fig, path)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = _common.parser(__doc__)
     p.add_argument("--sizes", default="1000,10000,100000", help="comma list of group counts N (1e6 allowed)")
     p.add_argument("--M", type=int, default=10, help="observations per group")
     p.add_argument("--K", type=int, default=2, choices=(1, 2), help="event dimension")
@@ -361,18 +357,17 @@ def main(argv: list[str] | None = None) -> dict:
                 "to_N": hi,
                 "ratio": pe[hi]["time_to_tol_s"] / pe[lo]["time_to_tol_s"],
             }
-    out = {
-        "benchmark": "convergence",
-        "command": _common.command_line(__file__, argv),
-        "argv": sys.argv[1:] if argv is None else list(argv),
-        "config": vars(args),
-        "machine": info,
-        "wall_s_total": time.perf_counter() - t_start,
-        "loadavg_at_end": list(os.getloadavg()),
-        "results": results,
-        "summary": summary,
-        "table": table,
-    }
+    out = _common.record(
+        "convergence",
+        __file__,
+        argv,
+        args,
+        info,
+        t_start,
+        results=results,
+        summary=summary,
+        table=table,
+    )
     _common.write_json(args.out, out)
     if args.plot:
         plot(results, args.tol, args.plot)

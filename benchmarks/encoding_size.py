@@ -112,15 +112,11 @@ def plot(rows: list[dict], N: int, tol: float, path: str) -> None:
     a1.legend(fontsize=8)
     a2.legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _common.save_figure(fig, path)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = _common.parser(__doc__)
     p.add_argument("--N", type=int, default=1000, help="number of groups")
     p.add_argument("--M", type=int, default=10, help="observations per group")
     p.add_argument("--K", type=int, default=2, choices=(1, 2), help="event dimension")
@@ -164,17 +160,16 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{r['train_s']:>9.2f}{r['final_gap_per_group']:>11.4f}{(r['final_gap_stderr'] or float('nan')):>9.4f}",
                 flush=True,
             )
-    out = {
-        "benchmark": "encoding_size",
-        "command": _common.command_line(__file__, argv),
-        "argv": sys.argv[1:] if argv is None else list(argv),
-        "config": vars(args),
-        "machine": info,
-        "log_evidence": log_z,
-        "wall_s_total": time.perf_counter() - t_start,
-        "loadavg_at_end": list(os.getloadavg()),
-        "results": rows,
-    }
+    out = _common.record(
+        "encoding_size",
+        __file__,
+        argv,
+        args,
+        info,
+        t_start,
+        log_evidence=log_z,
+        results=rows,
+    )
     _common.write_json(args.out, out)
     if args.plot:
         plot(rows, args.N, args.tol, args.plot)

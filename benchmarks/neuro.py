@@ -221,9 +221,7 @@ def growth(rows: list[dict]) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = _common.parser(__doc__)
     p.add_argument("--subjects", default="30,100,300", help="comma list of subject counts S (one run each)")
     p.add_argument("--sessions", type=int, default=4, help="sessions per subject T")
     p.add_argument("--vertices", type=int, default=200, help="vertices per session V")
@@ -270,17 +268,16 @@ def main(argv: list[str] | None = None) -> dict:
             f"{r['throughput_latents_steps_per_s']:>13.3g}{r['sample_posterior']['run_s']:>9.3g}{r['peak_rss_mb_process']:>9.0f}",
             flush=True,
         )
-    out = {
-        "benchmark": "neuro",
-        "command": _common.command_line(__file__, argv),
-        "argv": sys.argv[1:] if argv is None else list(argv),
-        "config": vars(args),
-        "machine": info,
-        "wall_s_total": time.perf_counter() - t_start,
-        "loadavg_at_end": list(os.getloadavg()),
-        "results": rows,
-        "growth": growth(rows),
-    }
+    out = _common.record(
+        "neuro",
+        __file__,
+        argv,
+        args,
+        info,
+        t_start,
+        results=rows,
+        growth=growth(rows),
+    )
     _common.write_json(args.out, out)
     print(f"wrote {args.out}")
     return out
