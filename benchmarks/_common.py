@@ -132,6 +132,18 @@ def save_figure(fig, path: str) -> None:
     plt.close(fig)
 
 
+def ratio_text(entry: dict, space: str = "") -> str:
+    """A ``vs_pavi_e`` entry as text: ``"21.2x"``, ``">106x"`` (lower bound), ``"<2x"`` (upper
+    bound) or ``"n/a"``; ``space`` goes between a bound sign and the number."""
+    if entry.get("ratio") is not None:
+        return f"{entry['ratio']:.3g}x"
+    if "lower_bound" in entry:
+        return f">{space}{entry['lower_bound']:.3g}x"
+    if "upper_bound" in entry:
+        return f"<{space}{entry['upper_bound']:.3g}x"
+    return "n/a"
+
+
 def parse_list(text: str, cast=float) -> list:
     return [cast(float(t)) if cast is int else cast(t) for t in text.split(",") if t.strip()]
 

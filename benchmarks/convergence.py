@@ -205,15 +205,7 @@ def print_table(results: dict, tol: float) -> str:
     for N, entry in results.items():
         for method, m in entry["methods"].items():
             b = m["best"]
-            r = m["vs_pavi_e"]
-            if r.get("ratio") is not None:
-                rs = f"{r['ratio']:.3g}x"
-            elif "lower_bound" in r:
-                rs = f">{r['lower_bound']:.3g}x"
-            elif "upper_bound" in r:
-                rs = f"<{r['upper_bound']:.3g}x"
-            else:
-                rs = "n/a"
+            rs = _common.ratio_text(m["vs_pavi_e"])
             steps = b["steps_to_tol"] if b["reached"] else f">{b['steps']}"
             t = fmt(b["time_to_tol_s"]) if b["reached"] else f">{b['train_s']:.3g}"
             lines.append(

@@ -10,7 +10,12 @@ resolution ``--eval-every`` steps of the run).
 from __future__ import annotations
 
 import json
+import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _common
 
 LABELS = {
     "normal_full": "AutoNormal full batch",
@@ -46,15 +51,7 @@ def convergence(d: dict, thresholds=(0.1, 0.05)) -> str:
                 steps, t = str(b["steps_to_tol"]), g(b["time_to_tol_s"])
             else:
                 steps, t = f"> {b['steps']}", f"> {b['train_s']:.3g}"
-            r = v["vs_pavi_e"]
-            if r.get("ratio") is not None:
-                rs = f"{r['ratio']:.3g}x"
-            elif "lower_bound" in r:
-                rs = f"> {r['lower_bound']:.3g}x"
-            elif "upper_bound" in r:
-                rs = f"< {r['upper_bound']:.3g}x"
-            else:
-                rs = "n/a"
+            rs = _common.ratio_text(v["vs_pavi_e"], space=" ")
             row = [N, LABELS[m], f"{b['lr']:g}", str(b["num_params"]), steps, t, f"{1e3 * b['s_per_step']:.3g}"]
             for thr in thresholds:
                 hit = first_below(b["curve"], thr)
