@@ -5,6 +5,7 @@ from .checkpoint import Checkpoint, fit, load_checkpoint, save_checkpoint
 from .data import Ragged
 from .encoders import SetEncoder
 from .flows import ConditionalFlow
+from .monitor import DivergenceWarning, KeepBest, best_params, check_losses
 from .structure import ModelStructure, model_structure
 
 __version__ = "0.1.0"
@@ -13,9 +14,13 @@ __all__ = [
     "AutoPAVI",
     "Checkpoint",
     "ConditionalFlow",
+    "DivergenceWarning",
+    "KeepBest",
     "ModelStructure",
     "Ragged",
     "SetEncoder",
+    "best_params",
+    "check_losses",
     "fit",
     "load_checkpoint",
     "model_structure",

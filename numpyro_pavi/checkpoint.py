@@ -33,6 +33,8 @@ the state (e.g. optax's ``ScaleByAdamState``), which must be importable when loa
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import pickle
 import tempfile
@@ -44,6 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 from numpyro.infer.svi import SVI, SVIRunResult, SVIState
+
+from .monitor import _worse, check_losses, explain_divergence, running_mean, warn_divergence
 
 __all__ = ["FORMAT_VERSION", "Checkpoint", "fit", "load_checkpoint", "save_checkpoint"]
 
@@ -281,13 +285,28 @@ def _run_segment(
     n: int,
     bar: Any,
     stable_update: bool,
+    done: int = 0,
+    history: list | None = None,
+    on_step: Callable | None = None,
 ) -> tuple[SVIState, np.ndarray]:
-    """Take ``n`` steps; returns the new state and the ``(n,)`` host losses."""
+    """Take ``n`` steps; returns the new state and the ``(n,)`` host losses.
+
+    ``on_step(step, state, recent)`` runs after each step (``step`` counts all steps done;
+    ``recent(k)`` returns the last ``k`` host losses up to it, earlier segments included).
+    """
     losses: list = []
     batch = None if bar is None else max(bar.total // 20, 1)
-    for _ in range(n):
+    previous = np.concatenate(history) if history else np.zeros(0, np.float32)
+
+    def recent(k: int) -> np.ndarray:
+        mine = np.asarray(jax.device_get(losses[-k:]))
+        return mine if mine.size >= k else np.concatenate([previous[previous.size - (k - mine.size) :], mine])
+
+    for k in range(n):
         state, loss = step_fn(state)
         losses.append(loss)
+        if on_step is not None:
+            on_step(done + k + 1, state, recent)
         if bar is not None:
             bar.update(1)
             i = bar.n
@@ -314,6 +333,9 @@ def fit(
     stable_update: bool = False,
     forward_mode_differentiation: bool = False,
     init_params: dict | None = None,
+    keep_best: bool = True,
+    window: int = 100,
+    rtol: float = 0.05,
     **kwargs: Any,
 ) -> SVIRunResult:
     """Like :meth:`SVI.run`, but resumable from a checkpoint file.
@@ -343,6 +365,16 @@ def fit(
     :param stable_update: use :meth:`SVI.stable_update` (skips non-finite updates).
     :param forward_mode_differentiation: forwarded to the update, as in ``svi.run``.
     :param init_params: initial values of ``numpyro.param`` sites for a fresh start.
+    :param keep_best: track the parameters with the best ``window``-step running mean of the
+        loss (checked every ``window // 10`` steps, kept in the checkpoint's metadata so a
+        resumed run tracks identically). When the last running mean is worse than the best
+        by more than ``rtol * max(|best|, 1)`` (the fit left its optimum, or its loss became
+        non-finite), a :class:`~numpyro_pavi.monitor.DivergenceWarning` names the site whose
+        guide or model log-density changed most, and ``params`` are the best ones (``state``
+        stays the last, so the run can continue). With ``keep_best=False`` the warning is
+        still given, and the last parameters are returned.
+    :param window: running-mean window (steps).
+    :param rtol: relative tolerance of the divergence check.
     :param kwargs: model/guide keyword arguments.
     :return: ``SVIRunResult(params, state, losses)`` with ``losses`` of shape ``(num_steps,)``:
         the full history, previous segments and runs included.
@@ -353,6 +385,8 @@ def fit(
         raise ValueError("num_steps must be a positive integer.")
     if checkpoint_every < 1:
         raise ValueError("checkpoint_every must be a positive integer.")
+    if not (isinstance(window, int) and window >= 1):
+        raise ValueError(f"window must be a positive int, got {window!r}.")
 
     def init_fn(key: jax.Array) -> SVIState:
         return svi.init(key, *args, init_params=init_params, **kwargs)
@@ -390,6 +424,19 @@ def fit(
     def step_fn(s: SVIState) -> tuple[SVIState, jax.Array]:
         return update(s, *args, forward_mode_differentiation=forward_mode_differentiation, **kwargs)
 
+    # Best-so-far tracking: host-side, every `stride` steps, on the full loss history; its
+    # record lives in the checkpoint's metadata so a resumed run tracks exactly as one run.
+    stride = max(window // 10, 1)
+    best = dict(metadata.get("best") or {"mean": math.inf, "step": -1, "params": None})
+
+    def on_step(step: int, s: SVIState, recent_losses: Callable[[int], np.ndarray]) -> None:
+        if not keep_best or step % stride or step < window:
+            return
+        recent = recent_losses(window)
+        mean = float(np.mean(np.where(np.isfinite(recent), recent, np.inf)))
+        if mean < best["mean"]:
+            best.update(mean=mean, step=step - 1, params=svi.get_params(s))
+
     bar = None
     if progress_bar and start < num_steps:
         bar = tqdm.tqdm(total=num_steps, initial=start)
@@ -397,15 +444,33 @@ def fit(
         done = start
         while done < num_steps:
             n = min(checkpoint_every, num_steps - done)
-            state, seg_losses = _run_segment(step_fn, state, n, bar, stable_update)
+            state, seg_losses = _run_segment(step_fn, state, n, bar, stable_update, done, history, on_step)
             # One array: the save and the final result reuse it rather than re-joining segments.
             history = [np.concatenate(history + [seg_losses])]
             done += n
             if checkpoint_path is not None:
                 metadata.update(step=done, num_steps=num_steps)
+                if keep_best:
+                    metadata["best"] = {**best, "params": jax.device_get(best["params"])}
                 save_checkpoint(checkpoint_path, state, losses=history[0], metadata=metadata)
     finally:
         if bar is not None:
             bar.close()
 
-    return SVIRunResult(svi.get_params(state), state, jnp.asarray(history[0]))
+    params = svi.get_params(state)
+    losses = history[0]
+    report = check_losses(losses, window=window, rtol=rtol, burn_in=0)
+    reference = best["params"]
+    if reference is not None:
+        report = dataclasses.replace(report, best=float(best["mean"]), best_step=int(best["step"]))
+    if _worse(report.last, report.best, rtol):
+        site_msg = None
+        if reference is not None:
+            try:
+                _, site_msg = explain_divergence(svi.model, svi.guide, reference, params, *args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - the warning must not fail the fit
+                site_msg = f"(could not compare sites: {type(err).__name__}: {err})"
+        if reference is not None:
+            params = jax.tree.map(jnp.asarray, reference)
+        warn_divergence(report, site_msg, kept_best=reference is not None)
+    return SVIRunResult(params, state, jnp.asarray(losses))

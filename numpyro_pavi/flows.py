@@ -6,8 +6,10 @@ maps base noise towards the sample, ``z (..., d)`` with context ``c (..., C)`` t
 ``x (..., d)``, and returns ``log|det dx/dz|`` of shape ``(...)``. Leading dims are free, so
 one set of weights serves every element of a plate: that sharing *is* plate amortization.
 
-Sampling and scoring happen in one forward pass (inverse autoregressive direction), so the
-ELBO never inverts a flow.
+Sampling and scoring happen in one forward pass (inverse autoregressive direction).
+``inverse`` and ``log_prob`` score a *given* value: the path-derivative ELBO estimator needs
+them (the density at the sampled value with the weights held constant), and they let tests
+check every log-determinant against ``slogdet(jacfwd(forward))``.
 """
 
 from __future__ import annotations
@@ -62,16 +64,38 @@ def init_resnet(key, n_in: int, n_out: int, hidden: tuple[int, ...], out_bias=No
 
 
 def resnet(params: dict, c: jax.Array) -> jax.Array:
-    """``c (..., n_in) -> (..., n_out)``."""
+    """``c (..., n_in) -> (..., n_out)``.
+
+    The hidden path's output is divided by the width of the last hidden layer (the
+    maximal-update scaling for Adam): Adam moves every weight by about the learning rate per
+    step whatever its gradient, so an unscaled sum over H hidden units can move the output by
+    ~H times the rate in one step. On a sharp posterior (a global of a large data set, sd
+    0.05) that is many posterior sds per step, and the fit leaves the optimum. With the
+    ``1/H`` factor one step moves the output by about the rate, as for a mean-field location.
+    """
     h = c
     for layer in params["hidden"]:
         h = jnp.tanh(h @ layer["w"] + layer["b"])
-    return h @ params["out"]["w"] + params["out"]["b"] + c @ params["skip"]
+    out = params["out"]["b"] + c @ params["skip"]
+    if params["hidden"]:
+        out = out + (h @ params["out"]["w"]) / h.shape[-1]
+    return out
 
 
 def _positive(raw: jax.Array, at_zero: float) -> jax.Array:
     # softplus keeps scales positive without exp's blow-ups; the offset sets the scale at raw=0
     return jax.nn.softplus(raw + _softplus_inv(at_zero)) + 1e-6
+
+
+#: Bound on the log-scale of the inner (autoregressive and coupling) layers: they act on
+#: standardized noise, where a factor beyond e^3 is never needed and an unbounded one is how
+#: a single bad step turns into a loss explosion.
+INNER_LOG_SCALE_BOUND = 3.0
+
+
+def _bounded_log_scale(raw: jax.Array) -> jax.Array:
+    # a smooth clamp to (-B, B) with slope 1 at 0, so identity init and its gradients are kept
+    return INNER_LOG_SCALE_BOUND * jnp.tanh(raw / INNER_LOG_SCALE_BOUND)
 
 
 @dataclass(frozen=True)
@@ -103,15 +127,24 @@ class ConditionalAffine:
             params["bilinear"] = jnp.zeros((self.bilinear, self.context_dim - self.bilinear, 2 * self.dim))
         return params
 
-    def forward(self, params: dict, z: jax.Array, c: jax.Array, init_scale: float = 1.0):
+    def _shift_scale(self, params: dict, c: jax.Array, init_scale: float):
         out = resnet(params["net"], c)
         if "bilinear" in params:
             k = self.bilinear
             out = out + jnp.einsum("...i,...j,ijk->...k", c[..., :k], c[..., k:], params["bilinear"])
         shift, raw = out[..., : self.dim], out[..., self.dim :]
         # init_scale is static (not trained): it is the scale when the conditioner outputs 0
-        scale = _positive(raw, init_scale)
+        return shift, _positive(raw, init_scale)
+
+    def forward(self, params: dict, z: jax.Array, c: jax.Array, init_scale: float = 1.0):
+        """``z (..., d), c (..., C) -> x (..., d), log|det dx/dz| (...)``."""
+        shift, scale = self._shift_scale(params, c, init_scale)
         return shift + scale * z, jnp.sum(jnp.log(scale), -1)
+
+    def inverse(self, params: dict, x: jax.Array, c: jax.Array, init_scale: float = 1.0):
+        """``x (..., d), c (..., C) -> z (..., d), log|det dx/dz| (...)`` (forward's log-det)."""
+        shift, scale = self._shift_scale(params, c, init_scale)
+        return (x - shift) / scale, jnp.sum(jnp.log(scale), -1)
 
 
 def _made_masks(dim: int, hidden: tuple[int, ...]):
@@ -130,7 +163,9 @@ class ConditionalAutoregressive:
     """Inverse autoregressive affine layer with a MADE conditioner that also sees ``c``.
 
     ``x_i = shift_i(z_<i, c) + scale_i(z_<i, c) * z_i`` (order reversed when ``reverse``),
-    a triangular Jacobian, so the log-det is the sum of log scales. Identity at init.
+    a triangular Jacobian, so the log-det is the sum of log scales. Identity at init; the
+    log-scales are smoothly bounded to ``(-3, 3)`` (:data:`INNER_LOG_SCALE_BOUND`).
+    Sampling is one pass; :meth:`inverse` takes ``d`` passes (cheap for plate elements).
     """
 
     dim: int
@@ -150,10 +185,8 @@ class ConditionalAutoregressive:
             width = h
         return {"hidden": layers, "out": {"w": jnp.zeros((width, 2 * self.dim)), "b": jnp.zeros(2 * self.dim)}}
 
-    def forward(self, params: dict, z: jax.Array, c: jax.Array):
-        if self.reverse:
-            x, logdet = dataclasses.replace(self, reverse=False).forward(params, z[..., ::-1], c)
-            return x[..., ::-1], logdet
+    def _shift_log_scale(self, params: dict, z: jax.Array, c: jax.Array):
+        """Conditioner outputs for (non-reversed) input ``z``: output i sees ``z_<i`` only."""
         masks, out_mask = _made_masks(self.dim, self.hidden)
         h = z
         for i, (layer, m) in enumerate(zip(params["hidden"], masks)):
@@ -161,17 +194,41 @@ class ConditionalAutoregressive:
             if i == 0:
                 pre = pre + c @ layer["wc"]
             h = jnp.tanh(pre)
+        h = h / h.shape[-1]  # maximal-update output scaling, see resnet
         w = params["out"]["w"]
         shift = h @ (w[:, : self.dim] * out_mask) + params["out"]["b"][: self.dim]
         raw = h @ (w[:, self.dim :] * out_mask) + params["out"]["b"][self.dim :]
-        scale = _positive(raw, 1.0)
-        return shift + scale * z, jnp.sum(jnp.log(scale), -1)
+        return shift, _bounded_log_scale(raw)
+
+    def forward(self, params: dict, z: jax.Array, c: jax.Array):
+        """``z (..., d), c (..., C) -> x (..., d), log|det dx/dz| (...)``."""
+        if self.reverse:
+            x, logdet = dataclasses.replace(self, reverse=False).forward(params, z[..., ::-1], c)
+            return x[..., ::-1], logdet
+        shift, log_scale = self._shift_log_scale(params, z, c)
+        return shift + jnp.exp(log_scale) * z, jnp.sum(log_scale, -1)
+
+    def inverse(self, params: dict, x: jax.Array, c: jax.Array):
+        """``x (..., d), c (..., C) -> z (..., d), log|det dx/dz| (...)``: ``d`` fixed-point
+        passes, each fixing one more coordinate (exact after ``d``)."""
+        if self.reverse:
+            z, logdet = dataclasses.replace(self, reverse=False).inverse(params, x[..., ::-1], c)
+            return z[..., ::-1], logdet
+
+        def body(_, z):
+            shift, log_scale = self._shift_log_scale(params, z, c)
+            return (x - shift) * jnp.exp(-log_scale)
+
+        z = jax.lax.fori_loop(0, self.dim, body, jnp.zeros_like(x))
+        _, log_scale = self._shift_log_scale(params, z, c)
+        return z, jnp.sum(log_scale, -1)
 
 
 @dataclass(frozen=True)
 class ConditionalCoupling:
     """Affine coupling: half of the coordinates (alternating by ``parity``) pass through and,
-    with ``c``, set the shift and scale of the other half. Identity at init."""
+    with ``c``, set the shift and scale of the other half. Identity at init; log-scales
+    smoothly bounded like :class:`ConditionalAutoregressive`'s. Inverts in one pass."""
 
     dim: int
     context_dim: int
@@ -184,14 +241,21 @@ class ConditionalCoupling:
     def init(self, key, **_) -> dict:
         return {"net": init_resnet(key, self.dim + self.context_dim, 2 * self.dim, self.hidden)}
 
-    def forward(self, params: dict, z: jax.Array, c: jax.Array):
+    def _shift_log_scale(self, params: dict, kept: jax.Array, c: jax.Array):
         keep = self._mask()
-        inp = jnp.concatenate([z * keep, c], -1)
-        out = resnet(params["net"], inp)
+        out = resnet(params["net"], jnp.concatenate([kept, c], -1))
         shift, raw = out[..., : self.dim], out[..., self.dim :]
-        scale = _positive(raw, 1.0)
-        x = keep * z + (1 - keep) * (shift + scale * z)
-        return x, jnp.sum((1 - keep) * jnp.log(scale), -1)
+        return (1 - keep) * shift, (1 - keep) * _bounded_log_scale(raw)
+
+    def forward(self, params: dict, z: jax.Array, c: jax.Array):
+        """``z (..., d), c (..., C) -> x (..., d), log|det dx/dz| (...)``."""
+        shift, log_scale = self._shift_log_scale(params, z * self._mask(), c)
+        return shift + jnp.exp(log_scale) * z, jnp.sum(log_scale, -1)
+
+    def inverse(self, params: dict, x: jax.Array, c: jax.Array):
+        """``x (..., d), c (..., C) -> z (..., d), log|det dx/dz| (...)``."""
+        shift, log_scale = self._shift_log_scale(params, x * self._mask(), c)
+        return (x - shift) * jnp.exp(-log_scale), jnp.sum(log_scale, -1)
 
 
 _LAYER_KINDS = {"autoregressive": ConditionalAutoregressive, "coupling": ConditionalCoupling}
@@ -199,13 +263,13 @@ _LAYER_KINDS = {"autoregressive": ConditionalAutoregressive, "coupling": Conditi
 
 @dataclass(frozen=True)
 class ConditionalFlow:
-    """Standard normal base, a conditional affine layer, then ``num_layers``
-    autoregressive or coupling layers (only when ``dim > 1``: in one dimension they would
-    add nothing to the affine layer).
+    """Standard normal base, ``num_layers`` autoregressive or coupling layers (only when
+    ``dim > 1``: in one dimension they would add nothing), then a conditional affine layer.
 
-    The affine layer comes first so that the element's location and scale are set by one
-    layer whose gradients are not mixed with the other coordinates' noise; the later
-    layers start as the identity and add correlations and non-Gaussian shape on top.
+    The inner layers act on standardized noise and start as the identity: they add
+    correlations and non-Gaussian shape. The affine layer comes last and alone sets each
+    element's location and scale, so no inner layer ever rescales a value far from zero
+    (which would turn a small weight change into a shift of many posterior sds).
 
     :param dim: d, size of the element.
     :param context_dim: C, size of the context.
@@ -230,7 +294,7 @@ class ConditionalFlow:
 
     @property
     def layers(self) -> tuple:
-        """The inner layers, then the affine layer last in this tuple (applied first)."""
+        """The layers in the order they are applied to the noise; the affine layer is last."""
         inner = ()
         if self.dim > 1:
             # alternate the order (or the kept half) so every coordinate gets transformed
@@ -250,11 +314,23 @@ class ConditionalFlow:
 
     def forward(self, params: list, z: jax.Array, c: jax.Array):
         """``z (..., d), c (..., C) -> x (..., d), log|det dx/dz| (...)``."""
-        x, logdet = self.layers[-1].forward(params[-1], z, c, self.init_scale)
+        x, logdet = z, jnp.zeros(jnp.shape(z)[:-1])
         for layer, p in zip(self.layers[:-1], params[:-1]):
             x, ld = layer.forward(p, x, c)
             logdet = logdet + ld
-        return x, logdet
+        x, ld = self.layers[-1].forward(params[-1], x, c, self.init_scale)
+        return x, logdet + ld
+
+    def inverse(self, params: list, x: jax.Array, c: jax.Array):
+        """``x (..., d), c (..., C) -> z (..., d), log|det dx/dz| (...)`` (forward's log-det)."""
+        z, logdet = self.layers[-1].inverse(params[-1], x, c, self.init_scale)
+        for layer, p in zip(self.layers[-2::-1], params[-2::-1]):
+            z, ld = layer.inverse(p, z, c)
+            logdet = logdet + ld
+        return z, logdet
+
+    def _log_base(self, noise: jax.Array) -> jax.Array:
+        return -0.5 * jnp.sum(noise**2, -1) - 0.5 * self.dim * _LOG_2PI
 
     def sample_and_log_prob(self, params: list, noise: jax.Array, c: jax.Array):
         """Push standard normal ``noise (..., d)`` through the flow.
@@ -262,5 +338,9 @@ class ConditionalFlow:
         :return: ``x (..., d)`` and ``log q(x | c)`` of shape ``(...)``.
         """
         x, logdet = self.forward(params, noise, c)
-        log_base = -0.5 * jnp.sum(noise**2, -1) - 0.5 * self.dim * _LOG_2PI
-        return x, log_base - logdet
+        return x, self._log_base(noise) - logdet
+
+    def log_prob(self, params: list, x: jax.Array, c: jax.Array) -> jax.Array:
+        """``log q(x | c)`` of shape ``(...)`` for ``x (..., d)``, by inverting the flow."""
+        z, logdet = self.inverse(params, x, c)
+        return self._log_base(z) - logdet

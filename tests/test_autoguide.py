@@ -50,10 +50,9 @@ def _tree_size(tree) -> int:
 def test_param_names_follow_numpyro_conventions(fitted):
     _guide, _, result = fitted
     params = result.params
-    assert set(params) == {"mu_auto_flow", "mu_auto_context", "mu_g_auto_flow", "groups_auto_encoding"}
+    assert set(params) == {"mu_auto_flow", "mu_g_auto_flow", "groups_auto_encoding"}
     # one encoding per element of the *full* plate, even though the model is subsampled
     assert params["groups_auto_encoding"].shape == (G, D)
-    assert params["mu_auto_context"].shape == (D,)
     assert _tree_size(params["mu_g_auto_flow"]) > 0
 
 
@@ -191,7 +190,7 @@ def test_guide_is_not_mean_field(fitted):
     assert guide.structure.latent["mu"].parents == ()
     # mu_g's flow is conditioned on its element's encoding and on the sampled mu
     assert guide._flows["mu_g"].context_dim == D + K
-    assert guide._flows["mu"].context_dim == D
+    assert guide._flows["mu"].context_dim == 0  # a global without parents: no context
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +213,7 @@ def guide_list():
 def test_prefix_changes_param_names(guide_list):
     _, result = guide_list
     pavi = {k for k in result.params if "_foo_" in k}
-    assert {"mu_foo_flow", "mu_foo_context", "mu_g_foo_flow"} <= pavi
+    assert {"mu_foo_flow", "mu_g_foo_flow"} <= pavi
     assert not any(k.startswith(("mu_auto", "mu_g_auto", "groups_auto")) for k in result.params)
     # the AutoNormal keeps its own prefix for tau
     assert set(result.params) - pavi == {"tau_auto_loc", "tau_auto_scale"}

@@ -92,7 +92,32 @@ def test_neuro_quick(tmp_path):
     _check_finite(data["growth"])
 
 
-@pytest.mark.parametrize("name", ["convergence", "encoding_size", "neuro"])
+def test_stress_quick(tmp_path):
+    mod = _load("stress")
+    out = tmp_path / "s.json"
+    mod.main(["--quick", "--out", str(out)])
+    data = json.loads(out.read_text())
+    (cell,) = data["cells"]
+    assert cell["model"] == "crossed_bernoulli" and cell["flow_layers"] == 1
+    _check_finite(data["cells"])
+    assert "| crossed_bernoulli | 1 |" in data["table"]
+
+
+def test_accuracy_quick(tmp_path):
+    mod = _load("accuracy")
+    out = tmp_path / "a.json"
+    mod.main(["--quick", "--out", str(out)])
+    data = json.loads(out.read_text())
+    entry = data["results"]["poisson_glmm"]
+    assert set(entry["guides"]) == {"AutoPAVI", "AutoNormal"}
+    for rows in entry["guides"].values():
+        (row,) = rows
+        assert 0 <= row["median_mean_error_sd"] <= row["max_mean_error_sd"]
+        assert set(row["per_site_median_mean_error_sd"]) == set(entry["sites"])
+    _check_finite(entry)
+
+
+@pytest.mark.parametrize("name", ["convergence", "encoding_size", "neuro", "stress", "accuracy"])
 def test_help(name, capsys):
     mod = _load(name)
     with pytest.raises(SystemExit) as exc:

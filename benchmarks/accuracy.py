@@ -1,0 +1,117 @@
+"""Posterior accuracy against NUTS at constant learning rates, for AutoPAVI and AutoNormal.
+
+For each model (``numpyro_pavi.glmms``) a NUTS reference is drawn once; then each guide is
+trained with constant-rate Adam for ``--steps`` steps per rate. Reported per guide and rate:
+the mean loss of the last 100 steps, the worst 100-step running mean after ``--burn-in``
+relative to the best (the stability criterion), and, against NUTS, the median and 90th
+percentile over every latent coordinate (all sites, all elements) of
+``|mean_VI - mean_NUTS| / sd_NUTS``, plus the median of ``|log(sd_VI / sd_NUTS)|``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+from numpyro.infer import MCMC, NUTS
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+from stress import MODELS, train  # noqa: E402
+
+from numpyro.infer.autoguide import AutoNormal  # noqa: E402
+
+from numpyro_pavi import AutoPAVI  # noqa: E402
+from numpyro_pavi.monitor import check_losses  # noqa: E402
+
+GUIDES = {"AutoPAVI": lambda m: AutoPAVI(m), "AutoNormal": lambda m: AutoNormal(m)}
+
+
+def _flat(samples: dict, sites: list[str]) -> np.ndarray:
+    """``(num_samples, total latent coordinates)`` in a fixed site order."""
+    return np.concatenate([np.reshape(np.asarray(samples[s]), (np.shape(samples[s])[0], -1)) for s in sites], 1)
+
+
+def compare(ref: dict, draws: dict, sites: list[str]) -> dict:
+    r, q = _flat(ref, sites), _flat(draws, sites)
+    sd = r.std(0) + 1e-12
+    z = np.abs(q.mean(0) - r.mean(0)) / sd
+    logsd = np.abs(np.log((q.std(0) + 1e-12) / sd))
+    per_site, i = {}, 0
+    for s in sites:
+        n = int(np.prod(np.shape(ref[s])[1:]))
+        per_site[s] = float(np.median(z[i : i + n]))
+        i += n
+    return {
+        "median_mean_error_sd": float(np.median(z)),
+        "p90_mean_error_sd": float(np.quantile(z, 0.9)),
+        "max_mean_error_sd": float(np.max(z)),
+        "median_abs_log_sd_ratio": float(np.median(logsd)),
+        "per_site_median_mean_error_sd": per_site,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = _common.parser(__doc__)
+    p.add_argument("--models", default="crossed_bernoulli")
+    p.add_argument("--rates", default="1e-3,5e-3,1e-2")
+    p.add_argument("--steps", type=int, default=5000)
+    p.add_argument("--burn-in", type=int, default=1000)
+    p.add_argument("--draws", type=int, default=2000, help="posterior draws of each guide")
+    p.add_argument("--nuts-warmup", type=int, default=1000)
+    p.add_argument("--nuts-samples", type=int, default=2000)
+    p.add_argument("--key", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="smoke mode: the Poisson GLMM, tiny NUTS, 300 steps, one rate")
+    p.add_argument("--out", default=os.path.join(_common.RESULTS_DIR, "accuracy.json"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.models, args.rates, args.steps, args.burn_in = "poisson_glmm", "5e-3", 300, 200
+        args.draws, args.nuts_warmup, args.nuts_samples = 200, 100, 100
+    t_start = time.time()
+    info = _common.machine_info()
+    results = {}
+    for name in _common.parse_list(args.models, str):
+        model, make_args, kwargs = MODELS[name]
+        data = make_args()
+        t0 = time.perf_counter()
+        mcmc = MCMC(NUTS(model), num_warmup=args.nuts_warmup, num_samples=args.nuts_samples, progress_bar=False)
+        mcmc.run(jax.random.PRNGKey(100 + args.key), *data)
+        ref = mcmc.get_samples()
+        nuts_s = time.perf_counter() - t0
+        sites = sorted(ref)
+        print(f"{name}: NUTS {args.nuts_warmup}+{args.nuts_samples} in {nuts_s:.0f}s", flush=True)
+        entry = {"nuts_seconds": nuts_s, "sites": sites, "guides": {}}
+        for gname, make in GUIDES.items():
+            for lr in _common.parse_list(args.rates):
+                guide = make(model)
+                losses, secs, params = train(model, guide, data, {}, lr, args.key, args.steps)
+                rep = check_losses(losses, 100, 0.05, args.burn_in)
+                draws = guide.sample_posterior(
+                    jax.random.PRNGKey(7), params, *data, sample_shape=(args.draws,)
+                )
+                acc = compare(ref, draws, sites)
+                row = {
+                    "lr": lr,
+                    "last100": float(np.mean(losses[-100:])),
+                    "worst_over_best": rep.worst / rep.best,
+                    "train_seconds": secs,
+                    **acc,
+                }
+                entry["guides"].setdefault(gname, []).append(row)
+                print(
+                    f"  {gname:10s} lr={lr:g} last100={row['last100']:.2f} worst/best={row['worst_over_best']:.4f} "
+                    f"|mean err|/sd median={acc['median_mean_error_sd']:.3f} p90={acc['p90_mean_error_sd']:.3f} "
+                    f"|log sd ratio| median={acc['median_abs_log_sd_ratio']:.3f} {secs:.1f}s",
+                    flush=True,
+                )
+        results[name] = entry
+    rec = _common.record("accuracy", __file__, argv, args, info, t_start, results=results)
+    _common.write_json(args.out, rec)
+    return rec
+
+
+if __name__ == "__main__":
+    main()

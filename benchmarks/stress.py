@@ -1,0 +1,158 @@
+"""Stress matrix: does a fit that reaches its optimum stay there at constant learning rates?
+
+Models (``numpyro_pavi.glmms`` and ``numpyro_pavi.models``): a crossed Bernoulli GLMM (316
+subjects x 24 items), a Poisson GLMM with an observation-level random effect, correlated
+random slopes with an LKJ prior, and the Gaussian random-effects model (subsampled). For
+every model x constant Adam rate x key x ``flow_layers``, default ``AutoPAVI(model,
+flow_layers=...)`` is trained for ``--steps`` steps, and the 100-step running mean of the loss
+is compared with its best: a cell *explodes* when the worst running mean after step
+``--burn-in`` exceeds the best by more than ``--rtol * max(|best|, 1)`` (for positive losses
+that is the ratio worst/best > 1 + rtol). ``AutoNormal`` runs at the same rates and keys as
+the peer: the table also gives the mean loss of the last 100 steps relative to AutoNormal's.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from numpyro.infer import SVI, Trace_ELBO
+from numpyro.infer.autoguide import AutoNormal
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+from numpyro_pavi import AutoPAVI  # noqa: E402
+from numpyro_pavi import glmms, models  # noqa: E402
+from numpyro_pavi.monitor import check_losses  # noqa: E402
+
+
+def _random_effects(seed: int = 0, G: int = 200, M: int = 10):
+    x = models.simulate_random_effects(jax.random.PRNGKey(seed), G, M, 1)
+    return (x,), {}
+
+
+MODELS = {
+    "crossed_bernoulli": (glmms.crossed_bernoulli, lambda: glmms.simulate_crossed_bernoulli(0)[0], {}),
+    "poisson_glmm": (glmms.poisson_glmm, lambda: glmms.simulate_poisson_glmm(0)[0], {}),
+    "correlated_slopes": (glmms.correlated_slopes, lambda: glmms.simulate_correlated_slopes(0)[0], {}),
+    "random_effects": (models.random_effects, lambda: _random_effects(0)[0], {"subsample_size": 32}),
+}
+
+
+def train(model, guide, args, kwargs, lr: float, key: int, steps: int):
+    """Constant-rate Adam from ``PRNGKey(key)``: ``(losses (steps,), training seconds, params)``."""
+    svi = SVI(model, guide, optax.adam(lr), Trace_ELBO())
+    state = svi.init(jax.random.PRNGKey(key), *args, **kwargs)
+
+    @jax.jit
+    def run(st):
+        return jax.lax.scan(lambda s, _: svi.update(s, *args, **kwargs), st, None, length=steps)
+
+    run = run.lower(state).compile()  # compile time stays out of the figure
+    t0 = time.perf_counter()
+    state, losses = run(state)
+    losses = np.asarray(jax.block_until_ready(losses))
+    return losses, time.perf_counter() - t0, svi.get_params(state)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = _common.parser(__doc__)
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--rates", default="1e-3,3e-3,1e-2")
+    p.add_argument("--keys", default="0,1,2")
+    p.add_argument("--flow-layers", default="0,1,2")
+    p.add_argument("--steps", type=int, default=5000)
+    p.add_argument("--burn-in", type=int, default=1000)
+    p.add_argument("--window", type=int, default=100)
+    p.add_argument("--rtol", type=float, default=0.05)
+    p.add_argument("--quick", action="store_true", help="smoke mode: one model, one cell, 300 steps")
+    p.add_argument("--out", default=os.path.join(_common.RESULTS_DIR, "stress.json"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.models, args.rates, args.keys, args.flow_layers = "crossed_bernoulli", "5e-3", "0", "1"
+        args.steps, args.burn_in = 400, 300
+    t_start = time.time()
+    info = _common.machine_info()
+    rates = _common.parse_list(args.rates)
+    keys = _common.parse_list(args.keys, int)
+    layers = _common.parse_list(args.flow_layers, int)
+    cells, peers = [], {}
+    for name in _common.parse_list(args.models, str):
+        model_fn, make_args, kwargs = MODELS[name]
+        data = make_args()
+        model = functools.partial(model_fn, **kwargs) if kwargs else model_fn
+        for lr in rates:
+            for key in keys:
+                losses, secs, _ = train(model, AutoNormal(model), data, {}, lr, key, args.steps)
+                rep = check_losses(losses, args.window, args.rtol, args.burn_in)
+                peers[(name, lr, key)] = float(np.mean(losses[-args.window :]))
+                print(f"{name:18s} AutoNormal     lr={lr:g} key={key} last={peers[(name, lr, key)]:.2f} "
+                      f"excess={(rep.worst - rep.best) / max(abs(rep.best), 1):.4f} {secs:.1f}s", flush=True)
+        for fl in layers:
+            for lr in rates:
+                for key in keys:
+                    guide = AutoPAVI(model, flow_layers=fl)
+                    losses, secs, _ = train(model, guide, data, {}, lr, key, args.steps)
+                    rep = check_losses(losses, args.window, args.rtol, args.burn_in)
+                    last = float(np.mean(losses[-args.window :]))
+                    peer = peers[(name, lr, key)]
+                    cell = {
+                        "model": name,
+                        "flow_layers": fl,
+                        "lr": lr,
+                        "key": key,
+                        "best": rep.best,
+                        "worst_after_burn_in": rep.worst,
+                        "excess": (rep.worst - rep.best) / max(abs(rep.best), 1.0),
+                        "exploded": bool(rep.unstable),
+                        "last": last,
+                        "autonormal_last": peer,
+                        "vs_autonormal": (last - peer) / max(abs(peer), 1.0),
+                        "seconds": secs,
+                    }
+                    cells.append(cell)
+                    print(f"{name:18s} PAVI fl={fl}      lr={lr:g} key={key} last={last:.2f} "
+                          f"excess={cell['excess']:.4f} vs AutoNormal {100 * cell['vs_autonormal']:+.3f}% "
+                          f"{'EXPLODED ' if cell['exploded'] else ''}{secs:.1f}s", flush=True)
+    table = markdown(cells, rates)
+    print(table)
+    rec = _common.record(
+        "stress", __file__, argv, args, info, t_start,
+        cells=cells, num_exploded=sum(c["exploded"] for c in cells), table=table,
+    )
+    _common.write_json(args.out, rec)
+    return rec
+
+
+def markdown(cells: list[dict], rates: list[float]) -> str:
+    """One row per model x flow_layers: per rate, the worst excess over keys and the mean
+    last-100 loss relative to AutoNormal's (negative: lower loss than AutoNormal)."""
+    head = "| model | flow_layers | " + " | ".join(f"lr {r:g}: max excess / vs AutoNormal" for r in rates) + " | explosions |"
+    lines = [head, "|" + "---|" * (3 + len(rates))]
+    groups: dict = {}
+    for c in cells:
+        groups.setdefault((c["model"], c["flow_layers"]), []).append(c)
+    for (model, fl), cs in groups.items():
+        parts = []
+        for r in rates:
+            rc = [c for c in cs if c["lr"] == r]
+            if not rc:
+                parts.append("-")
+                continue
+            exc = max(c["excess"] for c in rc)
+            vs = np.mean([c["vs_autonormal"] for c in rc])
+            parts.append(f"{exc:.4f} / {100 * vs:+.2f}%")
+        n = sum(c["exploded"] for c in cs)
+        lines.append(f"| {model} | {fl} | " + " | ".join(parts) + f" | {n}/{len(cs)} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
