@@ -77,7 +77,12 @@ class DivergenceReport:
     :ivar worst: the highest running mean after ``burn_in`` (``nan`` when none).
     :ivar worst_step: last step of that window (``-1`` when none).
     :ivar diverged: ``last`` is worse than ``best`` by more than ``rtol * max(|best|, 1)``.
-    :ivar unstable: ``worst`` is (the loss left the optimum at some point, even if it came back).
+    :ivar unstable: ``worst`` is (after ``burn_in``, some running mean was that much above the
+        overall best: the loss left the optimum, or had not reached it yet).
+    :ivar max_rise: the largest rise of a running mean after ``burn_in`` above the best
+        running mean *before* it, relative to ``max(|best so far|, 1)``. A fit that is still
+        converging never rises; one that reached its optimum and left it does.
+    :ivar exploded: ``max_rise > rtol``.
     """
 
     window: int
@@ -89,6 +94,8 @@ class DivergenceReport:
     worst_step: int
     diverged: bool
     unstable: bool
+    max_rise: float = 0.0
+    exploded: bool = False
 
     @property
     def ratio(self) -> float:
@@ -114,6 +121,10 @@ def check_losses(losses, window: int = 100, rtol: float = 0.05, burn_in: int = 1
     late = rm[max(burn_in - window + 1, 0) :]
     worst_i = int(np.argmax(late)) + rm.size - late.size if late.size else -1
     worst = float(rm[worst_i]) if late.size else math.nan
+    best_before = np.minimum.accumulate(rm)
+    start = rm.size - late.size
+    rises = (rm[start:] - best_before[start:]) / np.maximum(np.abs(best_before[start:]), 1.0)
+    max_rise = float(np.max(rises)) if late.size else 0.0
     return DivergenceReport(
         window=window,
         rtol=rtol,
@@ -124,6 +135,8 @@ def check_losses(losses, window: int = 100, rtol: float = 0.05, burn_in: int = 1
         worst_step=worst_i + window - 1 if late.size else -1,
         diverged=_worse(last, best, rtol),
         unstable=bool(late.size) and _worse(worst, best, rtol),
+        max_rise=max_rise,
+        exploded=not (max_rise <= rtol),
     )
 
 

@@ -41,6 +41,10 @@ def test_running_mean_and_check_losses():
     assert 58 <= report.best_step <= 150  # the first window of ones ends at step 58
     calm = check_losses(np.concatenate([np.linspace(10, 1, 50), np.ones(150)]), window=10, burn_in=60)
     assert not calm.diverged and not calm.unstable
+    assert report.exploded and report.max_rise == pytest.approx(2.0)
+    # still converging at the burn-in: above the final best, but it never rose
+    slow = check_losses(np.linspace(10, 1, 300), window=10, burn_in=20)
+    assert slow.unstable and not slow.exploded and slow.max_rise == 0.0
     nan = check_losses(np.concatenate([np.ones(50), [np.nan]]), window=10)
     assert nan.diverged and nan.last == np.inf
 
