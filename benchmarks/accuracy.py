@@ -1,6 +1,7 @@
 """Posterior accuracy against NUTS at constant learning rates, for AutoPAVI and AutoNormal.
 
-For each model (``numpyro_pavi.glmms``) a NUTS reference is drawn once; then each guide is
+For each model (``numpyro_pavi.glmms``, simulated or real data: see ``stress.MODELS``) a NUTS
+reference is drawn once; then each guide is
 trained with constant-rate Adam for ``--steps`` steps per rate. Reported per guide and rate:
 the mean loss of the last 100 steps, the worst 100-step running mean after ``--burn-in``
 relative to the best (the stability criterion), and, against NUTS, the median and 90th
@@ -56,7 +57,7 @@ def compare(ref: dict, draws: dict, sites: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = _common.parser(__doc__)
-    p.add_argument("--models", default="crossed_bernoulli")
+    p.add_argument("--models", default="crossed_bernoulli,verbagg,epil,sleepstudy")
     p.add_argument("--rates", default="1e-3,5e-3,1e-2")
     p.add_argument("--steps", type=int, default=5000)
     p.add_argument("--burn-in", type=int, default=1000)

@@ -28,7 +28,7 @@ from numpyro.infer.initialization import init_to_median
 
 from . import data as _data
 from .data import Ragged
-from .encoders import SetEncoder, init_linear, linear
+from .encoders import SetEncoder, init_readout, readout
 from .flows import ConditionalFlow
 from .structure import LatentSite, ModelStructure, model_structure, prior_dependencies
 
@@ -328,7 +328,7 @@ class AutoPAVI(AutoGuide):
             else:
                 self._init_values[self._param_name(name, "ragged_encoder")] = enc.init(keys[0], levels[0])
                 width += D + 1
-        self._init_values[self._param_name(kname, "encoder_out")] = init_linear(rng_key, width, D, scale=0.1)
+        self._init_values[self._param_name(kname, "encoder_out")] = init_readout(rng_key, width, D, scale=0.1)
 
     def _set_encoding(self, params, key: tuple, sources: list, trace, indices, sizes, bound) -> jax.Array:
         """Encodings ``(*grid, D)`` of the current elements of plate set ``key`` from data."""
@@ -350,7 +350,7 @@ class AutoPAVI(AutoGuide):
                 outs.append(h)
             else:
                 outs.append(self._ragged_encoding(params, name, trace, indices, sizes, bound, enc))
-        return linear(params[self._param_name(self._key_name(key), "encoder_out")], jnp.concatenate(outs, -1))
+        return readout(params[self._param_name(self._key_name(key), "encoder_out")], jnp.concatenate(outs, -1))
 
     def _ragged_parts(self, plate: str, trace, bound):
         """Features ``(B_obs, F)`` and element ids ``(B_obs,)`` of a ragged plate's data."""

@@ -34,8 +34,9 @@ Parameter layouts
 * MAB: ``{"wq", "wk", "wv", "wo": linear, "ff": MLP[, "ln0", "ln1": {"scale", "bias"}]}``
 * ISAB: ``{"inducing": (m, d), "mab0": MAB, "mab1": MAB}``
 * PMA: ``{"seeds": (k, d), "ff": MLP, "mab": MAB}``
-* SetEncoder: deep sets ``{"phi": MLP, "rho": MLP}``, set transformer ``{"embed": linear,
-  "blocks": {"0": ISAB, ...}, "pma": PMA, "out": linear}``, plus ``"moments": linear`` when
+* SetEncoder: deep sets ``{"phi": MLP, "rho": {"hidden": linear, "out": readout}}``, set
+  transformer ``{"embed": linear,
+  "blocks": {"0": ISAB, ...}, "pma": PMA, "out": readout}``, plus ``"moments": readout`` when
   ``moments=True``.
 """
 
@@ -62,6 +63,8 @@ __all__ = [
     "isab",
     "isab_segments",
     "linear",
+    "readout",
+    "init_readout",
     "mab",
     "mab_segments",
     "masked_softmax",
@@ -98,6 +101,24 @@ def init_linear(rng_key: jax.Array, in_dim: int, out_dim: int, scale: float = 1.
 def linear(params: Params, x: jax.Array) -> jax.Array:
     """``x @ w + b`` on the last axis: ``(..., in_dim) -> (..., out_dim)``."""
     return x @ params["w"] + params["b"]
+
+
+def init_readout(rng_key: jax.Array, in_dim: int, out_dim: int, scale: float = 1.0) -> Params:
+    """A read-out layer for :func:`readout`: the same initial function as
+    :func:`init_linear` (LeCun-normal times ``scale``), stored ``in_dim`` times larger.
+
+    :return: ``{"w": (in_dim, out_dim), "b": (out_dim,)}``.
+    """
+    w = jax.random.normal(rng_key, (in_dim, out_dim)) * (scale * math.sqrt(max(in_dim, 1)))
+    return {"w": w, "b": jnp.zeros((out_dim,))}
+
+
+def readout(params: Params, x: jax.Array) -> jax.Array:
+    """``x @ w / in_dim + b``: a linear map whose output moves by about the learning rate
+    per Adam step (Adam moves each of the ``in_dim`` weights by about the rate, whatever its
+    gradient; without the ``1/in_dim`` factor the output could move ``in_dim`` times faster).
+    Used for every layer whose output is an encoding."""
+    return (x @ params["w"]) / max(x.shape[-1], 1) + params["b"]
 
 
 def init_mlp(rng_key: jax.Array, sizes: Sequence[int], final_scale: float = 1.0) -> Params:
@@ -425,6 +446,11 @@ def _moment_features(x: jax.Array) -> jax.Array:
     return jnp.concatenate([x, x[..., i] * x[..., j]], -1)
 
 
+def _rho(params: Params, pooled: jax.Array) -> jax.Array:
+    """Deep sets' output network: one hidden layer, then a :func:`readout`."""
+    return readout(params["out"], jax.nn.gelu(linear(params["hidden"], pooled)))
+
+
 @dataclass(frozen=True)
 class SetEncoder:
     """A permutation-invariant map from a set of vectors ``(n, in_dim)`` to one vector ``(out_dim,)``.
@@ -482,7 +508,7 @@ class SetEncoder:
             k_phi, k_rho = jax.random.split(k_net)
             params = {
                 "phi": init_mlp(k_phi, (in_dim,) + (d,) * self.num_blocks),
-                "rho": init_mlp(k_rho, (d, d, self.out_dim), final_scale=_FINAL_SCALE),
+                "rho": {"hidden": init_linear(k_rho, d, d), "out": init_readout(jax.random.fold_in(k_rho, 1), d, self.out_dim, _FINAL_SCALE)},
             }
         else:
             k_embed, k_blocks, k_pma, k_out = jax.random.split(k_net, 4)
@@ -494,10 +520,10 @@ class SetEncoder:
                     for i in range(self.num_blocks)
                 },
                 "pma": init_pma(k_pma, d, 1, self.num_heads, self.layer_norm),
-                "out": init_linear(k_out, d, self.out_dim, scale=_FINAL_SCALE),
+                "out": init_readout(k_out, d, self.out_dim, scale=_FINAL_SCALE),
             }
         if self.moments:
-            params["moments"] = init_linear(k_mom, _num_moments(in_dim), self.out_dim, scale=_FINAL_SCALE)
+            params["moments"] = init_readout(k_mom, _num_moments(in_dim), self.out_dim, scale=_FINAL_SCALE)
         return params
 
     def num_params(self, in_dim: int) -> int:
@@ -525,7 +551,7 @@ class SetEncoder:
             x = jnp.where(mask[..., None], x, 0.0)
         out = self._moments_padded(params, x, mask)
         if self.kind == "deep_sets":
-            return out + mlp(params["rho"], self._pool_padded(mlp(params["phi"], x), mask))
+            return out + _rho(params["rho"], self._pool_padded(mlp(params["phi"], x), mask))
 
         h = linear(params["embed"], x)
         for i in range(self.num_blocks):
@@ -535,7 +561,7 @@ class SetEncoder:
                 # stay finite across many blocks (0 * inf would leak through the attention).
                 h = jnp.where(mask[..., None], h, 0.0)
         pooled = pma(params["pma"], h, self.num_heads, mask)[..., 0, :]
-        return out + linear(params["out"], pooled)
+        return out + readout(params["out"], pooled)
 
     def _pool_padded(self, feats: jax.Array, mask: jax.Array | None) -> jax.Array:
         """Deep-sets pooling ``(*batch, n, k) -> (*batch, k)``."""
@@ -550,7 +576,7 @@ class SetEncoder:
     def _moments_padded(self, params: Params, x: jax.Array, mask: jax.Array | None) -> jax.Array | float:
         if "moments" not in params:
             return 0.0
-        return linear(params["moments"], self._pool_padded(_moment_features(x), mask))
+        return readout(params["moments"], self._pool_padded(_moment_features(x), mask))
 
     def _pool_segments(self, feats: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
         pooled = jax.ops.segment_sum(feats, segment_ids, num_segments=num_segments)
@@ -576,12 +602,12 @@ class SetEncoder:
         segment_ids = jnp.asarray(segment_ids)
         out = 0.0
         if "moments" in params:
-            out = linear(params["moments"], self._pool_segments(_moment_features(x), segment_ids, num_segments))
+            out = readout(params["moments"], self._pool_segments(_moment_features(x), segment_ids, num_segments))
         if self.kind == "deep_sets":
-            return out + mlp(params["rho"], self._pool_segments(mlp(params["phi"], x), segment_ids, num_segments))
+            return out + _rho(params["rho"], self._pool_segments(mlp(params["phi"], x), segment_ids, num_segments))
 
         h = linear(params["embed"], x)
         for i in range(self.num_blocks):
             h = isab_segments(params["blocks"][str(i)], h, segment_ids, num_segments, self.num_heads)
         pooled = pma_segments(params["pma"], h, segment_ids, num_segments, self.num_heads)[:, 0, :]
-        return out + linear(params["out"], pooled)
+        return out + readout(params["out"], pooled)

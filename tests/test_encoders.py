@@ -370,7 +370,7 @@ def test_moment_readout_is_linear_in_pooled_moments(kind, in_dim):
     x = np.asarray(jax.random.normal(jax.random.PRNGKey(2), (5, in_dim)), np.float64)
     pairs = [(i, j) for i in range(in_dim) for j in range(i, in_dim)] if in_dim <= 8 else [(i, i) for i in range(in_dim)]
     feats = np.concatenate([x.mean(0), [np.mean(x[:, i] * x[:, j]) for i, j in pairs]])
-    want = feats @ np.asarray(params["moments"]["w"]) + np.arange(3.0)
+    want = feats @ np.asarray(params["moments"]["w"]) / feats.size + np.arange(3.0)  # a readout
     padded = np.concatenate([x, np.full((2, in_dim), np.nan)])
     mask = np.arange(7) < 5
     np.testing.assert_allclose(enc(params, jnp.asarray(padded, jnp.float32), mask), want, rtol=1e-4, atol=1e-4)

@@ -81,6 +81,16 @@ def test_fit_returns_best_params_and_names_the_site(tmp_path):
     np.testing.assert_array_equal(res2.params["mu_auto_loc"], res.params["mu_auto_loc"])
 
 
+def test_fit_names_the_site_with_autopavi():
+    from numpyro_pavi import AutoPAVI
+
+    svi = SVI(model, AutoPAVI(model), _jumping_adam(), Trace_ELBO())
+    with pytest.warns(DivergenceWarning, match=r"Largest change: site 'mu': its draws moved by up to"):
+        res = fit(svi, jax.random.PRNGKey(0), 600, X, progress_bar=False, window=50)
+    draws = res.params["mu_auto_flow"]  # the best parameters: a working guide near the optimum
+    assert jax.tree.structure(draws) == jax.tree.structure(svi.get_params(res.state)["mu_auto_flow"])
+
+
 def test_fit_is_quiet_on_a_stable_run():
     svi = SVI(model, AutoNormal(model), optax.adam(0.05), Trace_ELBO())
     with warnings.catch_warnings():
