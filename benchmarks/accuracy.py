@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
         for gname, make in GUIDES.items():
             for lr in _common.parse_list(args.rates):
                 guide = make(model)
-                losses, secs, params = train(model, guide, data, {}, lr, args.key, args.steps)
+                losses, secs, params, _ = train(model, guide, data, {}, lr, args.key, args.steps)
                 rep = check_losses(losses, 100, 0.05, args.burn_in)
                 draws = guide.sample_posterior(
                     jax.random.PRNGKey(7), params, *data, sample_shape=(args.draws,)

@@ -117,7 +117,20 @@ def test_accuracy_quick(tmp_path):
     _check_finite(entry)
 
 
-@pytest.mark.parametrize("name", ["convergence", "encoding_size", "neuro", "stress", "accuracy"])
+def test_constant_rate_quick(tmp_path):
+    mod = _load("constant_rate")
+    out = tmp_path / "r.json"
+    mod.main(["--quick", "--out", str(out)])
+    data = json.loads(out.read_text())
+    for setting in ("set", "free"):
+        methods = data["results"][setting]["methods"]
+        assert set(methods) == {"PAVI-stl", "PAVI-reparam", "AutoNormal"}
+        for row in methods.values():
+            assert len(row["curve"]) == 2 and row["median_mean_error_sd"] >= 0
+    _check_finite(data["results"])
+
+
+@pytest.mark.parametrize("name", ["convergence", "encoding_size", "neuro", "stress", "accuracy", "constant_rate"])
 def test_help(name, capsys):
     mod = _load(name)
     with pytest.raises(SystemExit) as exc:

@@ -53,16 +53,23 @@ def re_data():
 
 
 @pytest.mark.parametrize(
-    "encoding, subsample, steps, max_gap",
-    [("free", None, 4000, 0.01), ("free", 10, 4000, 0.01), ("set", 10, 4000, 0.01)],
+    "encoding, subsample, steps, max_gap, lr, decay",
+    [
+        ("free", None, 4000, 0.01, 1e-2, 1e-3),
+        ("free", 10, 4000, 0.01, 1e-2, 1e-3),
+        ("set", 10, 4000, 0.01, 1e-2, 1e-3),
+        # plain constant-rate Adam, as users run it: the path-derivative gradient vanishes at
+        # the optimum, so the fit stays there (measured 0.001 at steps 3000-4000). With B = 10
+        # of 20 the globals' subsampling noise remains: 0.001-0.08 over evaluations.
+        ("set", None, 4000, 0.01, 3e-3, 1.0),
+    ],
 )
-def test_random_effects_exact(re_data, encoding, subsample, steps, max_gap):
+def test_random_effects_exact(re_data, encoding, subsample, steps, max_gap, lr, decay):
     x = re_data
     G = x.shape[0]
     guide = AutoPAVI(models.random_effects, encoding=encoding)
-    # the rate ends at 1e-5: under subsampling the last steps' noise sets the final gap
-    # (benchmarks/RESULTS.md, "Exact gap")
-    params = _fit(models.random_effects, guide, steps, x, decay=1e-3, subsample_size=subsample)
+    # decay=1e-3: the rate ends at 1e-5; decay=1: constant rate
+    params = _fit(models.random_effects, guide, steps, x, lr=lr, decay=decay, subsample_size=subsample)
     ex = exact.random_effects_posterior(np.asarray(x))
     gap = (ex["log_evidence"] - _elbo(models.random_effects, guide, params, x)) / G
     # the ELBO never exceeds the evidence (up to its Monte Carlo error), and is close to it
