@@ -21,13 +21,12 @@ import numpy as np
 from numpyro.infer import MCMC, NUTS
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402
-from stress import MODELS, train  # noqa: E402
+import _common
+from numpyro.infer.autoguide import AutoNormal
+from stress import MODELS, train
 
-from numpyro.infer.autoguide import AutoNormal  # noqa: E402
-
-from numpyro_pavi import AutoPAVI  # noqa: E402
-from numpyro_pavi.monitor import check_losses  # noqa: E402
+from numpyro_pavi import AutoPAVI
+from numpyro_pavi.monitor import check_losses
 
 GUIDES = {"AutoPAVI": lambda m: AutoPAVI(m), "AutoNormal": lambda m: AutoNormal(m)}
 
@@ -77,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     info = _common.machine_info()
     results = {}
     for name in _common.parse_list(args.models, str):
-        model, make_args, kwargs = MODELS[name]
+        model, make_args, _ = MODELS[name]
         data = make_args()
         t0 = time.perf_counter()
         mcmc = MCMC(NUTS(model), num_warmup=args.nuts_warmup, num_samples=args.nuts_samples, progress_bar=False)

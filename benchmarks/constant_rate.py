@@ -25,11 +25,11 @@ from numpyro.infer.autoguide import AutoNormal
 from numpyro.infer.initialization import init_to_median
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402
+import _common
 
-from numpyro_pavi import AutoPAVI  # noqa: E402
-from numpyro_pavi.exact import random_effects_posterior  # noqa: E402
-from numpyro_pavi.models import random_effects, simulate_random_effects  # noqa: E402
+from numpyro_pavi import AutoPAVI
+from numpyro_pavi.exact import random_effects_posterior
+from numpyro_pavi.models import random_effects, simulate_random_effects
 
 SETTINGS = {
     "set": {"G": 2000, "M": 20, "B": 64, "lr": 3e-3, "encoding": "set"},

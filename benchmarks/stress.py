@@ -25,18 +25,20 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoNormal
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402
+import _common
 
-from numpyro_pavi import AutoPAVI  # noqa: E402
-from numpyro_pavi import glmms, models  # noqa: E402
-from numpyro_pavi.monitor import check_losses, running_mean  # noqa: E402
+from numpyro_pavi import (
+    AutoPAVI,
+    glmms,
+    models,
+)
+from numpyro_pavi.monitor import check_losses, running_mean
 
 
 def _random_effects(seed: int = 0, G: int = 200, M: int = 10):

@@ -47,7 +47,7 @@ import numpy as np
 import tqdm
 from numpyro.infer.svi import SVI, SVIRunResult, SVIState
 
-from .monitor import _worse, check_losses, explain_divergence, running_mean, warn_divergence
+from .monitor import _worse, check_losses, explain_divergence, warn_divergence
 
 __all__ = ["FORMAT_VERSION", "Checkpoint", "fit", "load_checkpoint", "save_checkpoint"]
 
@@ -291,22 +291,27 @@ def _run_segment(
 ) -> tuple[SVIState, np.ndarray]:
     """Take ``n`` steps; returns the new state and the ``(n,)`` host losses.
 
-    ``on_step(step, state, recent)`` runs after each step (``step`` counts all steps done;
-    ``recent(k)`` returns the last ``k`` host losses up to it, earlier segments included).
+    ``on_step(step, state, last_losses)`` runs after each step (``step`` counts all steps done;
+    ``last_losses(k)`` returns the last ``k`` host losses up to it, earlier segments included).
     """
     losses: list = []
     batch = None if bar is None else max(bar.total // 20, 1)
-    previous = np.concatenate(history) if history else np.zeros(0, np.float32)
+    tail = np.concatenate(history) if history else np.zeros(0, np.float32)
+    pulled = 0  # losses of this segment already on the host (in `tail`)
 
-    def recent(k: int) -> np.ndarray:
-        mine = np.asarray(jax.device_get(losses[-k:]))
-        return mine if mine.size >= k else np.concatenate([previous[previous.size - (k - mine.size) :], mine])
+    def last_losses(k: int) -> np.ndarray:
+        # one transfer of only the losses not yet on the host (a stride's worth), not of k
+        nonlocal tail, pulled
+        if pulled < len(losses):
+            tail = np.concatenate([tail, np.asarray(jax.device_get(losses[pulled:]))])[-k:]
+            pulled = len(losses)
+        return tail[-k:]
 
-    for k in range(n):
+    for j in range(n):
         state, loss = step_fn(state)
         losses.append(loss)
         if on_step is not None:
-            on_step(done + k + 1, state, recent)
+            on_step(done + j + 1, state, last_losses)
         if bar is not None:
             bar.update(1)
             i = bar.n
@@ -369,8 +374,8 @@ def fit(
         loss (checked every ``window // 10`` steps, kept in the checkpoint's metadata so a
         resumed run tracks identically). When the last running mean is worse than the best
         by more than ``rtol * max(|best|, 1)`` (the fit left its optimum, or its loss became
-        non-finite), a :class:`~numpyro_pavi.monitor.DivergenceWarning` names the site whose
-        guide or model log-density changed most, and ``params`` are the best ones (``state``
+        non-finite), a :class:`~numpyro_pavi.monitor.DivergenceWarning` names the latent site
+        whose posterior moved most (:func:`~numpyro_pavi.monitor.explain_divergence`), and ``params`` are the best ones (``state``
         stays the last, so the run can continue). With ``keep_best=False`` the warning is
         still given, and the last parameters are returned.
     :param window: running-mean window (steps).

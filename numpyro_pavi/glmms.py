@@ -22,11 +22,11 @@ __all__ = [
     "crossed_bernoulli",
     "epil",
     "poisson_glmm",
-    "sleepstudy",
-    "verbagg",
     "simulate_correlated_slopes",
     "simulate_crossed_bernoulli",
     "simulate_poisson_glmm",
+    "sleepstudy",
+    "verbagg",
 ]
 
 

@@ -68,7 +68,7 @@ def test_keep_best_follows_the_same_path_and_keeps_the_best():
 def test_fit_returns_best_params_and_names_the_site(tmp_path):
     svi = SVI(model, AutoNormal(model), _jumping_adam(), Trace_ELBO())
     with pytest.warns(DivergenceWarning, match=r"site 'mu'.*best parameters were returned"):
-        res = fit(svi, jax.random.PRNGKey(0), 600, X, progress_bar=False, window=50)
+        res = fit(svi, jax.random.PRNGKey(0), 600, X, progress_bar=True, window=50)  # fit's default bar
     post_mean = float(jnp.sum(X) / (X.shape[0] + 1e-2))
     assert abs(float(res.params["mu_auto_loc"]) - post_mean) < 0.1
     assert abs(float(svi.get_params(res.state)["mu_auto_loc"]) - post_mean) > 1.0  # state: the last
@@ -91,9 +91,10 @@ def test_fit_names_the_site_with_autopavi():
     assert jax.tree.structure(draws) == jax.tree.structure(svi.get_params(res.state)["mu_auto_flow"])
 
 
-def test_fit_is_quiet_on_a_stable_run():
+@pytest.mark.parametrize("progress_bar", [False, True])
+def test_fit_is_quiet_on_a_stable_run(progress_bar):
     svi = SVI(model, AutoNormal(model), optax.adam(0.05), Trace_ELBO())
     with warnings.catch_warnings():
         warnings.simplefilter("error", DivergenceWarning)
-        res = fit(svi, jax.random.PRNGKey(0), 400, X, progress_bar=False, window=50)
+        res = fit(svi, jax.random.PRNGKey(0), 400, X, progress_bar=progress_bar, window=50)
     np.testing.assert_array_equal(res.params["mu_auto_loc"], svi.get_params(res.state)["mu_auto_loc"])
