@@ -13,7 +13,7 @@ import dataclasses
 import math
 import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 
 import jax
@@ -30,7 +30,7 @@ from . import data as _data
 from .data import Ragged
 from .encoders import SetEncoder, init_readout, readout
 from .flows import ConditionalFlow
-from .structure import LatentSite, ModelStructure, model_structure, prior_dependencies
+from .structure import LatentSite, ModelStructure, model_structure, prior_dependencies, seeded_model
 
 __all__ = ["AutoPAVI"]
 
@@ -93,6 +93,11 @@ def _log_density_in_site_layout(site: LatentSite, logq: jax.Array) -> jax.Array:
         batch[pos] = size
     perm = _site_perm(site)[: len(site.batch_shape)]
     return jnp.broadcast_to(jnp.transpose(expanded, perm), tuple(batch))
+
+
+def _empty(shapes, sample_shape: tuple):
+    """Zero-size arrays ``sample_shape + shape`` for a tree of ``ShapeDtypeStruct``."""
+    return jax.tree.map(lambda s: jnp.zeros(sample_shape + s.shape, s.dtype), shapes)
 
 
 class AutoPAVI(AutoGuide):
@@ -216,11 +221,21 @@ class AutoPAVI(AutoGuide):
 
     # -- setup ---------------------------------------------------------------------------
     def _setup_prototype(self, *args, **kwargs):
+        try:
+            self._setup(*args, **kwargs)
+        except BaseException:
+            # all or nothing: a failed setup (bad data, or tracers under jax.eval_shape) must
+            # not leave a half-set-up guide that later calls would take as ready
+            self.prototype_trace = None
+            raise
+
+    def _setup(self, *args, **kwargs):
         # Validate on a plain trace first: it gives clearer errors than initialize_model.
         rng_key = numpyro.prng_key()
         with handlers.block():
-            trace = handlers.trace(handlers.seed(self.model, rng_key)).get_trace(*args, **kwargs)
+            trace = handlers.trace(seeded_model(self.model, rng_key)).get_trace(*args, **kwargs)
         model_structure(trace)
+        _data.check_observed_finite(trace)
         super()._setup_prototype(*args, **kwargs)
         with handlers.block():
             deps = prior_dependencies(self.model, args, kwargs)
@@ -461,7 +476,7 @@ class AutoPAVI(AutoGuide):
         key = numpyro.prng_key()
         key = jax.random.PRNGKey(0) if key is None else key
         fixed = {name: p._indices for name, p in user.items()}
-        model = handlers.substitute(handlers.seed(self.model, key), data=fixed)
+        model = seeded_model(self.model, key, fixed)
         with handlers.block():
             trace = handlers.trace(model).get_trace(*args, **kwargs)
         self._check_shapes(trace)
@@ -615,6 +630,11 @@ class AutoPAVI(AutoGuide):
         return values, unc, logqs
 
     def __call__(self, *args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # numpyro warns when there is no key: we raise instead
+            unseeded = numpyro.prng_key() is None
+        if unseeded:
+            raise RuntimeError("AutoPAVI must run under a seed handler (SVI and Predictive provide one).")
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         trace, user = self._probe(args, kwargs)
@@ -643,6 +663,21 @@ class AutoPAVI(AutoGuide):
     def _full_indices(self, sizes: dict | None = None) -> dict:
         sizes = sizes or {name: info.size for name, info in self.structure.plates.items()}
         return {name: jnp.arange(size) for name, size in sizes.items()}
+
+    def _check_call(self, rng_key, params, sample_shape=()) -> tuple:
+        """Argument checks shared by the posterior methods; returns ``sample_shape`` as a tuple."""
+        if not isinstance(params, Mapping):
+            swapped = isinstance(rng_key, Mapping)
+            raise TypeError(
+                f"params must be the dict svi.get_params(state) returns, got {type(params).__name__}"
+                + (": rng_key and params look swapped; the order is (rng_key, params, *args)." if swapped else ".")
+            )
+        if isinstance(rng_key, Mapping) or not hasattr(rng_key, "dtype"):
+            raise TypeError(f"rng_key must be a PRNG key (jax.random.PRNGKey(0)), got {type(rng_key).__name__}.")
+        shape = (sample_shape,) if isinstance(sample_shape, int) else tuple(sample_shape)
+        if not all(isinstance(n, (int, np.integer)) and n >= 0 for n in shape):
+            raise ValueError(f"sample_shape must be a tuple of non-negative ints, got {sample_shape!r}.")
+        return shape
 
     def _check_params(self, params: dict) -> None:
         missing = [k for k in self._init_values if k not in params]
@@ -678,7 +713,7 @@ class AutoPAVI(AutoGuide):
                 )
             return sizes, self._full_indices(sizes), None, {}
         with handlers.block():
-            trace = handlers.trace(handlers.seed(self.model, 0)).get_trace(*args, **kwargs)
+            trace = handlers.trace(seeded_model(self.model, 0)).get_trace(*args, **kwargs)
         for name in sizes:
             if name in trace and trace[name]["type"] == "plate":
                 sizes[name] = int(trace[name]["args"][0])
@@ -704,8 +739,7 @@ class AutoPAVI(AutoGuide):
         with handlers.block(), warnings.catch_warnings():
             # full indices in a subsampled plate are intended here, not a model/guide mismatch
             warnings.filterwarnings("ignore", message="subsample_size does not match")
-            model = handlers.substitute(handlers.seed(self.model, 0), data=data)
-            return handlers.trace(model).get_trace(*args, **kwargs)
+            return handlers.trace(seeded_model(self.model, 0, data)).get_trace(*args, **kwargs)
 
     def _deterministic(self, values: dict, indices: dict, args, kwargs) -> dict:
         """The model's deterministic sites given full-plate latent values."""
@@ -726,9 +760,9 @@ class AutoPAVI(AutoGuide):
         :param sample_shape: leading shape of the samples.
         :return: ``{site: array of shape sample_shape + full site shape}``.
         """
+        sample_shape = self._check_call(rng_key, params, sample_shape)
         self._check_params(params)
         sizes, indices, trace, bound = self._full_inputs(args, kwargs)
-        sample_shape = tuple(sample_shape)
 
         def one(key):
             values, _, _ = self._sample_all(params, key, indices, trace, sizes, bound, self.chunk_size)
@@ -739,6 +773,8 @@ class AutoPAVI(AutoGuide):
         keys = jax.random.split(rng_key, max(math.prod(sample_shape), 1))
         if not sample_shape:
             return one(keys[0])
+        if math.prod(sample_shape) == 0:
+            return _empty(jax.eval_shape(one, keys[0]), sample_shape)
         out = jax.lax.map(one, keys)
         return jax.tree.map(lambda v: jnp.reshape(v, sample_shape + v.shape[1:]), out)
 
@@ -749,15 +785,17 @@ class AutoPAVI(AutoGuide):
             shape ``sample_shape + full site shape`` and ``log_q`` maps sites to per-element
             log densities of shape ``sample_shape + plate sizes`` (outermost plate first).
         """
+        sample_shape = self._check_call(rng_key, params, sample_shape)
         self._check_params(params)
         sizes, indices, trace, bound = self._full_inputs(args, kwargs)
-        sample_shape = tuple(sample_shape)
         keys = jax.random.split(rng_key, max(math.prod(sample_shape), 1))
 
         def one(key):
             values, _, logqs = self._sample_all(params, key, indices, trace, sizes, bound, self.chunk_size)
             return values, logqs
 
+        if sample_shape and math.prod(sample_shape) == 0:
+            return _empty(jax.eval_shape(one, keys[0]), sample_shape)
         values, logqs = jax.lax.map(one, keys)
         reshape = lambda v: jnp.reshape(v, sample_shape + v.shape[1:])
         return jax.tree.map(reshape, values), jax.tree.map(reshape, logqs)
@@ -778,6 +816,11 @@ class AutoPAVI(AutoGuide):
             leading axis is dropped.
         """
         rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
+        if not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int (draws to estimate quantiles from), got {num_samples!r}.")
+        levels = np.asarray(quantiles, dtype=float)
+        if levels.ndim > 1 or levels.size == 0 or np.any((levels < 0) | (levels > 1)) or np.any(np.isnan(levels)):
+            raise ValueError(f"quantiles must be a non-empty list of levels in [0, 1], got {quantiles!r}.")
         samples = self.sample_posterior(rng_key, params, *args, sample_shape=(num_samples,), **kwargs)
         samples = {k: v for k, v in samples.items() if k in self.structure.latent}
         qs = jnp.asarray(quantiles)

@@ -410,12 +410,18 @@ def fit(
                 f"checkpoint {os.fspath(checkpoint_path)!r} is at step {start}, past "
                 f"num_steps={num_steps}; pass num_steps >= {start}"
             )
-        try:
-            # Abstract init only (no compute): enough to catch a checkpoint of another problem.
-            expected = jax.eval_shape(init_fn, rng_key)
-        except Exception:  # noqa: BLE001
-            # Guides that need concrete values at init cannot be traced; pay for a real init.
+        if getattr(svi.guide, "prototype_trace", None) is None:
+            # A guide not set up yet (a new process) must be set up on concrete values: an
+            # abstract init would leave tracers in its setup state (data statistics, initial
+            # values), and autoguides set up only once.
             expected = init_fn(rng_key)
+        else:
+            try:
+                # Abstract init only (no compute): enough to catch a checkpoint of another problem.
+                expected = jax.eval_shape(init_fn, rng_key)
+            except Exception:  # noqa: BLE001
+                # Guides that need concrete values at init cannot be traced; pay for a real init.
+                expected = init_fn(rng_key)
         _check_compatible(os.fspath(checkpoint_path), state, expected)
         history = [ckpt.losses]
     else:

@@ -89,6 +89,48 @@ def feature_stats(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), std.astype(np.float32)
 
 
+def check_observed_finite(trace) -> None:
+    """Raise a clear error when an observed site holds NaN or inf where the likelihood sees it
+    (cells masked out with ``obs_mask`` or ``handlers.mask`` are allowed to hold anything)."""
+    import numpyro.distributions as dist
+
+    for name, site in trace.items():
+        if site["type"] != "sample" or not site["is_observed"] or site["value"] is None:
+            continue
+        try:
+            value = np.asarray(site["value"])
+        except Exception:  # noqa: BLE001, S112 - abstract values (jax.eval_shape) cannot be checked
+            continue
+        if not np.issubdtype(value.dtype, np.floating):
+            continue
+        bad = ~np.isfinite(value)
+        fn, mask = site["fn"], site.get("mask")
+        while True:
+            if isinstance(fn, dist.MaskedDistribution) and not isinstance(fn._mask, bool):
+                mask = fn._mask if mask is None else mask & fn._mask
+            if not hasattr(fn, "base_dist"):
+                break
+            fn = fn.base_dist
+        if mask is not None and not isinstance(mask, bool):
+            try:
+                m = np.asarray(mask, bool)
+            except Exception:  # noqa: BLE001, S112 - an abstract mask: nothing to check
+                continue
+            ev = len(fn.event_shape) if hasattr(fn, "event_shape") else 0
+            try:
+                bad = bad & np.broadcast_to(np.reshape(m, m.shape + (1,) * ev), bad.shape)
+            except ValueError:
+                pass  # a mask that does not line up with the value: leave the check to the fit
+        count = int(bad.sum())
+        if count:
+            raise ValueError(
+                f"Observed site '{name}' holds {count} NaN/inf value(s) (of {value.size}) where the "
+                "likelihood is evaluated, so the loss is NaN and no fit can start. Drop those "
+                f"observations, or mark them missing: numpyro.sample({name!r}, ..., obs=..., "
+                "obs_mask=mask) with mask False at the missing cells."
+            )
+
+
 def check_finite(name: str, values, plate: str) -> None:
     """Raise a clear error when an encoder's input holds NaN or inf."""
     arr = np.asarray(values)

@@ -58,6 +58,8 @@ import numpy as np
 from numpyro import handlers
 from numpyro.infer.util import compute_log_probs
 
+from .structure import seeded_model
+
 __all__ = ["PSISResult", "full_plate_sizes", "khat_category", "psis_diagnostic"]
 
 #: Thresholds of :func:`khat_category`.
@@ -179,7 +181,7 @@ def full_plate_sizes(model: Any, structure: Any, args: tuple, kwargs: dict) -> d
     encodings may be evaluated on new data whose plates have other sizes than in training.
     """
     with handlers.block():
-        trace = handlers.trace(handlers.seed(model, 0)).get_trace(*args, **kwargs)
+        trace = handlers.trace(seeded_model(model, 0)).get_trace(*args, **kwargs)
     sizes = {name: info.size for name, info in structure.plates.items()}
     for name in sizes:
         site = trace.get(name)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax.numpy as jnp
+import numpyro.distributions as dist
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
 
@@ -214,6 +215,38 @@ def _latent_site(site: dict, plates: Mapping[str, PlateInfo]) -> LatentSite:
     )
 
 
+def _base(fn):
+    while hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return fn
+
+
+def seeded_model(model, rng_key, data: Mapping[str, Any] | None = None):
+    """``model`` seeded with ``rng_key``, with ``data`` (site or plate name -> value)
+    substituted, and a value for every improper latent site (``ImproperUniform``), which
+    has no sampler: a uniform draw in ``(-2, 2)`` of its unconstrained space, as NumPyro's
+    ``init_to_uniform`` gives. Every trace this package takes of a user model goes through it.
+    """
+    from numpyro.infer.initialization import init_to_uniform
+
+    data = dict(data or {})
+
+    def value(site):
+        if site["name"] in data:
+            return data[site["name"]]
+        if site["type"] == "sample" and not site["is_observed"] and isinstance(_base(site["fn"]), dist.ImproperUniform):
+            return init_to_uniform(site)
+        return None
+
+    from numpyro import handlers
+
+    return handlers.substitute(handlers.seed(model, rng_key), substitute_fn=value)
+
+
+def _is_factor(site: dict) -> bool:
+    return isinstance(_base(site["fn"]), dist.Unit)
+
+
 def model_structure(
     trace: Mapping[str, dict], dependencies: Mapping[str, Mapping[str, Any]] | None = None
 ) -> ModelStructure:
@@ -235,6 +268,9 @@ def model_structure(
         if site["type"] != "sample":
             continue
         if site["is_observed"]:
+            if _is_factor(site):
+                # numpyro.factor: a log-density term, not data an encoder could read
+                continue
             order = tuple(sorted((f.name for f in site["cond_indep_stack"]), key=lambda p: plates[p].dim))
             shape = tuple(jnp.shape(site["value"]))
             ev = _event_dim(site)

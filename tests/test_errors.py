@@ -1,9 +1,4 @@
-"""AutoPAVI's errors: every misuse must fail early with a message that names what is wrong.
-
-Tests marked ``xfail(strict=True)`` describe the error users should get where the package
-currently gives none (silently wrong results) or an unclear one (a bare assertion or a shape
-error deep inside JAX).
-"""
+"""AutoPAVI's errors: every misuse must fail early with a message that names what is wrong."""
 
 from __future__ import annotations
 
@@ -169,12 +164,6 @@ def test_sampling_before_setup(method, fitted):
     assert "not set up" in fresh.describe()
 
 
-@pytest.mark.xfail(
-    reason="BUG: an unseeded guide call before setup dies on a bare AssertionError inside "
-    "handlers.seed(model, None) (AutoPAVI._setup_prototype); the clear RuntimeError is only "
-    "raised after setup",
-    strict=True,
-)
 def test_unseeded_guide_call_before_setup():
     guide = AutoPAVI(models.random_effects, **SMALL)
     with pytest.raises(RuntimeError, match="seed"):
@@ -221,3 +210,56 @@ def test_wrong_types_for_encoder_and_ragged():
         AutoPAVI(models.random_effects, encoder="deep_sets")
     with pytest.raises(TypeError, match=r"ragged\['groups'\] must be numpyro_pavi.Ragged"):
         AutoPAVI(models.ragged_groups, ragged={"groups": "group"})
+
+
+# ---------------------------------------------------------------------------------------------
+# posterior-method arguments and missing data
+# ---------------------------------------------------------------------------------------------
+def test_swapped_key_and_params(fitted):
+    guide, svi, state, x = fitted
+    with pytest.raises(TypeError, match="swapped"):
+        guide.sample_posterior(svi.get_params(state), jax.random.PRNGKey(0), x)
+
+
+def test_empty_sample_shape_gives_empty_draws(fitted):
+    guide, svi, state, x = fitted
+    params = svi.get_params(state)
+    full = guide.sample_posterior(jax.random.PRNGKey(0), params, x, sample_shape=(2,))
+    empty = guide.sample_posterior(jax.random.PRNGKey(0), params, x, sample_shape=(0,))
+    assert set(empty) == set(full)
+    for name in full:
+        assert empty[name].shape == (0,) + full[name].shape[1:] and empty[name].dtype == full[name].dtype
+    with pytest.raises(ValueError, match="sample_shape"):
+        guide.sample_posterior(jax.random.PRNGKey(0), params, x, sample_shape=(-1,))
+
+
+@pytest.mark.parametrize("call", ["median0", "q>1", "q_empty"])
+def test_invalid_quantile_arguments(fitted, call):
+    guide, svi, state, x = fitted
+    params = svi.get_params(state)
+    with pytest.raises(ValueError, match="num_samples" if call == "median0" else "quantiles"):
+        if call == "median0":
+            guide.median(params, x, num_samples=0)
+        else:
+            guide.quantiles(params, [1.5] if call == "q>1" else [], x)
+
+
+def test_nan_in_observed_data_names_the_site():
+    x = _data().at[1, 0, 0].set(jnp.nan)
+    with pytest.raises(ValueError, match=r"(?s)'x' holds 1 NaN.*obs_mask"):
+        _init(models.random_effects, x, encoding="free")
+
+
+def masked_model(x, mask):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
+    with numpyro.plate("obs", x.shape[0]):
+        numpyro.sample("x", dist.Normal(mu, 1.0), obs=x, obs_mask=mask)
+
+
+def test_nan_in_masked_cells_is_allowed():
+    x = jnp.array([0.5, jnp.nan, 1.5, jnp.nan])
+    mask = jnp.isfinite(x)
+    guide = AutoPAVI(masked_model, encoding="free", **SMALL)
+    svi = SVI(masked_model, guide, optax.adam(1e-2), Trace_ELBO())
+    state = svi.init(jax.random.PRNGKey(0), x, mask)
+    assert np.isfinite(float(svi.evaluate(state, x, mask)))
