@@ -95,6 +95,16 @@ def _log_density_in_site_layout(site: LatentSite, logq: jax.Array) -> jax.Array:
     return jnp.broadcast_to(jnp.transpose(expanded, perm), tuple(batch))
 
 
+def _fingerprint(value) -> int | None:
+    """A checksum of observed values (None for abstract or missing ones)."""
+    try:
+        # float32 either way: the same data passed as float64 NumPy or float32 JAX must match
+        arr = np.asarray(value, dtype=np.float32)
+    except Exception:  # noqa: BLE001 - tracers (jax.eval_shape, jit) have no values
+        return None
+    return zlib.crc32(np.ascontiguousarray(arr).tobytes(), zlib.crc32(str(arr.shape).encode())) if arr.size else None
+
+
 def _empty(shapes, sample_shape: tuple):
     """Zero-size arrays ``sample_shape + shape`` for a tree of ``ShapeDtypeStruct``."""
     return jax.tree.map(lambda s: jnp.zeros(sample_shape + s.shape, s.dtype), shapes)
@@ -243,6 +253,7 @@ class AutoPAVI(AutoGuide):
         if not self.structure.latent:
             raise ValueError("The model has no latent sample sites: there is nothing to infer.")
         self._setup_data(self.prototype_trace, args, kwargs)
+        self._fingerprints = {name: _fingerprint(trace[name]["value"]) for name in self.structure.observed}
         self._build(rng_key)
 
     def _context_dim(self, site: LatentSite) -> int:
@@ -731,8 +742,27 @@ class AutoPAVI(AutoGuide):
         indices = self._full_indices(sizes)
         trace = self._trace_full(indices, args, kwargs)
         self._check_shapes(trace)
+        self._check_same_data(trace)
         bound = _data.bind_arguments(self.model, args, kwargs) if self.ragged else {}
         return sizes, indices, trace, bound
+
+    def _check_same_data(self, trace) -> None:
+        """Free encodings were learned from the training data: with other observed values for
+        their elements, they would silently give the training posterior."""
+        free = [key for key, sources in self._plan.items() if not sources or self.encoding == "hybrid"]
+        for name, obs in self.structure.observed.items():
+            site = trace.get(name)
+            if site is None or not site["is_observed"] or not any(set(k) & set(obs.plates) for k in free):
+                continue
+            known, now = getattr(self, "_fingerprints", {}).get(name), _fingerprint(site["value"])
+            if known is not None and now is not None and known != now:
+                plates = sorted({p for k in free for p in k if p in obs.plates})
+                raise ValueError(
+                    f"Observed site '{name}' holds other values than in training, but the elements of "
+                    f"plate(s) {plates} have free (learned, per-element) encodings: they describe the "
+                    "training data, and the posterior returned would be the training one. Retrain "
+                    "on the new data, or use encoding='set' (set encoders read each element's data)."
+                )
 
     def _trace_full(self, data: dict, args, kwargs) -> dict:
         """A blocked trace of the model with full-plate indices (and any values) substituted."""

@@ -263,3 +263,12 @@ def test_nan_in_masked_cells_is_allowed():
     svi = SVI(masked_model, guide, optax.adam(1e-2), Trace_ELBO())
     state = svi.init(jax.random.PRNGKey(0), x, mask)
     assert np.isfinite(float(svi.evaluate(state, x, mask)))
+
+
+def test_free_encodings_with_other_data_raise(fitted):
+    guide, svi, state, x = fitted
+    params = svi.get_params(state)
+    # the training data, even as float64 NumPy, is fine
+    guide.sample_posterior(jax.random.PRNGKey(0), params, np.asarray(x, np.float64), sample_shape=(2,))
+    with pytest.raises(ValueError, match=r"(?s)'x' holds other values.*free.*encoding='set'"):
+        guide.sample_posterior(jax.random.PRNGKey(0), params, x + 1.0, sample_shape=(2,))
