@@ -253,8 +253,8 @@ class AutoPAVI(AutoGuide):
         if not self.structure.latent:
             raise ValueError("The model has no latent sample sites: there is nothing to infer.")
         self._setup_data(self.prototype_trace, args, kwargs)
-        self._fingerprints = {name: _fingerprint(trace[name]["value"]) for name in self.structure.observed}
         self._build(rng_key)
+        self._fingerprints = self._data_fingerprints(args, kwargs)
 
     def _context_dim(self, site: LatentSite) -> int:
         # one encoding per element of the site's plate set; globals see their parents only (a
@@ -746,17 +746,33 @@ class AutoPAVI(AutoGuide):
         bound = _data.bind_arguments(self.model, args, kwargs) if self.ragged else {}
         return sizes, indices, trace, bound
 
+    def _free_observed(self) -> list[str]:
+        """Observed sites inside a plate whose elements have free encodings."""
+        free = {p for key, sources in self._plan.items() if not sources or self.encoding == "hybrid" for p in key}
+        return [name for name, obs in self.structure.observed.items() if free & set(obs.plates)]
+
+    def _data_fingerprints(self, args, kwargs) -> dict:
+        """Checksums of the full-plate training data behind free encodings (see ``_check_same_data``).
+
+        Taken on a full-plate trace: the setup trace may hold a subsample only.
+        """
+        names = self._free_observed()
+        if not names:
+            return {}
+        trace = self._trace_full(self._full_indices(), args, kwargs)
+        return {name: _fingerprint(trace[name]["value"]) for name in names if name in trace}
+
     def _check_same_data(self, trace) -> None:
         """Free encodings were learned from the training data: with other observed values for
         their elements, they would silently give the training posterior."""
-        free = [key for key, sources in self._plan.items() if not sources or self.encoding == "hybrid"]
-        for name, obs in self.structure.observed.items():
+        free = {p for key, sources in self._plan.items() if not sources or self.encoding == "hybrid" for p in key}
+        for name in self._free_observed():
             site = trace.get(name)
-            if site is None or not site["is_observed"] or not any(set(k) & set(obs.plates) for k in free):
+            if site is None or not site["is_observed"]:
                 continue
             known, now = getattr(self, "_fingerprints", {}).get(name), _fingerprint(site["value"])
             if known is not None and now is not None and known != now:
-                plates = sorted({p for k in free for p in k if p in obs.plates})
+                plates = sorted(free & set(self.structure.observed[name].plates))
                 raise ValueError(
                     f"Observed site '{name}' holds other values than in training, but the elements of "
                     f"plate(s) {plates} have free (learned, per-element) encodings: they describe the "
