@@ -30,7 +30,7 @@ from . import data as _data
 from .data import Ragged
 from .encoders import SetEncoder, init_readout, readout
 from .flows import ConditionalFlow
-from .structure import LatentSite, ModelStructure, model_structure, prior_dependencies, seeded_model
+from .structure import LatentSite, ModelStructure, model_structure, plate_sizes, prior_dependencies, seeded_model
 
 __all__ = ["AutoPAVI"]
 
@@ -172,6 +172,10 @@ class AutoPAVI(AutoGuide):
           passes for autoregressive layers, one for coupling layers).
         * ``"reparam"``: the plain reparameterization estimator (the log-density's gradient
           includes the score term, whose expectation is zero but whose noise is not).
+    :param bool forward_mode_differentiation: as in NumPyro's guides: use forward-mode
+        differentiation when the model is set up (initialization), for models that
+        reverse mode cannot differentiate (e.g. ``jax.lax.while_loop``). Pass the same flag
+        to ``SVI.run``/``Trace_ELBO`` for training.
     """
 
     def __init__(
@@ -191,6 +195,7 @@ class AutoPAVI(AutoGuide):
         encoder: SetEncoder | None = None,
         ragged: dict[str, Ragged] | None = None,
         estimator: str = "stl",
+        forward_mode_differentiation: bool = False,
     ):
         if encoding not in _ENCODINGS:
             raise ValueError(f"Unknown encoding {encoding!r}; use one of {_ENCODINGS}.")
@@ -227,7 +232,13 @@ class AutoPAVI(AutoGuide):
         self.structure: ModelStructure | None = None
         self._flows: dict[str, ConditionalFlow] = {}
         self._init_values: dict = {}
-        super().__init__(model, prefix=prefix, init_loc_fn=init_loc_fn, create_plates=create_plates)
+        super().__init__(
+            model,
+            prefix=prefix,
+            init_loc_fn=init_loc_fn,
+            create_plates=create_plates,
+            forward_mode_differentiation=forward_mode_differentiation,
+        )
 
     # -- setup ---------------------------------------------------------------------------
     def _setup_prototype(self, *args, **kwargs):
@@ -364,6 +375,14 @@ class AutoPAVI(AutoGuide):
         for kind, name in sources:
             if kind == "nested":
                 x, oplates = _data.observed_canonical(trace[name], dims)
+                if x.shape[-1] != self._features[name]:
+                    raise ValueError(
+                        f"Observed site '{name}' gives its set encoder {x.shape[-1]} features per "
+                        f"observation here but {self._features[name]} in training: its event dims (and "
+                        "any batch dims that are not plates) are features, of fixed size. To encode "
+                        "sets of other sizes, put the varying dimension in a numpyro.plate instead of "
+                        "to_event()/expand()."
+                    )
                 mean, std = self._stats[name]
                 x = (x - mean) / std
                 pooled = [p for p in oplates if p not in key]
@@ -464,7 +483,28 @@ class AutoPAVI(AutoGuide):
         return f"{name}_{self.prefix}_{what}"
 
     def _params(self) -> dict:
+        self._check_param_clash()
         return {name: numpyro.param(name, value) for name, value in self._init_values.items()}
+
+    def _check_param_clash(self) -> None:
+        """Two guides writing one param name would silently share it (or fail on shapes).
+
+        Site-level names cannot clash between guides of one ``AutoGuideList`` (each site has
+        one guide), but plate-level ones (encodings, encoders) can: two AutoPAVIs over sites of
+        the same plates with the same ``prefix``. An enclosing trace that already holds one
+        of our names at this call is another guide's.
+        """
+        for handler in numpyro.primitives._PYRO_STACK:
+            if isinstance(handler, handlers.trace):
+                clash = [n for n in self._init_values if handler.trace.get(n, {}).get("type") == "param"]
+                if clash:
+                    raise ValueError(
+                        f"Param '{clash[0]}' of this AutoPAVI (prefix={self.prefix!r}) was already created "
+                        "by another guide in this run, e.g. a second AutoPAVI in the same AutoGuideList: the "
+                        "params shared by a plate's elements (encodings, set encoders) are named after "
+                        "plates and observed sites, not latent sites. Give each AutoPAVI its own "
+                        "prefix, e.g. AutoPAVI(..., prefix='pavi2')."
+                    )
 
     # -- plates --------------------------------------------------------------------------
     def _create_plates(self, *args, **kwargs) -> dict:
@@ -491,11 +531,11 @@ class AutoPAVI(AutoGuide):
         with handlers.block():
             trace = handlers.trace(model).get_trace(*args, **kwargs)
         self._check_shapes(trace)
+        now = plate_sizes(trace)
         for name, info in self.structure.plates.items():
-            site = trace.get(name)
-            if site is not None and site["type"] == "plate" and int(site["args"][0]) != info.size:
+            if name in now and now[name] != info.size:
                 raise ValueError(
-                    f"Plate '{name}' has {int(site['args'][0])} elements in this call but {info.size} "
+                    f"Plate '{name}' has {now[name]} elements in this call but {info.size} "
                     "when the guide was set up. Training needs fixed plate sizes (subsample with "
                     "subsample_size instead); for posteriors of new elements use "
                     "guide.sample_posterior(key, params, *new_args) with encoding='set'."
@@ -507,7 +547,9 @@ class AutoPAVI(AutoGuide):
         for name, info in self.structure.plates.items():
             if name in plates:
                 continue
-            idx = trace[name]["value"]
+            site = trace.get(name)
+            # a plate inside scan leaves no plate site, and is never subsampled (see structure)
+            idx = site["value"] if site is not None and site["type"] == "plate" else jnp.arange(info.size)
             with handlers.substitute(data={name: idx}):
                 plates[name] = numpyro.plate(name, info.size, subsample_size=int(idx.shape[0]), dim=info.dim)
         self.plates = plates
@@ -725,9 +767,8 @@ class AutoPAVI(AutoGuide):
             return sizes, self._full_indices(sizes), None, {}
         with handlers.block():
             trace = handlers.trace(seeded_model(self.model, 0)).get_trace(*args, **kwargs)
-        for name in sizes:
-            if name in trace and trace[name]["type"] == "plate":
-                sizes[name] = int(trace[name]["args"][0])
+        now = plate_sizes(trace)
+        sizes.update({name: now[name] for name in sizes if name in now})
         changed = {n for n, sz in sizes.items() if sz != self.structure.plates[n].size}
         for key, sources in self._plan.items():
             free_needed = not sources or self.encoding == "hybrid"
@@ -788,8 +829,14 @@ class AutoPAVI(AutoGuide):
             return handlers.trace(seeded_model(self.model, 0, data)).get_trace(*args, **kwargs)
 
     def _deterministic(self, values: dict, indices: dict, args, kwargs) -> dict:
-        """The model's deterministic sites given full-plate latent values."""
-        trace = self._trace_full({**indices, **values}, args, kwargs)
+        """The model's deterministic sites given full-plate latent values.
+
+        Without the model's arguments the model runs on its defaults, as NumPyro's guides do
+        (``Predictive`` on the latents): observed sites are then drawn, and the plates keep
+        the sizes the model gives them.
+        """
+        data = {**indices, **values} if (args or kwargs) else values
+        trace = self._trace_full(data, args, kwargs)
         return {k: s["value"] for k, s in trace.items() if s["type"] == "deterministic"}
 
     def sample_posterior(self, rng_key, params, *args, sample_shape=(), **kwargs):
@@ -810,9 +857,11 @@ class AutoPAVI(AutoGuide):
         self._check_params(params)
         sizes, indices, trace, bound = self._full_inputs(args, kwargs)
 
+        deterministic = any(s["type"] == "deterministic" for s in self.prototype_trace.values())
+
         def one(key):
             values, _, _ = self._sample_all(params, key, indices, trace, sizes, bound, self.chunk_size)
-            if args or kwargs:
+            if deterministic:
                 values.update(self._deterministic(values, indices, args, kwargs))
             return values
 

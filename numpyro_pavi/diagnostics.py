@@ -58,7 +58,7 @@ import numpy as np
 from numpyro import handlers
 from numpyro.infer.util import compute_log_probs
 
-from .structure import seeded_model
+from .structure import plate_sizes, seeded_model
 
 __all__ = ["PSISResult", "full_plate_sizes", "khat_category", "psis_diagnostic"]
 
@@ -183,10 +183,8 @@ def full_plate_sizes(model: Any, structure: Any, args: tuple, kwargs: dict) -> d
     with handlers.block():
         trace = handlers.trace(seeded_model(model, 0)).get_trace(*args, **kwargs)
     sizes = {name: info.size for name, info in structure.plates.items()}
-    for name in sizes:
-        site = trace.get(name)
-        if site is not None and site["type"] == "plate":
-            sizes[name] = int(site["args"][0])
+    now = plate_sizes(trace)
+    sizes.update({name: now[name] for name in sizes if name in now})
     return sizes
 
 

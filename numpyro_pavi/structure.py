@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpyro.distributions as dist
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
+from numpyro.infer.util import helpful_support_errors
 
 __all__ = ["LatentSite", "ModelStructure", "ObservedSite", "PlateInfo", "model_structure"]
 
@@ -158,12 +159,61 @@ def _check_plate_frames(trace: dict) -> dict[str, Any]:
     return frames
 
 
+def plate_sizes(trace: dict) -> dict[str, int]:
+    """``{plate: full size}`` of every plate seen in a trace.
+
+    Plates opened inside ``numpyro.contrib.control_flow.scan`` leave no plate site, only
+    frames on their sample sites (never subsampled there, see ``_plates``): their size is the
+    frame's.
+    """
+    sizes = {}
+    for site in trace.values():
+        if site["type"] == "sample":
+            for frame in site["cond_indep_stack"]:
+                sizes.setdefault(frame.name, int(frame.size))
+    for name, site in trace.items():
+        if site["type"] == "plate":
+            sizes[name] = int(site["args"][0])
+    return sizes
+
+
+def _unrecorded_plate(trace: dict, name: str, frame) -> PlateInfo:
+    """A plate whose statement left no plate site: inside ``scan``, or hidden by ``block``."""
+    sites = [s for s in trace.values() if s["type"] == "sample" and frame in s["cond_indep_stack"]]
+    if not any(_in_scan(s) for s in sites):
+        raise ValueError(
+            f"Plate '{name}' holds sample sites but its plate statement is hidden from the guide's "
+            "model, so its full size and subsample are unknown. handlers.block(model, expose=[...]) "
+            f"hides plates too: block with hide=[...] instead, or add '{name}' to expose."
+        )
+    if any(s.get("scale") is not None and not _is_one(s["scale"]) for s in sites):
+        raise ValueError(
+            f"Plate '{name}' is subsampled inside scan: the guide cannot see its full size or its "
+            "indices there. Open the plate before scan (plate = numpyro.plate(...), then `with "
+            "plate:` inside the step) or pass create_plates."
+        )
+    return PlateInfo(name, frame.dim, int(frame.size), int(frame.size))
+
+
+def _in_scan(site: dict) -> bool:
+    # scan records its body's sites after the loop (time-stacked), without their plate sites
+    return bool(site.get("_control_flow_done")) or "_scan_current_index" in site.get("infer", {})
+
+
+def _is_one(scale) -> bool:
+    try:
+        return bool(jnp.all(jnp.asarray(scale) == 1))
+    except Exception:  # noqa: BLE001 - traced scales: assume a subsample
+        return False
+
+
 def _plates(trace: dict, frames: dict) -> dict[str, PlateInfo]:
     plates = {}
     for name, frame in frames.items():
         site = trace.get(name)
-        if site is None or site["type"] != "plate":  # pragma: no cover - numpyro always records plates
-            raise ValueError(f"Plate '{name}' was not recorded in the model trace.")
+        if site is None or site["type"] != "plate":
+            plates[name] = _unrecorded_plate(trace, name, frame)
+            continue
         size, subsample_size = site["args"]
         if subsample_size is not None and subsample_size > size:
             raise ValueError(
@@ -174,13 +224,29 @@ def _plates(trace: dict, frames: dict) -> dict[str, PlateInfo]:
     return plates
 
 
+def _numpyro_support_error(site: dict) -> str:
+    """NumPyro's own message for a support no continuous guide handles.
+
+    Users (and NumPyro's guide tests) know these messages, e.g. "cannot handle discrete" or
+    the ``ProjectedNormalReparam`` advice for spherical sites; AutoPAVI adds its own after it.
+    """
+    try:
+        with helpful_support_errors(site):
+            biject_to(site["fn"].support)
+    except ValueError as e:
+        return str(e)
+    except NotImplementedError:
+        pass
+    return f"Latent site '{site['name']}' has support {site['fn'].support}, which has no bijection to the reals."
+
+
 def _latent_site(site: dict, plates: Mapping[str, PlateInfo]) -> LatentSite:
     name = site["name"]
     fn = site["fn"]
     if fn.support.is_discrete:
         raise ValueError(
-            f"Latent site '{name}' is discrete ({type(fn).__name__}); AutoPAVI's flows need "
-            "continuous latents. Marginalize it with enumeration "
+            f"{_numpyro_support_error(site)} AutoPAVI's flows need continuous latents "
+            f"('{name}' is {type(fn).__name__}). Marginalize it with enumeration "
             f"(numpyro.sample('{name}', ..., infer={{'enumerate': 'parallel'}}) and "
             "TraceEnum_ELBO), or give it its own guide: AutoGuideList with "
             f"AutoPAVI(handlers.block(model, hide=['{name}'])) plus a guide for '{name}'."
@@ -197,9 +263,9 @@ def _latent_site(site: dict, plates: Mapping[str, PlateInfo]) -> LatentSite:
         transform = biject_to(fn.support)
     except NotImplementedError as e:
         raise ValueError(
-            f"Latent site '{name}' has support {fn.support} with no bijection to the real "
-            "numbers registered in numpyro.distributions.transforms.biject_to; register one "
-            "or reparametrize the site."
+            f"{_numpyro_support_error(site)} AutoPAVI needs a bijection to the real numbers "
+            "registered in numpyro.distributions.transforms.biject_to: register one or "
+            "reparametrize the site."
         ) from e
     unc_event = tuple(transform.inverse_shape(event_shape))
     order = tuple(sorted(site_plates, key=lambda p: plates[p].dim))

@@ -1,5 +1,7 @@
 """Valid but unusual models and workflows: each gives the right answer, checked against an
-exact one (factor terms, improper priors, a checkpoint resumed in a new process)."""
+exact one (factor terms, improper priors, a checkpoint resumed in a new process, plates inside
+scan), and the unusual setups that cannot work get an error that says what to do (two
+AutoPAVIs with one prefix, plates hidden by ``block``, event-dim data of another size)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,11 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import optax
+import pytest
+from numpyro import handlers
+from numpyro.contrib.control_flow import scan
 from numpyro.infer import SVI, Trace_ELBO
+from numpyro.infer.autoguide import AutoGuideList
 
 from numpyro_pavi import AutoPAVI, models
 from numpyro_pavi.checkpoint import fit, load_checkpoint
@@ -110,3 +116,107 @@ def test_checkpoint_resumes_in_a_new_process(tmp_path):
     # within one process is test_checkpoint.py::test_exact_resume.
     for name, value in ref.items():
         np.testing.assert_allclose(resumed[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# plates inside scan: a Gaussian random walk per unit, exact posterior in closed form
+# ---------------------------------------------------------------------------------------------
+T_STEPS, UNITS, STEP_SD = 4, 3, 0.8
+
+
+def random_walks(y):
+    def step(z, y_t):
+        with numpyro.plate("units", UNITS):
+            z = numpyro.sample("z", dist.Normal(z, STEP_SD))
+            numpyro.sample("y", dist.Normal(z, 1.0), obs=y_t)
+        return z, None
+
+    scan(step, jnp.zeros(UNITS), y)
+
+
+def test_plate_inside_scan():
+    """A plate opened in scan's body leaves no plate site: its frames give the size, and each
+    unit's whole time series is one element of the flow."""
+    y = 1.5 * jax.random.normal(jax.random.PRNGKey(3), (T_STEPS, UNITS))
+    t = np.arange(1, T_STEPS + 1)
+    precision = np.linalg.inv(STEP_SD**2 * np.minimum.outer(t, t)) + np.eye(T_STEPS)
+    mean = np.linalg.solve(precision, np.asarray(y))
+    sd = np.sqrt(np.diag(np.linalg.inv(precision)))[:, None]
+    guide = AutoPAVI(random_walks, encoding_dim=4, hidden=(8,))
+    params = SVI(random_walks, guide, optax.adam(1e-2), Trace_ELBO()).run(jax.random.PRNGKey(0), 2000, y, progress_bar=False).params
+    z = np.asarray(guide.sample_posterior(jax.random.PRNGKey(1), params, y, sample_shape=(NUM_DRAWS,))["z"])
+    assert z.shape == (NUM_DRAWS, T_STEPS, UNITS)
+    # 4 Monte Carlo standard errors plus 0.1 sd of optimization error
+    assert np.max(np.abs(z.mean(0) - mean) / sd) < 4 / np.sqrt(NUM_DRAWS) + 0.1
+    assert np.max(np.abs(z.std(0) / sd - 1)) < 4 / np.sqrt(2 * NUM_DRAWS) + 0.1
+
+
+def test_plate_subsampled_inside_scan_raises():
+    def model(y):
+        def step(z, y_t):
+            with numpyro.plate("units", UNITS, subsample_size=2):
+                z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+            return z, None
+
+        scan(step, jnp.zeros(2), y)
+
+    with pytest.raises(ValueError, match=r"(?s)'units' is subsampled inside scan.*before scan"):
+        handlers.seed(AutoPAVI(model), 0)(jnp.zeros((T_STEPS, UNITS)))
+
+
+# ---------------------------------------------------------------------------------------------
+# two AutoPAVIs in one AutoGuideList
+# ---------------------------------------------------------------------------------------------
+def two_effects(x):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    with numpyro.plate("groups", 5, dim=-2):
+        a = numpyro.sample("a", dist.Normal(mu, 1.0))
+        b = numpyro.sample("b", dist.Normal(0.0, 1.0))
+        with numpyro.plate("obs", 3, dim=-1):
+            numpyro.sample("x", dist.Normal(a + b, 1.0), obs=x)
+
+
+def _guide_list(prefix2):
+    guide = AutoGuideList(two_effects)
+    guide.append(AutoPAVI(handlers.block(two_effects, hide=["b"]), encoding_dim=2, hidden=(4,)))
+    guide.append(AutoPAVI(handlers.block(two_effects, hide=["a", "mu"]), encoding_dim=3, hidden=(4,), prefix=prefix2))
+    return guide
+
+
+def test_two_autopavis_with_one_prefix_raise():
+    svi = SVI(two_effects, _guide_list("auto"), optax.adam(1e-2), Trace_ELBO())
+    with pytest.raises(ValueError, match=r"(?s)already created by another guide.*own prefix"):
+        svi.init(jax.random.PRNGKey(0), jnp.ones((5, 3)))
+
+
+def test_two_autopavis_with_their_own_prefixes():
+    guide = _guide_list("pavi2")
+    svi = SVI(two_effects, guide, optax.adam(1e-2), Trace_ELBO())
+    state = svi.init(jax.random.PRNGKey(0), jnp.ones((5, 3)))
+    params = svi.get_params(state)
+    assert "groups_auto_encoder_out" in params and "groups_pavi2_encoder_out" in params
+    assert params["groups_auto_encoder_out"]["w"].shape != params["groups_pavi2_encoder_out"]["w"].shape
+    assert np.isfinite(float(svi.update(state, jnp.ones((5, 3)))[1]))
+
+
+def test_plate_hidden_by_block_expose_raises():
+    with pytest.raises(ValueError, match=r"(?s)'groups'.*hidden.*hide=\[\.\.\.\] instead"):
+        handlers.seed(AutoPAVI(handlers.block(two_effects, expose=["b"])), 0)(jnp.ones((5, 3)))
+
+
+# ---------------------------------------------------------------------------------------------
+# event-dim observations are features: new data must keep their size
+# ---------------------------------------------------------------------------------------------
+def test_event_dim_observations_with_another_size_raise():
+    def model(y):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        with numpyro.plate("groups", y.shape[0]):
+            a = numpyro.sample("a", dist.Normal(mu, 1.0))
+            numpyro.sample("y", dist.Normal(a[:, None], 1.0).expand(y.shape).to_event(1), obs=y)
+
+    guide = AutoPAVI(model, encoding="set", encoding_dim=2, hidden=(4,))
+    params = SVI(model, guide, optax.adam(1e-2), Trace_ELBO()).run(jax.random.PRNGKey(0), 5, jnp.ones((4, 3)), progress_bar=False).params
+    # more groups with the same event size: fine
+    assert guide.sample_posterior(jax.random.PRNGKey(0), params, jnp.ones((7, 3)))["a"].shape == (7,)
+    with pytest.raises(ValueError, match=r"(?s)'y' gives its set encoder 5 features.*3 in training.*numpyro.plate"):
+        guide.sample_posterior(jax.random.PRNGKey(0), params, jnp.ones((7, 5)))
