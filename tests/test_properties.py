@@ -3,8 +3,10 @@
 A hypothesis strategy draws a *model spec* (plates, sites, optional subsampling); ``build_model``
 turns it into a NumPyro model. For every drawn model the guide must build, sample every latent
 site over the **full** plates in the right shape and inside the site's support, give a finite
-log density and finite Trace_ELBO losses. Fixed examples cover the features too costly to
-draw every time (LKJCholesky, explicit ``dim=-3`` plates, intrinsic batch dims).
+log density and finite Trace_ELBO losses. Drawn models may hold improper (``ImproperUniform``)
+and ordered latents, a ``numpyro.factor`` term and masked observations (``obs_mask``, whose
+imputed cells are one more latent site). Fixed examples cover the features too costly to draw
+every time (LKJCholesky, explicit ``dim=-3`` plates, intrinsic batch dims, guide lists).
 
 JAX compilation dominates the cost, so plate sizes come from a tiny set (compiled primitives
 are reused across examples) and the networks are small.
@@ -12,6 +14,7 @@ are reused across examples) and the networks are small.
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -25,8 +28,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from numpyro import handlers
-from numpyro.distributions import constraints
+from numpyro.distributions import constraints, transforms
 from numpyro.infer import SVI, Trace_ELBO, init_to_feasible
+from numpyro.infer.autoguide import AutoGuideList, AutoNormal
 from numpyro.infer.util import log_density
 
 from numpyro_pavi import AutoPAVI
@@ -44,6 +48,8 @@ KINDS = {
     "dirichlet": ((3,), constraints.simplex),
     "normal_vec": ((2,), constraints.real_vector),
     "mvn": ((2,), constraints.real_vector),
+    "improper": ((), constraints.real),
+    "ordered": ((3,), constraints.ordered_vector),
 }
 
 
@@ -74,6 +80,8 @@ class ModelSpec:
     chain: tuple[PlateSpec, ...]
     crossed: PlateSpec | None
     sites: tuple[tuple[object, tuple[SiteSpec, ...]], ...]
+    factor: bool = False  # a numpyro.factor term on the latents
+    masked: bool = False  # obs_mask on the observation (NumPyro then imputes "y_unobserved")
 
     @property
     def plates(self) -> tuple[PlateSpec, ...]:
@@ -126,6 +134,10 @@ def _site_dist(kind: str, loc):
         return dist.Normal(0.0, 1.0).expand([2]).to_event(1)
     if kind == "mvn":
         return dist.MultivariateNormal(jnp.zeros(2), jnp.array([[1.0, 0.3], [0.3, 1.0]]))
+    if kind == "improper":
+        return dist.ImproperUniform(constraints.real, (), ())
+    if kind == "ordered":
+        return dist.TransformedDistribution(dist.Normal(0.0, 1.0).expand([3]).to_event(1), transforms.OrderedTransform())
     raise AssertionError(kind)
 
 
@@ -164,13 +176,16 @@ def build_model(spec: ModelSpec):
                     if s.kind == "normal":
                         first_normal.setdefault(level, value)
                     total = total + _reduce(s.kind, value)
+        if spec.factor:
+            numpyro.factor("penalty", -0.1 * jnp.sum(jnp.square(total)))
         for p in spec.plates:
             if p.subsample_size is not None:
                 y = jnp.take(y, idx[p.name], axis=spec.nbatch + p.dim)
         with ExitStack() as stack:
             for p in spec.plates:
                 stack.enter_context(plates[p.name])
-            numpyro.sample("y", dist.Normal(total, 1.0), obs=y)
+            mask = (y > -1.0) if spec.masked else None
+            numpyro.sample("y", dist.Normal(total, 1.0), obs=y, obs_mask=mask)
 
     return model
 
@@ -203,7 +218,7 @@ def model_specs(draw):
         budget -= max(k - (level != "global"), 0)
         tag = {"global": "g", "crossed": "c"}.get(level, f"l{level}")
         sites.append((level, tuple(SiteSpec(f"{tag}_{j}", draw(kinds)) for j in range(k))))
-    return ModelSpec(chain, cross, tuple(sites))
+    return ModelSpec(chain, cross, tuple(sites), factor=draw(st.booleans()), masked=draw(st.booleans()))
 
 
 def _data(spec: ModelSpec) -> jax.Array:
@@ -222,11 +237,21 @@ def _fit(model, args, steps=5, **guide_kw):
     return guide, svi.get_params(state), losses
 
 
+def _improper_at_zero(site):
+    """A value for improper sites, which cannot be sampled from (None: sample as usual)."""
+    if site["type"] != "sample":
+        return None
+    fn = site["fn"]
+    while not isinstance(fn, dist.ImproperUniform) and hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return jnp.zeros(site["fn"].shape()) if isinstance(fn, dist.ImproperUniform) else None
+
+
 def _check_guide(model, args, guide, params, losses, expected_shapes):
     """The four properties every model must satisfy."""
     assert np.all(np.isfinite(losses)), losses
     samples = guide.sample_posterior(jax.random.PRNGKey(1), params, *args, sample_shape=(3,))
-    trace = handlers.trace(handlers.seed(model, 0)).get_trace(*args)
+    trace = handlers.trace(handlers.seed(handlers.substitute(model, substitute_fn=_improper_at_zero), 0)).get_trace(*args)
     for name, shape in expected_shapes.items():
         assert name in samples, (name, sorted(samples))
         value = samples[name]
@@ -250,11 +275,23 @@ CROSSED_SPEC = ModelSpec(
 )
 
 
+# a subsampled plate with an ordered latent under an improper global, a factor term and masked
+# observations (always run)
+FEATURES_SPEC = ModelSpec(
+    (PlateSpec("p0", 3, -1, subsample_size=2),),
+    None,
+    (("global", (SiteSpec("g_0", "improper"),)), (0, (SiteSpec("l0_0", "ordered"), SiteSpec("l0_1", "normal")))),
+    factor=True,
+    masked=True,
+)
+
+
 # ---------------------------------------------------------------------------------------------
 # random models
 # ---------------------------------------------------------------------------------------------
 @FEW
 @example(spec=CROSSED_SPEC, encoding="auto")
+@example(spec=FEATURES_SPEC, encoding="auto")
 @given(spec=model_specs(), encoding=st.sampled_from(["auto", "free"]))
 def test_random_plate_structures(spec, encoding):
     model = build_model(spec)
@@ -269,6 +306,8 @@ def test_random_plate_structures(spec, encoding):
         assert (info.size, info.dim) == (p.size, p.dim)
         assert info.subsample_size == (p.subsample_size or p.size)
     expected = {s.name: spec.full_shape(level, s.kind) for level, s in spec.latent()}
+    if spec.masked:
+        expected["y_unobserved"] = spec.obs_shape()  # NumPyro imputes the masked cells
     assert set(guide.structure.latent) == set(expected)
     _check_guide(model, (y,), guide, params, losses, expected)
 
@@ -336,3 +375,22 @@ def test_intrinsic_batch_dim_inside_plate():
     site = guide.structure.latent["theta"]
     assert site.intrinsic_shape == (3,) and site.dim == 3
     _check_guide(intrinsic_model, (y,), guide, params, losses, {"theta": (5, 3)})
+
+
+def test_guide_list_over_a_generated_model():
+    """AutoPAVI on the plate sites and AutoNormal on the globals, in one AutoGuideList.
+
+    The global is proper here: AutoGuideList's own setup samples the model from its prior;
+    members must not expose deterministic sites (obs_mask adds one named "y")."""
+    spec = dataclasses.replace(FEATURES_SPEC, sites=(("global", (SiteSpec("g_0", "normal"),)),) + FEATURES_SPEC.sites[1:])
+    model = build_model(spec)
+    y = _data(spec)
+    guide = AutoGuideList(model)
+    guide.append(AutoPAVI(handlers.block(model, hide=["g_0", "y"]), init_loc_fn=init_to_feasible, **GUIDE_KW))
+    guide.append(AutoNormal(handlers.block(model, expose=["g_0"]), init_loc_fn=init_to_feasible))
+    svi = SVI(model, guide, optax.adam(1e-2), Trace_ELBO())
+    state = svi.init(jax.random.PRNGKey(0), y)
+    losses = [float(svi.update(state, y)[1]) for _ in range(2)]
+    expected = {s.name: spec.full_shape(level, s.kind) for level, s in spec.latent()}
+    expected["y_unobserved"] = spec.obs_shape()
+    _check_guide(model, (y,), guide, svi.get_params(state), losses, expected)
