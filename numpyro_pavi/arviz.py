@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
 
+from .data import site_mask
 from .diagnostics import _SUBSAMPLE_WARNING, full_plate_sizes
 
 if TYPE_CHECKING:  # arviz is imported lazily: it is slow to import
@@ -165,10 +166,17 @@ def to_inference_data(
 
     log_lik: dict[str, np.ndarray] | None = None
     if log_likelihood:
-        log_lik = _pointwise_log_likelihood(model, {k: samples[k] for k in latent_names}, list(observed), args, kwargs)
-        log_lik = {
-            k: np.squeeze(np.asarray(v), tuple(1 + a for a in obs_batch[k][1]))[None] for k, v in log_lik.items()
-        }
+        pointwise = _pointwise_log_likelihood(model, {k: samples[k] for k in latent_names}, list(observed), args, kwargs)
+        log_lik = {}
+        for k, (lp, mask) in pointwise.items():
+            lp, mask = np.asarray(lp), np.asarray(mask[0])
+            if mask.all():
+                log_lik[k] = np.squeeze(lp, tuple(1 + a for a in obs_batch[k][1]))[None]
+            else:
+                # cells the model does not score (obs_mask, handlers.mask) are no data points
+                # for LOO: keep the scored ones, flattened along one dim
+                log_lik[k] = lp[:, mask][None]
+                obs_batch[k] = ([f"{k}_scored_cell"], ())
 
     used = {d for names in dims.values() for d in names}
     coords = {p: np.arange(sizes[p]) for p in sizes if p in used}
@@ -212,7 +220,9 @@ def _pointwise_log_likelihood(
             lp = site["fn"].log_prob(site["value"])
             if site["scale"] is not None:
                 lp = site["scale"] * lp
-            out[name] = lp
+            mask = site_mask(site)
+            mask = jnp.ones(jnp.shape(lp), bool) if mask is None else jnp.broadcast_to(mask, jnp.shape(lp))
+            out[name] = (jnp.where(mask, lp, 0.0), mask)
         return out
 
     return jax.lax.map(one, samples)

@@ -95,6 +95,30 @@ def _log_density_in_site_layout(site: LatentSite, logq: jax.Array) -> jax.Array:
     return jnp.broadcast_to(jnp.transpose(expanded, perm), tuple(batch))
 
 
+def _masked(site: LatentSite, logq: jax.Array, trace_site: dict | None, grid: tuple) -> jax.Array:
+    """Per-element ``logq (*grid)`` with the cells the model masks out removed.
+
+    Where the model does not score a latent cell (``handlers.mask``, ``fn.mask``, or the
+    imputed ``{name}_unobserved`` site of ``obs_mask`` at its observed cells), the guide must
+    not score it either: its entropy alone would reward an ever wider guide there, and the
+    loss would fall without bound. An element's density is spread evenly over its intrinsic
+    cells (as in ``_log_density_in_site_layout``), so it keeps the share of its cells in.
+    """
+    mask = _data.site_mask(trace_site)
+    if mask is None:
+        return logq
+    batch = list(site.batch_shape)
+    for pos, size in zip(site.plate_positions, grid):
+        batch[pos] = size
+    try:
+        mask = jnp.broadcast_to(mask, tuple(batch))
+    except ValueError:
+        return logq  # a mask that does not line up with the site: the model will complain
+    order = list(site.plate_positions) + list(site.intrinsic_positions)
+    share = jnp.mean(jnp.reshape(jnp.transpose(mask, order), tuple(grid) + (-1,)), -1)
+    return jnp.where(share > 0, logq * share, 0.0)
+
+
 def _fingerprint(value) -> int | None:
     """A checksum of observed values (None for abstract or missing ones)."""
     try:
@@ -309,6 +333,11 @@ class AutoPAVI(AutoGuide):
         plan = {}
         for key in keys:
             sources = []
+            if self.encoding == "auto" and self._only_imputed(key):
+                # obs_mask's missing cells have no data of their own to encode (a set encoding
+                # would see the same "missing" input for all of them): free encodings
+                plan[key] = sources
+                continue
             if self.encoding != "free":
                 sources = [("nested", o) for o, obs in self.structure.observed.items() if set(key) <= set(obs.plates)]
                 if len(key) == 1 and key[0] in self.ragged:
@@ -323,6 +352,14 @@ class AutoPAVI(AutoGuide):
                     )
             plan[key] = sources
         return plan
+
+    def _only_imputed(self, key: tuple) -> bool:
+        """Whether every latent site in plate set ``key`` is an ``obs_mask`` imputation
+        (NumPyro's ``{name}_unobserved`` beside an observed ``{name}_observed``)."""
+        sites = [name for name, site in self.structure.latent.items() if site.plates == key]
+        return bool(sites) and all(
+            n.endswith("_unobserved") and n[: -len("_unobserved")] + "_observed" in self.structure.observed for n in sites
+        )
 
     def _key_name(self, key: tuple) -> str:
         return "__".join(key)
@@ -374,17 +411,25 @@ class AutoPAVI(AutoGuide):
         outs = []
         for kind, name in sources:
             if kind == "nested":
-                x, oplates = _data.observed_canonical(trace[name], dims)
-                if x.shape[-1] != self._features[name]:
+                x, oplates, mask = _data.observed_canonical(trace[name], dims, with_mask=True)
+                width = self._features[name] // (2 if name in self._masked else 1)
+                if x.shape[-1] != width:
                     raise ValueError(
                         f"Observed site '{name}' gives its set encoder {x.shape[-1]} features per "
-                        f"observation here but {self._features[name]} in training: its event dims (and "
+                        f"observation here but {width} in training: its event dims (and "
                         "any batch dims that are not plates) are features, of fixed size. To encode "
                         "sets of other sizes, put the varying dimension in a numpyro.plate instead of "
                         "to_event()/expand()."
                     )
                 mean, std = self._stats[name]
                 x = (x - mean) / std
+                if mask is not None:
+                    # masked cells may hold anything (NaN for missing data): they enter as the
+                    # feature's mean, and an indicator says which they are
+                    x = jnp.where(mask, x, 0.0)
+                if name in self._masked:
+                    observed = jnp.ones(x.shape, bool) if mask is None else mask
+                    x = jnp.concatenate([x, observed.astype(x.dtype)], -1)
                 pooled = [p for p in oplates if p not in key]
                 perm = [oplates.index(p) for p in key] + [oplates.index(p) for p in pooled] + [len(oplates)]
                 h = jnp.transpose(x, perm)
@@ -445,16 +490,18 @@ class AutoPAVI(AutoGuide):
 
     def _setup_data(self, trace, args, kwargs) -> None:
         """Feature sizes and normalization constants of every data source (from setup data)."""
-        self._features, self._stats = {}, {}
+        self._features, self._stats, self._masked = {}, {}, set()
         dims = {n: p.dim for n, p in self.structure.plates.items()}
         if self.encoding == "free":
             return
         for name, obs in self.structure.observed.items():
-            x, _ = _data.observed_canonical(trace[name], dims)
+            x, _, mask = _data.observed_canonical(trace[name], dims, with_mask=True)
+            if mask is not None:
+                self._masked.add(name)  # the encoder also reads which cells are observed
             if obs.plates:
-                _data.check_finite(f"observed site {name}", x, obs.plates[0])
-            self._features[name] = int(x.shape[-1])
-            self._stats[name] = _data.feature_stats(x)
+                _data.check_finite(f"observed site {name}", x if mask is None else jnp.where(mask, x, 0.0), obs.plates[0])
+            self._features[name] = int(x.shape[-1]) * (2 if mask is not None else 1)
+            self._stats[name] = _data.feature_stats(x, mask)
         bound = _data.bind_arguments(self.model, args, kwargs) if self.ragged else {}
         for plate in self.ragged:
             feats, _, _ = self._ragged_parts(plate, trace, bound)
@@ -679,7 +726,7 @@ class AutoPAVI(AutoGuide):
                 site, params, enc, unc, centers, noise, chunk_size, path_gradient
             )
             value, logdet = _constrain(site, x)
-            unc[name], values[name], logqs[name] = x, value, logq - logdet
+            unc[name], values[name], logqs[name] = x, value, _masked(site, logq - logdet, trace.get(name), grid)
         return values, unc, logqs
 
     def __call__(self, *args, **kwargs):

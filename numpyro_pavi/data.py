@@ -62,13 +62,15 @@ def bind_arguments(model: Callable, args: tuple, kwargs: Mapping[str, Any]) -> d
     return dict(bound.arguments)
 
 
-def observed_canonical(site: dict, plate_dims: Mapping[str, int]) -> tuple[jnp.ndarray, tuple[str, ...]]:
+def observed_canonical(site: dict, plate_dims: Mapping[str, int], with_mask: bool = False):
     """An observed site's value as ``(*plate_axes, F)``, plates outermost first.
 
     :param site: the site from a model trace.
     :param plate_dims: ``{plate name: dim}``.
-    :return: the array (non-plate batch dims and event dims flattened into ``F`` features)
-        and the plate names of its leading axes.
+    :param with_mask: also return the cells the model scores (see :func:`site_mask`) in the
+        same layout, or None when it scores them all.
+    :return: the array (non-plate batch dims and event dims flattened into ``F`` features),
+        the plate names of its leading axes (and the mask).
     """
     value = jnp.asarray(site["value"])
     event_dim = len(site["fn"].event_shape)
@@ -76,17 +78,57 @@ def observed_canonical(site: dict, plate_dims: Mapping[str, int]) -> tuple[jnp.n
     frames = sorted((f for f in site["cond_indep_stack"]), key=lambda f: plate_dims[f.name])
     plate_pos = [n_batch + f.dim for f in frames]
     order = plate_pos + [p for p in range(value.ndim) if p not in plate_pos]
-    value = jnp.transpose(value, order)
-    lead = value.shape[: len(plate_pos)]
-    return jnp.reshape(value, lead + (-1,)).astype(jnp.float32), tuple(f.name for f in frames)
+    lead = tuple(value.shape[p] for p in plate_pos)
+    names = tuple(f.name for f in frames)
+    out = jnp.reshape(jnp.transpose(value, order), lead + (-1,)).astype(jnp.float32)
+    if not with_mask:
+        return out, names
+    mask = site_mask(site)
+    if mask is not None:
+        mask = jnp.broadcast_to(jnp.reshape(mask, mask.shape + (1,) * event_dim), value.shape)
+        mask = jnp.reshape(jnp.transpose(mask, order), lead + (-1,))
+    return out, names, mask
 
 
-def feature_stats(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and std over all leading axes (std 1 where constant)."""
+def feature_stats(values: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and std over all leading axes (std 1 where constant), over the cells
+    where ``mask`` is True when given (mean 0, std 1 for a feature never observed)."""
     flat = np.reshape(np.asarray(values, np.float64), (-1, np.shape(values)[-1]))
-    mean, std = flat.mean(0), flat.std(0)
+    if mask is not None:
+        m = np.reshape(np.asarray(mask, bool), flat.shape)
+        flat = np.where(m, flat, np.nan)
+        seen = m.any(0)
+        with np.errstate(invalid="ignore"):
+            mean = np.where(seen, np.nanmean(np.where(seen, flat, 0.0), 0), 0.0)
+            std = np.where(seen, np.nanstd(np.where(seen, flat, 0.0), 0), 1.0)
+    else:
+        mean, std = flat.mean(0), flat.std(0)
     std = np.where(std > 0, std, 1.0)
     return mean.astype(np.float32), std.astype(np.float32)
+
+
+def site_mask(site: dict | None):
+    """The batch-shaped mask under which the model scores a sample site, or None (all in).
+
+    Combines ``handlers.mask`` (and ``obs_mask``, which uses it) with ``fn.mask(...)``.
+    """
+    import numpyro.distributions as dist
+
+    if site is None or site["type"] != "sample":
+        return None
+    fn, mask = site["fn"], site.get("mask")
+    while True:
+        if isinstance(fn, dist.MaskedDistribution):
+            if isinstance(fn._mask, bool):
+                mask = (mask if mask is not None else True) if fn._mask else False
+            else:
+                mask = fn._mask if mask is None or mask is True else mask & fn._mask
+        if not hasattr(fn, "base_dist"):
+            break
+        fn = fn.base_dist
+    if mask is None or mask is True:
+        return None
+    return jnp.asarray(mask, bool)
 
 
 def check_observed_finite(trace) -> None:
@@ -104,19 +146,13 @@ def check_observed_finite(trace) -> None:
         if not np.issubdtype(value.dtype, np.floating):
             continue
         bad = ~np.isfinite(value)
-        fn, mask = site["fn"], site.get("mask")
-        while True:
-            if isinstance(fn, dist.MaskedDistribution) and not isinstance(fn._mask, bool):
-                mask = fn._mask if mask is None else mask & fn._mask
-            if not hasattr(fn, "base_dist"):
-                break
-            fn = fn.base_dist
-        if mask is not None and not isinstance(mask, bool):
+        mask = site_mask(site)
+        if mask is not None:
             try:
                 m = np.asarray(mask, bool)
             except Exception:  # noqa: BLE001, S112 - an abstract mask: nothing to check
                 continue
-            ev = len(fn.event_shape) if hasattr(fn, "event_shape") else 0
+            ev = len(site["fn"].event_shape)
             try:
                 bad = bad & np.broadcast_to(np.reshape(m, m.shape + (1,) * ev), bad.shape)
             except ValueError:

@@ -220,3 +220,61 @@ def test_event_dim_observations_with_another_size_raise():
     assert guide.sample_posterior(jax.random.PRNGKey(0), params, jnp.ones((7, 3)))["a"].shape == (7,)
     with pytest.raises(ValueError, match=r"(?s)'y' gives its set encoder 5 features.*3 in training.*numpyro.plate"):
         guide.sample_posterior(jax.random.PRNGKey(0), params, jnp.ones((7, 5)))
+
+
+# ---------------------------------------------------------------------------------------------
+# obs_mask with NaN in the missing cells: exact posterior (missing cells simply drop out)
+# ---------------------------------------------------------------------------------------------
+def masked_groups(y, mask):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    with numpyro.plate("groups", y.shape[0], dim=-2):
+        mg = numpyro.sample("mg", dist.Normal(mu, 1.0))
+        with numpyro.plate("obs", y.shape[1], dim=-1):
+            numpyro.sample("y", dist.Normal(mg, 0.5), obs=y, obs_mask=mask)
+
+
+def test_obs_mask_with_nan_exact_posterior():
+    """NumPyro imputes the missing cells as a latent site ``y_unobserved`` scored only there; the
+    guide scores only those cells too (else its entropy on the others grows without bound), and
+    the set encoder reads the observed cells and an indicator of which they are."""
+    rng = np.random.default_rng(0)
+    G, M = 8, 4
+    y = rng.normal(size=(G, 1)) + 0.5 * rng.normal(size=(G, M))
+    mask = rng.uniform(size=(G, M)) > 0.3
+    # joint Gaussian posterior of (mu, mg_1..G) from the observed cells only
+    precision = np.zeros((G + 1, G + 1))
+    precision[0, 0] = 1 + G
+    precision[0, 1:] = precision[1:, 0] = -1
+    precision[1:, 1:] = np.diag(1 + mask.sum(1) / 0.25)
+    cov = np.linalg.inv(precision)
+    mean = cov @ np.concatenate([[0.0], np.where(mask, y, 0).sum(1) / 0.25])
+    y_nan = jnp.asarray(np.where(mask, y, np.nan), jnp.float32)
+    guide = AutoPAVI(masked_groups, encoding_dim=4, hidden=(8,))
+    svi = SVI(masked_groups, guide, optax.adam(1e-2), Trace_ELBO())
+    result = svi.run(jax.random.PRNGKey(0), 2500, y_nan, jnp.asarray(mask), progress_bar=False)
+    losses = np.asarray(result.losses)
+    assert np.all(np.isfinite(losses)) and losses[-100:].mean() > losses[1000:].min() - 1.0  # no fall without bound
+    plan = {line.split()[1]: line.split("encoding: ")[1] for line in guide.describe().splitlines() if line.startswith("plates ")}
+    # groups are encoded from their observed cells; the missing cells have no data: free
+    assert plan == {"groups": "set from nested:y_observed", "groups/obs": "free"}
+    post = guide.sample_posterior(jax.random.PRNGKey(1), result.params, y_nan, jnp.asarray(mask), sample_shape=(NUM_DRAWS,))
+    z = np.concatenate([np.asarray(post["mu"])[:, None], np.asarray(post["mg"])[:, :, 0]], 1)
+    sd = np.sqrt(np.diag(cov))
+    tol = 4 / np.sqrt(NUM_DRAWS) + 0.1  # Monte Carlo (4 standard errors) plus 0.1 sd
+    assert np.max(np.abs(z.mean(0) - mean) / sd) < tol
+    assert np.max(np.abs(z.std(0) / sd - 1)) < 4 / np.sqrt(2 * NUM_DRAWS) + 0.1
+    # imputed cells: y | data ~ N(E[mg], Var[mg] + 0.25)
+    imputed = np.asarray(post["y_unobserved"])[:, ~mask]
+    m = np.broadcast_to(mean[1:, None], (G, M))[~mask]
+    s = np.sqrt(np.broadcast_to(np.diag(cov)[1:, None], (G, M))[~mask] + 0.25)
+    assert np.max(np.abs(imputed.mean(0) - m) / s) < tol
+    assert not np.any(np.isnan(np.asarray(post["y"])))
+    # LOO counts the observed cells only, each once
+    import arviz as az
+
+    from numpyro_pavi.arviz import to_inference_data
+
+    idata = to_inference_data(guide, result.params, y_nan, jnp.asarray(mask), num_samples=50, log_likelihood=True)
+    ll = idata.log_likelihood["y_observed"]
+    assert ll.shape == (1, 50, int(mask.sum())) and np.all(np.isfinite(ll.values))
+    assert az.loo(idata).n_data_points == int(mask.sum())
