@@ -10,6 +10,7 @@ express the coupling between global and local variables that mean-field guides m
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import warnings
 import zlib
@@ -35,6 +36,8 @@ from .structure import LatentSite, ModelStructure, model_structure, plate_sizes,
 __all__ = ["AutoPAVI"]
 
 _ENCODINGS = ("auto", "free", "set", "hybrid")
+# NumPyro >= 0.21 guides take forward_mode_differentiation (older ones set up in reverse mode)
+_BASE_TAKES_FORWARD_MODE = "forward_mode_differentiation" in inspect.signature(AutoGuide.__init__).parameters
 _FLOW_LAYERS = ("autoregressive", "coupling")
 _ESTIMATORS = ("stl", "reparam")
 
@@ -256,13 +259,15 @@ class AutoPAVI(AutoGuide):
         self.structure: ModelStructure | None = None
         self._flows: dict[str, ConditionalFlow] = {}
         self._init_values: dict = {}
-        super().__init__(
-            model,
-            prefix=prefix,
-            init_loc_fn=init_loc_fn,
-            create_plates=create_plates,
-            forward_mode_differentiation=forward_mode_differentiation,
-        )
+        fwd = {}
+        if forward_mode_differentiation or _BASE_TAKES_FORWARD_MODE:
+            if not _BASE_TAKES_FORWARD_MODE:
+                raise ValueError(
+                    "forward_mode_differentiation=True needs NumPyro >= 0.21, whose guides set up "
+                    f"models in forward mode (installed: {numpyro.__version__})."
+                )
+            fwd = {"forward_mode_differentiation": forward_mode_differentiation}
+        super().__init__(model, prefix=prefix, init_loc_fn=init_loc_fn, create_plates=create_plates, **fwd)
 
     # -- setup ---------------------------------------------------------------------------
     def _setup_prototype(self, *args, **kwargs):
@@ -726,7 +731,7 @@ class AutoPAVI(AutoGuide):
                 site, params, enc, unc, centers, noise, chunk_size, path_gradient
             )
             value, logdet = _constrain(site, x)
-            unc[name], values[name], logqs[name] = x, value, _masked(site, logq - logdet, trace.get(name), grid)
+            unc[name], values[name], logqs[name] = x, value, _masked(site, logq - logdet, None if trace is None else trace.get(name), grid)
         return values, unc, logqs
 
     def __call__(self, *args, **kwargs):

@@ -246,7 +246,7 @@ def _latent_site(site: dict, plates: Mapping[str, PlateInfo]) -> LatentSite:
     if fn.support.is_discrete:
         raise ValueError(
             f"{_numpyro_support_error(site)} AutoPAVI's flows need continuous latents "
-            f"('{name}' is {type(fn).__name__}). Marginalize it with enumeration "
+            f"('{name}' is {type(_base(fn)).__name__}). Marginalize it with enumeration "
             f"(numpyro.sample('{name}', ..., infer={{'enumerate': 'parallel'}}) and "
             "TraceEnum_ELBO), or give it its own guide: AutoGuideList with "
             f"AutoPAVI(handlers.block(model, hide=['{name}'])) plus a guide for '{name}'."

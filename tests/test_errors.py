@@ -47,7 +47,7 @@ def discrete_model():
 
 
 def test_discrete_latent_site():
-    with pytest.raises(ValueError, match=r"(?s)'k'.*discrete.*enumerat.*AutoGuideList"):
+    with pytest.raises(ValueError, match=r"(?s)discrete sample site 'k'.*Bernoulli.*enumerat.*AutoGuideList"):
         _init(discrete_model)
 
 
