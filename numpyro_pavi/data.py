@@ -134,7 +134,6 @@ def site_mask(site: dict | None):
 def check_observed_finite(trace) -> None:
     """Raise a clear error when an observed site holds NaN or inf where the likelihood sees it
     (cells masked out with ``obs_mask`` or ``handlers.mask`` are allowed to hold anything)."""
-    import numpyro.distributions as dist
 
     for name, site in trace.items():
         if site["type"] != "sample" or not site["is_observed"] or site["value"] is None:
