@@ -215,7 +215,7 @@ class AutoPAVI(AutoGuide):
         flow_layer: str = "autoregressive",
         hidden: tuple[int, ...] = (32,),
         prefix: str = "auto",
-        init_loc_fn: Callable = init_to_median(num_samples=15),
+        init_loc_fn: Callable = init_to_median(num_samples=15),  # noqa: B008 - as NumPyro's guides
         init_scale: float = 0.1,
         create_plates: Callable | None = None,
         chunk_size: int = 2**16,
@@ -839,9 +839,13 @@ class AutoPAVI(AutoGuide):
         bound = _data.bind_arguments(self.model, args, kwargs) if self.ragged else {}
         return sizes, indices, trace, bound
 
+    def _free_plates(self) -> set[str]:
+        """Plates whose elements have free (learned, per-element) encodings or residuals."""
+        return {p for key, sources in self._plan.items() if not sources or self.encoding == "hybrid" for p in key}
+
     def _free_observed(self) -> list[str]:
         """Observed sites inside a plate whose elements have free encodings."""
-        free = {p for key, sources in self._plan.items() if not sources or self.encoding == "hybrid" for p in key}
+        free = self._free_plates()
         return [name for name, obs in self.structure.observed.items() if free & set(obs.plates)]
 
     def _data_fingerprints(self, args, kwargs) -> dict:
@@ -858,7 +862,7 @@ class AutoPAVI(AutoGuide):
     def _check_same_data(self, trace) -> None:
         """Free encodings were learned from the training data: with other observed values for
         their elements, they would silently give the training posterior."""
-        free = {p for key, sources in self._plan.items() if not sources or self.encoding == "hybrid" for p in key}
+        free = self._free_plates()
         for name in self._free_observed():
             site = trace.get(name)
             if site is None or not site["is_observed"]:
