@@ -28,7 +28,11 @@ from stress import MODELS, train
 from numpyro_pavi import AutoPAVI
 from numpyro_pavi.monitor import check_losses
 
-GUIDES = {"AutoPAVI": lambda m: AutoPAVI(m), "AutoNormal": lambda m: AutoNormal(m)}
+GUIDES = {
+    "AutoPAVI": lambda m: AutoPAVI(m),
+    "AutoPAVI-laplace": lambda m: AutoPAVI(m, laplace=True),
+    "AutoNormal": lambda m: AutoNormal(m),
+}
 
 
 def _flat(samples: dict, sites: list[str]) -> np.ndarray:
@@ -59,6 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = _common.parser(__doc__)
     p.add_argument("--models", default="crossed_bernoulli,verbagg,epil,sleepstudy")
     p.add_argument("--rates", default="1e-3,5e-3,1e-2")
+    p.add_argument("--guides", default=",".join(GUIDES), help=f"any of {', '.join(GUIDES)}")
     p.add_argument("--steps", type=int, default=5000)
     p.add_argument("--burn-in", type=int, default=1000)
     p.add_argument("--draws", type=int, default=2000, help="posterior draws of each guide")
@@ -86,14 +91,13 @@ def main(argv: list[str] | None = None) -> dict:
         sites = sorted(ref)
         print(f"{name}: NUTS {args.nuts_warmup}+{args.nuts_samples} in {nuts_s:.0f}s", flush=True)
         entry = {"nuts_seconds": nuts_s, "sites": sites, "guides": {}}
-        for gname, make in GUIDES.items():
+        for gname in _common.parse_list(args.guides, str):
+            make = GUIDES[gname]
             for lr in _common.parse_list(args.rates):
                 guide = make(model)
                 losses, secs, params, _ = train(model, guide, data, {}, lr, args.key, args.steps, decay=args.decay)
                 rep = check_losses(losses, 100, 0.05, args.burn_in)
-                draws = guide.sample_posterior(
-                    jax.random.PRNGKey(7), params, *data, sample_shape=(args.draws,)
-                )
+                draws = guide.sample_posterior(jax.random.PRNGKey(7), params, *data, sample_shape=(args.draws,))
                 acc = compare(ref, draws, sites)
                 row = {
                     "lr": lr,

@@ -31,6 +31,7 @@ from . import data as _data
 from .data import Ragged
 from .encoders import SetEncoder, init_readout, readout
 from .flows import ConditionalFlow
+from .laplace import NEWTON_STEPS, log_joint, newton_base, reference_value
 from .structure import LatentSite, ModelStructure, model_structure, plate_sizes, prior_dependencies, seeded_model
 
 __all__ = ["AutoPAVI"]
@@ -122,6 +123,13 @@ def _masked(site: LatentSite, logq: jax.Array, trace_site: dict | None, grid: tu
     return jnp.where(share > 0, logq * share, 0.0)
 
 
+def _takes_arguments(model: Callable) -> bool:
+    try:
+        return bool(inspect.signature(model).parameters)
+    except (TypeError, ValueError):
+        return True
+
+
 def _fingerprint(value) -> int | None:
     """A checksum of observed values (None for abstract or missing ones)."""
     try:
@@ -199,11 +207,23 @@ class AutoPAVI(AutoGuide):
           passes for autoregressive layers, one for coupling layers).
         * ``"reparam"``: the plain reparameterization estimator (the log-density's gradient
           includes the score term, whose expectation is zero but whose noise is not).
+    :param bool laplace: give every local site (one inside a plate) an element-wise
+        Laplace base (see :mod:`numpyro_pavi.laplace`): a few Newton steps on the model's
+        log joint, per element and given the sampled values of the sites before it, locate
+        the element's mode ``m`` and precision ``P``, and the site's flow, which starts as a
+        standard normal, acts in the standardized coordinates ``L^T (x - m)``. The
+        likelihood then informs every element directly (covariates, gathers such as
+        ``a[group]``, crossed designs, non-Gaussian families, the number of observations)
+        with no declaration, at the price of ``(1 + d) * (NEWTON_STEPS + 1)`` extra
+        passes through the model per local site and step. Posteriors need the model's
+        arguments (new data gives new groups their posterior without retraining).
     :param bool forward_mode_differentiation: as in NumPyro's guides: use forward-mode
         differentiation when the model is set up (initialization), for models that
         reverse mode cannot differentiate (e.g. ``jax.lax.while_loop``). Pass the same flag
         to ``SVI.run``/``Trace_ELBO`` for training.
     """
+
+    _no_encoding: frozenset = frozenset()  # plate sets with no encoding (see _build)
 
     def __init__(
         self,
@@ -222,6 +242,7 @@ class AutoPAVI(AutoGuide):
         encoder: SetEncoder | None = None,
         ragged: dict[str, Ragged] | None = None,
         estimator: str = "stl",
+        laplace: bool = False,
         forward_mode_differentiation: bool = False,
     ):
         if encoding not in _ENCODINGS:
@@ -248,6 +269,7 @@ class AutoPAVI(AutoGuide):
             raise TypeError(f"encoder must be a numpyro_pavi.SetEncoder, got {encoder!r}.")
         self.encoding = encoding
         self.estimator = estimator
+        self.laplace = bool(laplace)
         self.encoding_dim = encoding_dim
         self.encoder = encoder if encoder is not None else SetEncoder(kind="deep_sets")
         self.ragged = ragged
@@ -296,6 +318,9 @@ class AutoPAVI(AutoGuide):
         self._build(rng_key)
         self._fingerprints = self._data_fingerprints(args, kwargs)
 
+    def _on_laplace(self, site: LatentSite) -> bool:
+        return self.laplace and bool(site.plates)
+
     def _context_dim(self, site: LatentSite) -> int:
         # one encoding per element of the site's plate set; globals see their parents only (a
         # learned constant input would only duplicate the bias, in a product of two learned
@@ -313,14 +338,22 @@ class AutoPAVI(AutoGuide):
                 num_layers=self.flow_layers,
                 layer=self.flow_layer,
                 hidden=self.hidden,
-                init_scale=self._init_scale,
+                # on a Laplace base the flow acts on standardized values: it starts as N(0, I)
+                init_scale=1.0 if self._on_laplace(site) else self._init_scale,
                 bilinear=self.encoding_dim if site.plates else 0,
             )
             self._flows[name] = flow
             loc = _unconstrained_to_canonical(site, self._init_locs[name])
             loc = jnp.mean(jnp.reshape(loc, (-1, site.dim)), 0)
+            if self._on_laplace(site):
+                loc = jnp.zeros_like(loc)
             self._init_values[self._param_name(name, "flow")] = flow.init(k, loc=loc, skip=self._encoding_skip(site))
         self._plan = self._encoding_plan(self.prototype_trace)
+        # with Laplace bases the likelihood already informs every element: where no data
+        # sits inside a plate set, "auto" gives no encoding rather than per-element ones
+        self._no_encoding = {
+            key for key, src in self._plan.items() if self.laplace and self.encoding == "auto" and not src
+        }
         for k, (key, sources) in zip(keys[len(self.structure.latent) :], self._plan.items()):
             self._init_encoding(k, key, sources)
 
@@ -334,7 +367,9 @@ class AutoPAVI(AutoGuide):
         keys = sorted({site.plates for site in self.structure.latent.values() if site.plates}, key=len)
         unknown = set(self.ragged) - set(self.structure.plates)
         if unknown:
-            raise ValueError(f"ragged names unknown plate(s) {sorted(unknown)}; plates: {sorted(self.structure.plates)}.")
+            raise ValueError(
+                f"ragged names unknown plate(s) {sorted(unknown)}; plates: {sorted(self.structure.plates)}."
+            )
         plan = {}
         for key in keys:
             sources = []
@@ -363,7 +398,8 @@ class AutoPAVI(AutoGuide):
         (NumPyro's ``{name}_unobserved`` beside an observed ``{name}_observed``)."""
         sites = [name for name, site in self.structure.latent.items() if site.plates == key]
         return bool(sites) and all(
-            n.endswith("_unobserved") and n[: -len("_unobserved")] + "_observed" in self.structure.observed for n in sites
+            n.endswith("_unobserved") and n[: -len("_unobserved")] + "_observed" in self.structure.observed
+            for n in sites
         )
 
     def _key_name(self, key: tuple) -> str:
@@ -386,6 +422,8 @@ class AutoPAVI(AutoGuide):
         D = self.encoding_dim
         sizes = [self.structure.plates[p].size for p in key]
         kname = self._key_name(key)
+        if key in self._no_encoding:
+            return
         if not sources or self.encoding == "hybrid":
             # zero: every element starts at the flow's shared initial distribution
             what = "residual" if sources else "encoding"
@@ -441,7 +479,9 @@ class AutoPAVI(AutoGuide):
                 for level, p in enumerate(pooled[::-1]):
                     n = h.shape[-2]
                     out = enc(params[self._param_name(name, "encoder")][f"{p}@{level}"], h)
-                    h = jnp.concatenate([out, jnp.broadcast_to(_data.log_count(n, sizes[p], n), out.shape[:-1] + (1,))], -1)
+                    h = jnp.concatenate(
+                        [out, jnp.broadcast_to(_data.log_count(n, sizes[p], n), out.shape[:-1] + (1,))], -1
+                    )
                 outs.append(h)
             else:
                 outs.append(self._ragged_encoding(params, name, trace, indices, sizes, bound, enc))
@@ -504,7 +544,9 @@ class AutoPAVI(AutoGuide):
             if mask is not None:
                 self._masked.add(name)  # the encoder also reads which cells are observed
             if obs.plates:
-                _data.check_finite(f"observed site {name}", x if mask is None else jnp.where(mask, x, 0.0), obs.plates[0])
+                _data.check_finite(
+                    f"observed site {name}", x if mask is None else jnp.where(mask, x, 0.0), obs.plates[0]
+                )
             self._features[name] = int(x.shape[-1]) * (2 if mask is not None else 1)
             self._stats[name] = _data.feature_stats(x, mask)
         bound = _data.bind_arguments(self.model, args, kwargs) if self.ragged else {}
@@ -647,6 +689,9 @@ class AutoPAVI(AutoGuide):
         for key, sources in self._plan.items():
             kname = self._key_name(key)
             enc = None
+            if key in self._no_encoding:
+                out[key] = jnp.zeros(tuple(int(indices[p].shape[0]) for p in key) + (self.encoding_dim,))
+                continue
             if sources:
                 enc = self._set_encoding(params, key, sources, trace, indices, sizes, bound)
             for what in ("encoding", "residual"):
@@ -657,7 +702,7 @@ class AutoPAVI(AutoGuide):
             out[key] = enc
         return out
 
-    def _sample_site(self, site, params, enc, unc, centers, noise, chunk_size=None, path_gradient=False):
+    def _sample_site(self, site, params, enc, unc, centers, noise, chunk_size=None, path_gradient=False, base=None):
         """Sample one site on the grid of its plates' current elements.
 
         Parents enter the context as ``value - center``, where a parent's center is its
@@ -671,6 +716,10 @@ class AutoPAVI(AutoGuide):
         constant (the path-derivative estimator, see ``estimator``): same value, other
         gradient.
 
+        With a Laplace ``base = (m, L)`` (``(*grid, d)``, ``(*grid, d, d)``), the flow's
+        output ``u`` is placed as ``x = m + L^{-T} u``; children then see ``u`` as this
+        site's context (its standardized deviation), which depends on the sample only.
+
         :return: canonical ``x (*grid, d)``, ``log q (*grid)`` and, when the site has
             children, its center ``(*grid, d)`` (else None).
         """
@@ -680,10 +729,12 @@ class AutoPAVI(AutoGuide):
         fparams = params[self._param_name(site.name, "flow")]
         parents = [(self.structure.latent[p], unc[p], centers[p]) for p in site.conditions_on]
 
-        def rows(r, z, with_parents=True):
+        def rows(r, z, with_parents=True, m=None, chol=None):
             multi = jnp.unravel_index(r, grid) if grid else ()
             pos = dict(zip(site.plates, multi))
-            own = enc[site.plates][tuple(pos[p] for p in site.plates)] if site.plates else jnp.zeros(jnp.shape(r) + (0,))
+            own = (
+                enc[site.plates][tuple(pos[p] for p in site.plates)] if site.plates else jnp.zeros(jnp.shape(r) + (0,))
+            )
             deltas = []
             for par, value, center in parents:
                 at = tuple(pos[p] for p in par.plates)
@@ -696,7 +747,14 @@ class AutoPAVI(AutoGuide):
                 # the parents' samples in the context keep their path gradients.
                 frozen = jax.lax.stop_gradient
                 logq = flow.log_prob(frozen(fparams), x, jnp.concatenate([frozen(own), *deltas], -1))
-            return x, logq
+            if m is None:
+                return x, logq
+            # x = m + L^{-T} u, so log q(x) = log q(u) + log|det L|; m and L are functions of
+            # the sampled parents only (no variational parameter), so they keep their gradients
+            u = x
+            x = m + jax.scipy.linalg.solve_triangular(chol, u[..., None], lower=True, trans=1)[..., 0]
+            logdet = jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), -1)
+            return jnp.concatenate([x, u], -1), logq + logdet
 
         def run(fn, *xs):
             if chunk_size is None or n <= chunk_size:
@@ -704,6 +762,17 @@ class AutoPAVI(AutoGuide):
             return jax.lax.map(lambda a: fn(*a), xs, batch_size=chunk_size)
 
         r = jnp.arange(n)
+        if base is not None:
+            m, chol = base
+            m, chol = jnp.reshape(m, (n, site.dim)), jnp.reshape(chol, (n, site.dim, site.dim))
+            xu, logq = run(
+                lambda r_, z_, m_, c_: rows(r_, z_, True, m_, c_), r, jnp.reshape(noise, (n, site.dim)), m, chol
+            )
+            x, u = xu[..., : site.dim], xu[..., site.dim :]
+            center = (x - u) if site.name in self._has_children else None
+            if center is not None:
+                center = jnp.reshape(center, grid + (site.dim,))
+            return jnp.reshape(x, grid + (site.dim,)), jnp.reshape(logq, grid), center
         x, logq = run(rows, r, jnp.reshape(noise, (n, site.dim)))
         center = None
         if site.name in self._has_children:
@@ -712,12 +781,15 @@ class AutoPAVI(AutoGuide):
             center = jax.lax.stop_gradient(jnp.reshape(center, grid + (site.dim,)))
         return jnp.reshape(x, grid + (site.dim,)), jnp.reshape(logq, grid), center
 
-    def _sample_all(self, params, rng_key, indices, trace, sizes, bound, chunk_size=None, path_gradient=False):
+    def _sample_all(
+        self, params, rng_key, indices, trace, sizes, bound, chunk_size=None, path_gradient=False, model_args=None
+    ):
         """Top-down sample of every latent site on the given plate elements.
 
         :param indices: ``{plate: current element indices}``.
         :param trace: a model trace on those indices (observed data for the encoders).
         :param sizes: ``{plate: full size}``; ``bound``: model arguments by name.
+        :param model_args: ``(args, kwargs)`` of the model, for the Laplace bases.
         :return: constrained site-layout values, canonical unconstrained values and
             per-element ``log q`` (on each site's grid, support log-det included).
         """
@@ -727,12 +799,73 @@ class AutoPAVI(AutoGuide):
         for key, (name, site) in zip(keys, self.structure.latent.items()):
             grid = tuple(int(indices[p].shape[0]) for p in site.plates)
             noise = jax.random.normal(key, grid + (site.dim,))
+            base = self._laplace_base(site, values, indices, model_args) if self._on_laplace(site) else None
             x, logq, centers[name] = self._sample_site(
-                site, params, enc, unc, centers, noise, chunk_size, path_gradient
+                site, params, enc, unc, centers, noise, chunk_size, path_gradient, base
             )
             value, logdet = _constrain(site, x)
-            unc[name], values[name], logqs[name] = x, value, _masked(site, logq - logdet, None if trace is None else trace.get(name), grid)
+            unc[name], values[name], logqs[name] = (
+                x,
+                value,
+                _masked(site, logq - logdet, None if trace is None else trace.get(name), grid),
+            )
         return values, unc, logqs
+
+    def _laplace_base(self, site: LatentSite, values: dict, indices: dict, model_args):
+        """``(m, L)`` of ``site`` on the current elements, given the sampled ``values`` of the
+        sites before it (see :mod:`numpyro_pavi.laplace`).
+
+        The later sites of the same plates (siblings such as a group's slope after its
+        intercept) are part of the element's Newton problem and marginalized out of ``P``
+        (a Schur complement): fixing them at a reference instead would bias this site by
+        their deviation from it. Other later sites sit at their prior means.
+        """
+        if model_args is None:
+            raise ValueError(
+                f"Site '{site.name}' has a Laplace base (laplace=True), which needs the model's "
+                "arguments: pass them (e.g. guide.sample_posterior(key, params, *args, **kwargs))."
+            )
+        args, kwargs = model_args
+        plates = {p: indices[p] for p in self.structure.plates if p in indices}
+        names = list(self.structure.latent)
+        group = [site] + [
+            s
+            for s in (self.structure.latent[n] for n in names[names.index(site.name) + 1 :])
+            if s.plates == site.plates
+        ]
+        cuts = np.cumsum([g.dim for g in group])[:-1].tolist()
+
+        def logp(z, known):
+            vals, logdet = {}, 0.0
+            for g, part in zip(group, jnp.split(z, cuts, axis=-1)):
+                vals[g.name], ld = _constrain(g, part)
+                logdet = logdet + jnp.sum(ld)
+            lp = log_joint(self.model, {**plates, **known, **vals}, args, kwargs, per_element_of=site.name)
+            return lp + logdet
+
+        frozen = jax.lax.stop_gradient(values)
+        fixed = {**plates, **frozen}
+
+        def start(msg):
+            if msg["name"] in fixed:
+                return fixed[msg["name"]]
+            return reference_value(msg["fn"]) if msg["type"] == "sample" and not msg["is_observed"] else None
+
+        # the start: the group's prior means given the values before it, in canonical layout
+        with handlers.block():
+            trace = handlers.trace(handlers.substitute(handlers.seed(self.model, 0), substitute_fn=start)).get_trace(
+                *args, **kwargs
+            )
+        z_init = jnp.concatenate(
+            [_unconstrained_to_canonical(g, biject_to(g.support).inv(trace[g.name]["value"])) for g in group], -1
+        )
+        m, chol = newton_base(lambda z: logp(z, values), lambda z: logp(z, frozen), z_init, NEWTON_STEPS)
+        if len(group) == 1:
+            return m, chol
+        d, total = site.dim, m.shape[-1]
+        cov = jax.scipy.linalg.cho_solve((chol, True), jnp.broadcast_to(jnp.eye(total), chol.shape))[..., :d, :d]
+        prec = jnp.linalg.inv(cov)
+        return m[..., :d], jnp.linalg.cholesky(0.5 * (prec + jnp.swapaxes(prec, -1, -2)))
 
     def __call__(self, *args, **kwargs):
         with warnings.catch_warnings():
@@ -752,7 +885,14 @@ class AutoPAVI(AutoGuide):
         sizes = {name: info.size for name, info in self.structure.plates.items()}
         bound = _data.bind_arguments(self.model, args, kwargs) if self.ragged else {}
         values, _, logqs = self._sample_all(
-            params, rng_key, indices, trace, sizes, bound, path_gradient=self.estimator == "stl"
+            params,
+            rng_key,
+            indices,
+            trace,
+            sizes,
+            bound,
+            path_gradient=self.estimator == "stl",
+            model_args=(args, kwargs),
         )
         result = {}
         for name, site in self.structure.latent.items():
@@ -809,7 +949,9 @@ class AutoPAVI(AutoGuide):
         if self.structure is None:
             raise RuntimeError("The guide is not set up yet: run SVI (or call the guide) once first.")
         sizes = {name: info.size for name, info in self.structure.plates.items()}
-        needs_data = any(self._plan.values())
+        needs_data = any(self._plan.values()) or (
+            any(self._on_laplace(s) for s in self.structure.latent.values()) and _takes_arguments(self.model)
+        )
         if not (args or kwargs):
             if needs_data:
                 raise ValueError(
@@ -823,7 +965,7 @@ class AutoPAVI(AutoGuide):
         sizes.update({name: now[name] for name in sizes if name in now})
         changed = {n for n, sz in sizes.items() if sz != self.structure.plates[n].size}
         for key, sources in self._plan.items():
-            free_needed = not sources or self.encoding == "hybrid"
+            free_needed = (not sources and key not in self._no_encoding) or self.encoding == "hybrid"
             if free_needed and changed & set(key):
                 p = min(changed & set(key))
                 raise ValueError(
@@ -841,7 +983,12 @@ class AutoPAVI(AutoGuide):
 
     def _free_plates(self) -> set[str]:
         """Plates whose elements have free (learned, per-element) encodings or residuals."""
-        return {p for key, sources in self._plan.items() if not sources or self.encoding == "hybrid" for p in key}
+        return {
+            p
+            for key, sources in self._plan.items()
+            if (not sources and key not in self._no_encoding) or self.encoding == "hybrid"
+            for p in key
+        }
 
     def _free_observed(self) -> list[str]:
         """Observed sites inside a plate whose elements have free encodings."""
@@ -912,11 +1059,14 @@ class AutoPAVI(AutoGuide):
         sample_shape = self._check_call(rng_key, params, sample_shape)
         self._check_params(params)
         sizes, indices, trace, bound = self._full_inputs(args, kwargs)
+        margs = (args, kwargs)
 
         deterministic = any(s["type"] == "deterministic" for s in self.prototype_trace.values())
 
         def one(key):
-            values, _, _ = self._sample_all(params, key, indices, trace, sizes, bound, self.chunk_size)
+            values, _, _ = self._sample_all(
+                params, key, indices, trace, sizes, bound, self.chunk_size, model_args=margs
+            )
             if deterministic:
                 values.update(self._deterministic(values, indices, args, kwargs))
             return values
@@ -939,10 +1089,13 @@ class AutoPAVI(AutoGuide):
         sample_shape = self._check_call(rng_key, params, sample_shape)
         self._check_params(params)
         sizes, indices, trace, bound = self._full_inputs(args, kwargs)
+        margs = (args, kwargs)
         keys = jax.random.split(rng_key, max(math.prod(sample_shape), 1))
 
         def one(key):
-            values, _, logqs = self._sample_all(params, key, indices, trace, sizes, bound, self.chunk_size)
+            values, _, logqs = self._sample_all(
+                params, key, indices, trace, sizes, bound, self.chunk_size, model_args=margs
+            )
             return values, logqs
 
         if sample_shape and math.prod(sample_shape) == 0:
@@ -968,7 +1121,9 @@ class AutoPAVI(AutoGuide):
         """
         rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
         if not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive int (draws to estimate quantiles from), got {num_samples!r}.")
+            raise ValueError(
+                f"num_samples must be a positive int (draws to estimate quantiles from), got {num_samples!r}."
+            )
         levels = np.asarray(quantiles, dtype=float)
         if levels.ndim > 1 or levels.size == 0 or np.any((levels < 0) | (levels > 1)) or np.any(np.isnan(levels)):
             raise ValueError(f"quantiles must be a non-empty list of levels in [0, 1], got {quantiles!r}.")
@@ -994,14 +1149,19 @@ class AutoPAVI(AutoGuide):
             flow = self._flows[name]
             count = sum(np.size(x) for x in jax.tree.leaves(self._init_values[self._param_name(name, "flow")]))
             plates = ",".join(f"{p}[{self.structure.plates[p].size}]" for p in site.plates) or "-"
-            desc = f"affine+{flow.num_layers if site.dim > 1 else 0}x{flow.layer[:4]}" + (
-                f" | given: {','.join(site.conditions_on)}" if site.conditions_on else ""
+            desc = (
+                ("laplace+" if self._on_laplace(site) else "")
+                + f"affine+{flow.num_layers if site.dim > 1 else 0}x{flow.layer[:4]}"
+                + (f" | given: {','.join(site.conditions_on)}" if site.conditions_on else "")
             )
             lines.append(f"{name:<16}{plates:<24}{site.dim:>4}{flow.context_dim:>9}  {desc:<28}{count:>10}")
         for key, sources in self._plan.items():
             kind = "free" if not sources else ("hybrid" if self.encoding == "hybrid" else "set")
+            kind = "none (Laplace bases)" if key in self._no_encoding else kind
             src = ", ".join(f"{k}:{n}" for k, n in sources)
             size = "x".join(str(self.structure.plates[p].size) for p in key)
-            lines.append(f"plates {'/'.join(key):<20} elements {size:<10} encoding: {kind}" + (f" from {src}" if src else ""))
+            lines.append(
+                f"plates {'/'.join(key):<20} elements {size:<10} encoding: {kind}" + (f" from {src}" if src else "")
+            )
         lines.append(f"total parameters: {self.num_params()}")
         return "\n".join(lines)

@@ -1,0 +1,175 @@
+"""Element-wise Laplace bases (``AutoPAVI(laplace=True)``) against exact answers.
+
+Tolerances follow ``test_exact.py``: a mean from ``n`` draws has standard error
+``sd / sqrt(n)`` and an sd has relative standard error ``1 / sqrt(2 n)``; we allow 4
+standard errors plus an optimization slack.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import optax
+import pytest
+from numpyro.infer import SVI, Trace_ELBO
+
+from numpyro_pavi import AutoPAVI, exact, models
+from numpyro_pavi.laplace import log_joint, newton_base
+
+NUM_DRAWS = 2000
+S_B, S_Y = 0.5, 0.3
+
+
+def _fit(model, guide, steps, *args, lr=5e-3, decay=1.0, **kwargs):
+    # decay=1: plain constant-rate Adam, as users run it
+    svi = SVI(model, guide, optax.adam(optax.exponential_decay(lr, steps, decay)), Trace_ELBO())
+    return svi.run(jax.random.PRNGKey(0), steps, *args, progress_bar=False, **kwargs).params
+
+
+def _assert_moments(samples, mean, sd, slack):
+    samples = np.asarray(samples)
+    n = samples.shape[0]
+    np.testing.assert_array_less(np.abs(samples.mean(0) - mean), 4 * sd / np.sqrt(n) + slack * sd)
+    np.testing.assert_array_less(np.abs(samples.std(0) / sd - 1), 4 / np.sqrt(2 * n) + slack)
+
+
+# -- the Newton solver on its own --------------------------------------------------------
+def test_newton_base_finds_each_elements_mode_and_curvature():
+    """Poisson counts per element, log-rate z ~ N(0, 1): mode and precision of each element
+    against a long undamped Newton run in float64 NumPy, from far starting points."""
+    counts = jnp.array([[0.0, 1, 0], [30, 41, 25], [3, 2, 5], [200, 180, 220]])
+
+    def logp(z):  # z (4, 1)
+        rate = z[:, 0]
+        lik = jnp.sum(counts * rate[:, None] - jnp.exp(rate)[:, None])
+        return lik - 0.5 * jnp.sum(rate**2)
+
+    m, chol = newton_base(logp, logp, jnp.zeros((4, 1)), steps=6)
+    c = np.asarray(counts, np.float64)
+    z = np.zeros(4)
+    for _ in range(100):
+        g = c.sum(1) - 3 * np.exp(z) - z
+        h = 3 * np.exp(z) + 1
+        z = z + np.clip(g / h, -1.0, 1.0)  # damped: undamped Newton overshoots from 0 here
+    np.testing.assert_allclose(np.asarray(m[:, 0]), z, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(chol[:, 0, 0]) ** 2, 3 * np.exp(z) + 1, rtol=1e-3)
+
+
+def test_log_joint_counts_each_element_once_under_subsampling():
+    """The per-element joint must not carry the plate's N / B factor: otherwise the
+    precision of every element would be N / B times too large in training."""
+
+    def model():
+        with numpyro.plate("g", 8, subsample_size=2):
+            numpyro.sample("b", dist.Normal(0.0, 2.0))
+
+    values = {"g": jnp.array([1, 5]), "b": jnp.array([0.5, -1.0])}
+    got = log_joint(model, values, (), {}, per_element_of="b")
+    want = jnp.sum(dist.Normal(0.0, 2.0).log_prob(values["b"]))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    # without it, the training scale (8 / 2) applies, as in the ELBO
+    np.testing.assert_allclose(log_joint(model, values, (), {}), 4 * want, rtol=1e-6)
+
+
+# -- random slopes with covariates: exact posterior, new groups ------------------------
+def slopes(x, y=None, subsample_size=None):
+    """y[g, m] ~ N(b_g x[g, m], S_Y), b_g ~ N(mu, S_B), mu ~ N(0, 1); x is a covariate the
+    set encoder never sees."""
+    G, M = x.shape
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    with numpyro.plate("groups", G, subsample_size=subsample_size) as idx:
+        b = numpyro.sample("b", dist.Normal(mu, S_B))
+        with numpyro.plate("obs", M):
+            numpyro.sample("y", dist.Normal(b * x[idx].T, S_Y), obs=None if y is None else y[idx].T)
+
+
+def _slopes_exact(xs, ys):
+    """Joint posterior of (mu, b_1..G) over every group of the lists ``xs``, ``ys``."""
+    G = len(xs)
+    C0 = np.ones((G + 1, G + 1)) + S_B**2 * np.diag([0.0] + [1.0] * G)
+    rows, obs = [], []
+    for g, (x, y) in enumerate(zip(xs, ys)):
+        a = np.zeros((len(x), G + 1))
+        a[:, g + 1] = x
+        rows.append(a)
+        obs.append(y)
+    sol = exact.linear_gaussian_posterior(np.concatenate(rows), np.zeros(G + 1), C0, np.concatenate(obs), S_Y**2)
+    return sol["mean"], np.sqrt(np.diag(sol["cov"]))
+
+
+def _simulate_slopes(rng, G, M):
+    x = rng.normal(size=(G, M))
+    b = 0.4 + S_B * rng.normal(size=G)
+    return x, b[:, None] * x + S_Y * rng.normal(size=(G, M))
+
+
+@pytest.fixture(scope="module")
+def slopes_fit():
+    rng = np.random.default_rng(0)
+    x, y = _simulate_slopes(rng, 40, 8)
+    guide = AutoPAVI(slopes, laplace=True)
+    # B = 16 of 40 groups: at a constant rate the global's subsampling noise alone moves it
+    # by ~0.2 sd (Adam's iterate noise, not the local bases under test), so the rate decays
+    params = _fit(slopes, guide, 1500, jnp.asarray(x), jnp.asarray(y), decay=0.05, subsample_size=16)
+    return guide, params, x, y, rng
+
+
+def test_random_slopes_with_covariates_exact(slopes_fit):
+    guide, params, x, y, _ = slopes_fit
+    mean, sd = _slopes_exact(list(x), list(y))
+    s = guide.sample_posterior(jax.random.PRNGKey(1), params, jnp.asarray(x), jnp.asarray(y), sample_shape=(NUM_DRAWS,))
+    _assert_moments(s["mu"], mean[0], sd[0], slack=0.15)
+    _assert_moments(s["b"], mean[1:], sd[1:], slack=0.1)
+
+
+@pytest.mark.parametrize("M", [1, 2, 5, 20, 50])
+def test_new_groups_get_the_sd_their_data_give(slopes_fit, M):
+    """Groups never seen in training, with 1 to 50 observations each: the posterior sd
+    follows the amount of data (exact: about 0.4 down to 0.04)."""
+    guide, params, x, y, _ = slopes_fit
+    x_new, y_new = _simulate_slopes(np.random.default_rng(M), 4, M)
+    mean, sd = _slopes_exact(list(x) + list(x_new), list(y) + list(y_new))
+    s = guide.sample_posterior(
+        jax.random.PRNGKey(2), params, jnp.asarray(x_new), jnp.asarray(y_new), sample_shape=(NUM_DRAWS,)
+    )
+    # the global's posterior moves a little with the new groups; the tolerance covers it
+    _assert_moments(s["b"], mean[-4:], sd[-4:], slack=0.1)
+
+
+# -- long format: exact evidence, no declaration -----------------------------------------
+def test_long_format_exact_without_declaration():
+    """Intercepts and slopes reached through an index array (``a[group]``): no Ragged
+    declaration, no per-group parameter, and the exact evidence and posterior."""
+    counts = {}
+    for G in (15, 30):
+        y, group, cov = models.simulate_ragged_groups(jax.random.PRNGKey(4), G, min_size=2, max_size=8)
+        guide = AutoPAVI(models.ragged_groups, laplace=True)
+        if G == 30:
+            svi = SVI(models.ragged_groups, guide, optax.adam(5e-3), Trace_ELBO())
+            svi.init(jax.random.PRNGKey(0), y, group, cov, num_groups=G)
+            counts[G] = guide.num_params()
+            break
+        params = _fit(models.ragged_groups, guide, 1500, y, group, cov, num_groups=G)
+        counts[G] = guide.num_params()
+        post = exact.ragged_groups_posterior(np.asarray(y), np.asarray(group), np.asarray(cov), G)
+        loss = Trace_ELBO(num_particles=400).loss(
+            jax.random.PRNGKey(123), params, models.ragged_groups, guide, y, group, cov, num_groups=G
+        )
+        gap = (post.log_evidence + float(loss)) / G
+        assert -0.01 < gap < 0.02, gap
+        s = guide.sample_posterior(
+            jax.random.PRNGKey(5), params, y, group, cov, num_groups=G, sample_shape=(NUM_DRAWS,)
+        )
+        for site in ("mu_a", "mu_b", "a", "b"):
+            _assert_moments(s[site], post.mean[site], post.sd[site], slack=0.1)
+        assert "none (Laplace bases)" in guide.describe()
+    assert counts[15] == counts[30]
+
+
+def test_posterior_without_the_models_arguments_raises(slopes_fit):
+    guide, params, *_ = slopes_fit
+    with pytest.raises(ValueError, match="pass the model's arguments"):
+        guide.sample_posterior(jax.random.PRNGKey(0), params)
