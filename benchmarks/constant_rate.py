@@ -41,15 +41,18 @@ def _guide(method: str, encoding: str, model):
     init = init_to_median(num_samples=15)
     if method == "AutoNormal":
         return AutoNormal(model, init_loc_fn=init, init_scale=0.1)
+    if method == "PAVI-laplace":
+        return AutoPAVI(model, encoding=encoding, laplace=True, init_loc_fn=init)
     return AutoPAVI(model, encoding=encoding, estimator=method.split("-")[1], init_loc_fn=init)
 
 
-def run_setting(name: str, cfg: dict, steps: int, eval_every: int, particles: int, seed: int, draws: int) -> dict:
+def run_setting(
+    name: str, cfg: dict, steps: int, eval_every: int, particles: int, seed: int, draws: int, methods: list[str]
+) -> dict:
     G, M, B = cfg["G"], cfg["M"], cfg["B"]
     x = simulate_random_effects(jax.random.PRNGKey(seed), G, M, 1)
     exact = random_effects_posterior(x)
     model = functools.partial(random_effects, s0=0.5, s1=0.5, s2=0.1)
-    methods = [f"PAVI-{e}" for e in ("stl", "reparam")] + ["AutoNormal"]
     out = {"config": cfg, "log_evidence": exact["log_evidence"], "methods": {}}
     for method in methods:
         guide = _guide(method, cfg["encoding"], model)
@@ -86,6 +89,7 @@ def run_setting(name: str, cfg: dict, steps: int, eval_every: int, particles: in
 def main(argv: list[str] | None = None) -> dict:
     p = _common.parser(__doc__)
     p.add_argument("--settings", default="set,free")
+    p.add_argument("--methods", default="PAVI-stl,PAVI-reparam,AutoNormal", help="also: PAVI-laplace")
     p.add_argument("--steps", type=int, default=6000)
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--eval-particles", type=int, default=64)
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.time()
     info = _common.machine_info()
     results = {
-        k: run_setting(k, cfg, args.steps, args.eval_every, args.eval_particles, args.seed, args.draws)
+        k: run_setting(k, cfg, args.steps, args.eval_every, args.eval_particles, args.seed, args.draws, _common.parse_list(args.methods, str))
         for k, cfg in settings.items()
     }
     rec = _common.record("constant_rate", __file__, argv, args, info, t_start, results=results)

@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--burn-in", type=int, default=1000)
     p.add_argument("--window", type=int, default=100)
     p.add_argument("--rtol", type=float, default=0.05)
+    p.add_argument("--laplace", action="store_true", help="AutoPAVI(laplace=True) (likelihood-informed bases)")
     p.add_argument("--quick", action="store_true", help="smoke mode: one model, one cell, 300 steps")
     p.add_argument("--out", default=os.path.join(_common.RESULTS_DIR, "stress.json"))
     args = p.parse_args(argv)
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
         for fl in layers:
             for lr in rates:
                 for key in keys:
-                    guide = AutoPAVI(model, flow_layers=fl)
+                    guide = AutoPAVI(model, flow_layers=fl, laplace=args.laplace)
                     losses, secs, _, evals = train(model, guide, data, tkw, lr, key, args.steps, every)
                     rep = _report(losses, evals, args, every)
                     last = float(np.mean(losses[-args.window :])) if not every else float(evals[-1])

@@ -977,6 +977,7 @@ class AutoPAVI(AutoGuide):
         indices = self._full_indices(sizes)
         trace = self._trace_full(indices, args, kwargs)
         self._check_shapes(trace)
+        _data.check_observed_finite(trace)  # new data: the same clear error as in training
         self._check_same_data(trace)
         bound = _data.bind_arguments(self.model, args, kwargs) if self.ragged else {}
         return sizes, indices, trace, bound
