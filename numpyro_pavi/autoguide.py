@@ -242,7 +242,7 @@ class AutoPAVI(AutoGuide):
         encoder: SetEncoder | None = None,
         ragged: dict[str, Ragged] | None = None,
         estimator: str = "stl",
-        laplace: bool = False,
+        laplace: bool = True,
         forward_mode_differentiation: bool = False,
     ):
         if encoding not in _ENCODINGS:
@@ -317,6 +317,10 @@ class AutoPAVI(AutoGuide):
         self._setup_data(self.prototype_trace, args, kwargs)
         self._build(rng_key)
         self._fingerprints = self._data_fingerprints(args, kwargs)
+        # posteriors asked for without arguments are the training ones (as NumPyro's guides
+        # give); kept by reference, never pickled (see __getstate__), and not under tracing
+        concrete = not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((args, kwargs)))
+        self._train_args = (args, kwargs) if concrete else None
 
     def _on_laplace(self, site: LatentSite) -> bool:
         return self.laplace and bool(site.plates)
@@ -940,6 +944,20 @@ class AutoPAVI(AutoGuide):
                     "trained with other options (encoding_dim, hidden, flow_layers) or another model?"
                 )
 
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_train_args", None)  # the training data: not part of the guide
+        return state
+
+    def _posterior_args(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The model arguments a posterior method runs on: the given ones, or, when none are
+        given and the guide reads data (set encoders, Laplace bases), the training ones."""
+        if args or kwargs or self.structure is None:
+            return args, kwargs
+        reads_data = any(self._plan.values()) or any(self._on_laplace(s) for s in self.structure.latent.values())
+        train = getattr(self, "_train_args", None)
+        return train if (reads_data and train is not None) else (args, kwargs)
+
     def _full_inputs(self, args, kwargs):
         """Full plate sizes, indices, a full-plate trace and the bound arguments.
 
@@ -1059,6 +1077,7 @@ class AutoPAVI(AutoGuide):
         """
         sample_shape = self._check_call(rng_key, params, sample_shape)
         self._check_params(params)
+        args, kwargs = self._posterior_args(args, kwargs)
         sizes, indices, trace, bound = self._full_inputs(args, kwargs)
         margs = (args, kwargs)
 
@@ -1089,6 +1108,7 @@ class AutoPAVI(AutoGuide):
         """
         sample_shape = self._check_call(rng_key, params, sample_shape)
         self._check_params(params)
+        args, kwargs = self._posterior_args(args, kwargs)
         sizes, indices, trace, bound = self._full_inputs(args, kwargs)
         margs = (args, kwargs)
         keys = jax.random.split(rng_key, max(math.prod(sample_shape), 1))

@@ -206,7 +206,20 @@ def test_nan_in_new_data_names_the_site(slopes_fit):
         guide.sample_posterior(jax.random.PRNGKey(0), params, jnp.asarray(x_new), jnp.asarray(y_new))
 
 
-def test_posterior_without_the_models_arguments_raises(slopes_fit):
+def test_posterior_without_arguments_is_the_training_one(slopes_fit):
+    """As with NumPyro's guides: no arguments, the training posterior (same draws)."""
+    guide, params, x, y, _ = slopes_fit
+    got = guide.sample_posterior(jax.random.PRNGKey(0), params, sample_shape=(3,))
+    want = guide.sample_posterior(jax.random.PRNGKey(0), params, jnp.asarray(x), jnp.asarray(y), sample_shape=(3,))
+    for site in ("mu", "b"):
+        np.testing.assert_array_equal(got[site], want[site])
+
+
+def test_a_pickled_guide_needs_the_arguments(slopes_fit):
+    """The training data are not pickled with the guide: then the arguments are needed."""
+    import pickle
+
     guide, params, *_ = slopes_fit
+    restored = pickle.loads(pickle.dumps(guide))
     with pytest.raises(ValueError, match="pass the model's arguments"):
-        guide.sample_posterior(jax.random.PRNGKey(0), params)
+        restored.sample_posterior(jax.random.PRNGKey(0), params)
