@@ -19,6 +19,7 @@ the peer: the table also gives the mean loss of the last 100 steps relative to A
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import sys
@@ -121,7 +122,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--burn-in", type=int, default=1000)
     p.add_argument("--window", type=int, default=100)
     p.add_argument("--rtol", type=float, default=0.05)
-    p.add_argument("--laplace", action="store_true", help="AutoPAVI(laplace=True) (likelihood-informed bases)")
+    p.add_argument(
+        "--laplace",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="AutoPAVI's Laplace bases (the default; sections 4 and 7 of RESULTS.md ran before them: --no-laplace)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke mode: one model, one cell, 300 steps")
     p.add_argument("--out", default=os.path.join(_common.RESULTS_DIR, "stress.json"))
     args = p.parse_args(argv)

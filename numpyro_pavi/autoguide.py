@@ -178,7 +178,8 @@ class AutoPAVI(AutoGuide):
         * ``"set"`` (PAVI-E): computed by a learned set encoder from the element's observed
           data (see :mod:`numpyro_pavi.data`); raises if a plate's data cannot be found;
         * ``"hybrid"``: the set encoding plus a free per-element residual (zeros at init);
-        * ``"auto"`` (default): ``"set"`` where a plate's data is found, ``"free"`` elsewhere.
+        * ``"auto"`` (default): ``"set"`` where a plate's data is found; elsewhere none with
+          Laplace bases (``laplace``), ``"free"`` without.
     :param int encoding_dim: D, size of each plate element's encoding.
     :param int flow_layers: autoregressive/coupling layers per flow (only used for sites
         whose element has more than one coordinate).
@@ -207,7 +208,7 @@ class AutoPAVI(AutoGuide):
           passes for autoregressive layers, one for coupling layers).
         * ``"reparam"``: the plain reparameterization estimator (the log-density's gradient
           includes the score term, whose expectation is zero but whose noise is not).
-    :param bool laplace: give every local site (one inside a plate) an element-wise
+    :param bool laplace: (default True) give every local site (one inside a plate) an element-wise
         Laplace base (see :mod:`numpyro_pavi.laplace`): a few Newton steps on the model's
         log joint, per element and given the sampled values of the sites before it, locate
         the element's mode ``m`` and precision ``P``, and the site's flow, which starts as a
@@ -215,8 +216,10 @@ class AutoPAVI(AutoGuide):
         likelihood then informs every element directly (covariates, gathers such as
         ``a[group]``, crossed designs, non-Gaussian families, the number of observations)
         with no declaration, at the price of ``(1 + d) * (NEWTON_STEPS + 1)`` extra
-        passes through the model per local site and step. Posteriors need the model's
-        arguments (new data gives new groups their posterior without retraining).
+        passes through the model per local site and step. With ``encoding="auto"``, plate
+        sets with no data inside them get no encoding (``laplace=False``: free ones).
+        Posteriors run on the model's arguments (the training ones when none are given);
+        new data gives new groups their posterior without retraining.
     :param bool forward_mode_differentiation: as in NumPyro's guides: use forward-mode
         differentiation when the model is set up (initialization), for models that
         reverse mode cannot differentiate (e.g. ``jax.lax.while_loop``). Pass the same flag
@@ -856,7 +859,9 @@ class AutoPAVI(AutoGuide):
             return reference_value(msg["fn"]) if msg["type"] == "sample" and not msg["is_observed"] else None
 
         # the start: the group's prior means given the values before it, in canonical layout
-        with handlers.block():
+        with handlers.block(), warnings.catch_warnings():
+            # full-plate indices in a subsampled plate are intended (posterior over full plates)
+            warnings.filterwarnings("ignore", message="subsample_size does not match")
             trace = handlers.trace(handlers.substitute(handlers.seed(self.model, 0), substitute_fn=start)).get_trace(
                 *args, **kwargs
             )
