@@ -215,7 +215,7 @@ class AutoPAVI(AutoGuide):
         standard normal, acts in the standardized coordinates ``L^T (x - m)``. The
         likelihood then informs every element directly (covariates, gathers such as
         ``a[group]``, crossed designs, non-Gaussian families, the number of observations)
-        with no declaration, at the price of ``(1 + d) * (NEWTON_STEPS + 1)`` extra
+        with no declaration, at the price of ``(1 + d) * (NEWTON_STEPS + 1)`` (9) extra
         passes through the model per local site and step. With ``encoding="auto"``, plate
         sets with no data inside them get no encoding (``laplace=False``: free ones).
         Posteriors run on the model's arguments (the training ones when none are given);
@@ -573,7 +573,9 @@ class AutoPAVI(AutoGuide):
         """
         d, D = site.dim, self.encoding_dim
         skip = np.zeros((self._context_dim(site), 2 * d), np.float32)
-        if site.plates:
+        # on a Laplace base each element already starts at its own location and scale: an
+        # encoding added directly would only move it away (by whole sds) until unlearned
+        if site.plates and not self._on_laplace(site):
             for j in range(min(D, d)):
                 skip[j, j] = 1.0
             for j in range(min(max(D - d, 0), d)):
