@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--laplace",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="AutoPAVI's Laplace bases (the default; sections 4 and 7 of RESULTS.md ran before them: --no-laplace)",
+        default=False,
+        help="AutoPAVI(laplace=True): Laplace bases (RESULTS.md section 8); sections 4 and 7 ran without",
     )
     p.add_argument("--quick", action="store_true", help="smoke mode: one model, one cell, 300 steps")
     p.add_argument("--out", default=os.path.join(_common.RESULTS_DIR, "stress.json"))
