@@ -31,7 +31,7 @@ from . import data as _data
 from .data import Ragged
 from .encoders import SetEncoder, init_readout, readout
 from .flows import ConditionalFlow
-from .laplace import NEWTON_STEPS, log_joint, newton_base, reference_value
+from .laplace import NEWTON_STEPS, log_joint, newton_base, reference_trace
 from .structure import LatentSite, ModelStructure, model_structure, plate_sizes, prior_dependencies, seeded_model
 
 __all__ = ["AutoPAVI"]
@@ -853,20 +853,8 @@ class AutoPAVI(AutoGuide):
             return lp + logdet
 
         frozen = jax.lax.stop_gradient(values)
-        fixed = {**plates, **frozen}
-
-        def start(msg):
-            if msg["name"] in fixed:
-                return fixed[msg["name"]]
-            return reference_value(msg["fn"]) if msg["type"] == "sample" and not msg["is_observed"] else None
-
         # the start: the group's prior means given the values before it, in canonical layout
-        with handlers.block(), warnings.catch_warnings():
-            # full-plate indices in a subsampled plate are intended (posterior over full plates)
-            warnings.filterwarnings("ignore", message="subsample_size does not match")
-            trace = handlers.trace(handlers.substitute(handlers.seed(self.model, 0), substitute_fn=start)).get_trace(
-                *args, **kwargs
-            )
+        trace = reference_trace(self.model, {**plates, **frozen}, args, kwargs)
         z_init = jnp.concatenate(
             [_unconstrained_to_canonical(g, biject_to(g.support).inv(trace[g.name]["value"])) for g in group], -1
         )

@@ -23,6 +23,7 @@ likelihood the last step is exact from any start.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Mapping
 
@@ -32,7 +33,7 @@ from numpyro import handlers
 from numpyro.distributions.transforms import biject_to
 from numpyro.infer.util import log_density
 
-__all__ = ["NEWTON_STEPS", "log_joint", "newton_base", "reference_value"]
+__all__ = ["NEWTON_STEPS", "log_joint", "newton_base", "reference_trace", "reference_value"]
 
 #: Newton iterations before the last, differentiated step. Steps are damped to
 #: ``MAX_STEP_SDS``, so the mode must lie within ``(NEWTON_STEPS + 1) * MAX_STEP_SDS``
@@ -68,6 +69,34 @@ def reference_value(fn) -> jax.Array:
     return jnp.where(jnp.isfinite(mean), mean, fallback)
 
 
+def _at_references(model: Callable, values: Mapping) -> Callable:
+    """``model`` with ``values`` substituted and every other latent at its reference value."""
+
+    def value(msg):
+        if msg["name"] in values:
+            return values[msg["name"]]
+        if msg["type"] == "sample" and not msg["is_observed"]:
+            return reference_value(msg["fn"])
+        return None
+
+    return handlers.substitute(handlers.seed(model, 0), substitute_fn=value)
+
+
+@contextlib.contextmanager
+def _quiet():
+    with handlers.block(), warnings.catch_warnings():
+        # full-plate indices in a subsampled plate are intended (posterior over full plates)
+        warnings.filterwarnings("ignore", message="subsample_size does not match")
+        yield
+
+
+def reference_trace(model: Callable, values: Mapping, args: tuple, kwargs: dict) -> dict:
+    """A blocked trace of the model with ``values`` substituted and every other latent site
+    at :func:`reference_value` of its prior given the values before it."""
+    with _quiet():
+        return handlers.trace(_at_references(model, values)).get_trace(*args, **kwargs)
+
+
 def log_joint(
     model: Callable, values: Mapping, args: tuple, kwargs: dict, per_element_of: str | None = None
 ) -> jax.Array:
@@ -80,18 +109,8 @@ def log_joint(
     posterior, while observations subsampled further keep their extra factor.
     """
 
-    def value(msg):
-        if msg["name"] in values:
-            return values[msg["name"]]
-        if msg["type"] == "sample" and not msg["is_observed"]:
-            return reference_value(msg["fn"])
-        return None
-
-    seeded = handlers.substitute(handlers.seed(model, 0), substitute_fn=value)
-    with handlers.block(), warnings.catch_warnings():
-        # full-plate indices in a subsampled plate are intended (posterior over full plates)
-        warnings.filterwarnings("ignore", message="subsample_size does not match")
-        lp, trace = log_density(seeded, args, kwargs, {})
+    with _quiet():
+        lp, trace = log_density(_at_references(model, values), args, kwargs, {})
     if per_element_of is not None:
         scale = trace[per_element_of]["scale"]
         lp = lp if scale is None else lp / scale
