@@ -106,7 +106,20 @@ def write_json(path: str, obj) -> None:
 
 def parser(doc: str) -> argparse.ArgumentParser:
     """An argument parser whose description is the first paragraph of a script's docstring."""
-    return argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    return argparse.ArgumentParser(
+        description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
+def add_laplace_flag(p: argparse.ArgumentParser, sections: str) -> None:
+    """``--laplace/--no-laplace``: AutoPAVI's Laplace bases, on by default as in the guide;
+    ``sections`` names the RESULTS.md sections measured before they were (``--no-laplace``)."""
+    p.add_argument(
+        "--laplace",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"AutoPAVI's Laplace bases (the default; RESULTS.md {sections} ran before them: --no-laplace)",
+    )
 
 
 def record(name: str, script: str, argv: list[str] | None, args, info: dict, t_start: float, **fields) -> dict:

@@ -82,7 +82,9 @@ def make_guide(method: str, args) -> object:
     if method in ("normal_full", "normal_sub"):
         return AutoNormal(model, init_loc_fn=init, init_scale=0.1)
     encoding = {"pavi_f": "free", "pavi_e": "set"}[method]
-    return AutoPAVI(model, encoding=encoding, encoding_dim=args.encoding_dim, init_loc_fn=init, init_scale=0.1)
+    return AutoPAVI(
+        model, encoding=encoding, encoding_dim=args.encoding_dim, init_loc_fn=init, init_scale=0.1, laplace=args.laplace
+    )
 
 
 def make_harness(method: str, x, args) -> _common.Harness:
@@ -263,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="learning-rate decay: lr * decay**(step / max_steps), exponential (1 = constant)",
     )
+    _common.add_laplace_flag(p, "sections 0-1")
     p.add_argument("--tol", type=float, default=0.02, help="ELBO gap tolerance, nats per group")
     p.add_argument("--eval-every", type=int, default=100, help="steps between full-data ELBO evaluations")
     p.add_argument("--eval-particles", type=int, default=4, help="particles of the evaluation ELBO")

@@ -46,7 +46,12 @@ def model(x, subsample_size=None):
 def run(method: str, D: int, x, log_z: float, args) -> dict:
     N = int(x.shape[0])
     guide = AutoPAVI(
-        model, encoding=ENCODINGS[method], encoding_dim=D, init_loc_fn=init_to_median(num_samples=15), init_scale=0.1
+        model,
+        encoding=ENCODINGS[method],
+        encoding_dim=D,
+        init_loc_fn=init_to_median(num_samples=15),
+        init_scale=0.1,
+        laplace=args.laplace,
     )
     h = _common.Harness(
         model,
@@ -128,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-particles", type=int, default=8)
     p.add_argument("--eval-repeats", type=int, default=3)
     p.add_argument("--tol", type=float, default=0.02, help="only drawn as a reference line")
+    _common.add_laplace_flag(p, "section 2")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(_common.RESULTS_DIR, "encoding_size.json"))
     p.add_argument("--plot", default=os.path.join(_common.RESULTS_DIR, "encoding_size.png"))

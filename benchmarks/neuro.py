@@ -118,6 +118,7 @@ def run_size(S: int, args) -> dict:
         encoding_dim=args.encoding_dim,
         chunk_size=args.chunk_size,
         init_loc_fn=init_to_median(num_samples=15),
+        laplace=args.laplace,
     )
     h = _common.Harness(model, guide, (y, w), {"subsample_size": B})
     run = h.start(args.lr, seed=args.seed)
@@ -240,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=2, help="windows in a row below --rtol")
     p.add_argument("--max-seconds", type=float, default=60.0, help="training-time budget per size")
     p.add_argument("--max-steps", type=int, default=50_000)
+    _common.add_laplace_flag(p, "section 3")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(_common.RESULTS_DIR, "neuro.json"))
     p.add_argument("--quick", action="store_true", help="tiny smoke run")

@@ -19,7 +19,6 @@ the peer: the table also gives the mean loss of the last 100 steps relative to A
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
@@ -57,7 +56,9 @@ MODELS = {
     "random_effects": (models.random_effects, lambda: _random_effects(0)[0], {}),
     # the exact (linear-Gaussian) models of the test suite
     "nested_three_level": (
-        models.nested_three_level, lambda: (models.simulate_nested_three_level(jax.random.PRNGKey(2), 8, 3, 4),), {}
+        models.nested_three_level,
+        lambda: (models.simulate_nested_three_level(jax.random.PRNGKey(2), 8, 3, 4),),
+        {},
     ),
     "ragged_groups": (
         models.ragged_groups,
@@ -74,7 +75,16 @@ DEFAULT_MODELS = "crossed_bernoulli,poisson_glmm,correlated_slopes,random_effect
 
 
 def train(
-    model, guide, args, kwargs, lr: float, key: int, steps: int, eval_every: int = 0, particles: int = 16, decay: float = 1.0
+    model,
+    guide,
+    args,
+    kwargs,
+    lr: float,
+    key: int,
+    steps: int,
+    eval_every: int = 0,
+    particles: int = 16,
+    decay: float = 1.0,
 ):
     """Constant-rate Adam from ``PRNGKey(key)``: ``(losses (steps,), training seconds, params,
     full-data losses)``. ``decay < 1``: the rate decays exponentially to ``lr * decay`` at the
@@ -122,12 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--burn-in", type=int, default=1000)
     p.add_argument("--window", type=int, default=100)
     p.add_argument("--rtol", type=float, default=0.05)
-    p.add_argument(
-        "--laplace",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="AutoPAVI(laplace=True): Laplace bases (RESULTS.md section 8); sections 4 and 7 ran without",
-    )
+    _common.add_laplace_flag(p, "sections 4 and 7")
     p.add_argument("--quick", action="store_true", help="smoke mode: one model, one cell, 300 steps")
     p.add_argument("--out", default=os.path.join(_common.RESULTS_DIR, "stress.json"))
     args = p.parse_args(argv)
@@ -151,12 +156,24 @@ def main(argv: list[str] | None = None) -> dict:
                 losses, secs, _, evals = train(model, AutoNormal(model), data, tkw, lr, key, args.steps, every)
                 rep = _report(losses, evals, args, every)
                 peers[(name, lr, key)] = float(np.mean(losses[-args.window :])) if not every else float(evals[-1])
-                peer_cells.append({"model": name, "lr": lr, "key": key, "last": peers[(name, lr, key)],
-                                   "excess": (rep.worst - rep.best) / max(abs(rep.best), 1), "max_rise": rep.max_rise,
-                                   "exploded": rep.exploded, "seconds": secs})
-                print(f"{name:18s} AutoNormal     lr={lr:g} key={key} last={peers[(name, lr, key)]:.2f} "
-                      f"excess={(rep.worst - rep.best) / max(abs(rep.best), 1):.4f} rise={rep.max_rise:.4f} "
-                      f"{secs:.1f}s", flush=True)
+                peer_cells.append(
+                    {
+                        "model": name,
+                        "lr": lr,
+                        "key": key,
+                        "last": peers[(name, lr, key)],
+                        "excess": (rep.worst - rep.best) / max(abs(rep.best), 1),
+                        "max_rise": rep.max_rise,
+                        "exploded": rep.exploded,
+                        "seconds": secs,
+                    }
+                )
+                print(
+                    f"{name:18s} AutoNormal     lr={lr:g} key={key} last={peers[(name, lr, key)]:.2f} "
+                    f"excess={(rep.worst - rep.best) / max(abs(rep.best), 1):.4f} rise={rep.max_rise:.4f} "
+                    f"{secs:.1f}s",
+                    flush=True,
+                )
         for fl in layers:
             for lr in rates:
                 for key in keys:
@@ -182,14 +199,25 @@ def main(argv: list[str] | None = None) -> dict:
                         "seconds": secs,
                     }
                     cells.append(cell)
-                    print(f"{name:18s} PAVI fl={fl}      lr={lr:g} key={key} last={last:.2f} "
-                          f"excess={cell['excess']:.4f} rise={cell['max_rise']:.4f} vs AutoNormal {100 * cell['vs_autonormal']:+.3f}% "
-                          f"{'EXPLODED ' if cell['exploded'] else ''}{secs:.1f}s", flush=True)
+                    print(
+                        f"{name:18s} PAVI fl={fl}      lr={lr:g} key={key} last={last:.2f} "
+                        f"excess={cell['excess']:.4f} rise={cell['max_rise']:.4f} vs AutoNormal {100 * cell['vs_autonormal']:+.3f}% "
+                        f"{'EXPLODED ' if cell['exploded'] else ''}{secs:.1f}s",
+                        flush=True,
+                    )
     table = markdown(cells, rates)
     print(table)
     rec = _common.record(
-        "stress", __file__, argv, args, info, t_start,
-        cells=cells, autonormal=peer_cells, num_exploded=sum(c["exploded"] for c in cells), table=table,
+        "stress",
+        __file__,
+        argv,
+        args,
+        info,
+        t_start,
+        cells=cells,
+        autonormal=peer_cells,
+        num_exploded=sum(c["exploded"] for c in cells),
+        table=table,
     )
     _common.write_json(args.out, rec)
     return rec

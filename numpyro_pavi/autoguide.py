@@ -178,8 +178,8 @@ class AutoPAVI(AutoGuide):
         * ``"set"`` (PAVI-E): computed by a learned set encoder from the element's observed
           data (see :mod:`numpyro_pavi.data`); raises if a plate's data cannot be found;
         * ``"hybrid"``: the set encoding plus a free per-element residual (zeros at init);
-        * ``"auto"`` (default): ``"set"`` where a plate's data is found; elsewhere ``"free"``
-          (none with Laplace bases, ``laplace=True``).
+        * ``"auto"`` (default): ``"set"`` where a plate's data is found; elsewhere none with
+          Laplace bases (``laplace``), ``"free"`` without.
     :param int encoding_dim: D, size of each plate element's encoding.
     :param int flow_layers: autoregressive/coupling layers per flow (only used for sites
         whose element has more than one coordinate).
@@ -208,7 +208,7 @@ class AutoPAVI(AutoGuide):
           passes for autoregressive layers, one for coupling layers).
         * ``"reparam"``: the plain reparameterization estimator (the log-density's gradient
           includes the score term, whose expectation is zero but whose noise is not).
-    :param bool laplace: (opt-in) give every local site (one inside a plate) an element-wise
+    :param bool laplace: (default True) give every local site (one inside a plate) an element-wise
         Laplace base (see :mod:`numpyro_pavi.laplace`): a few Newton steps on the model's
         log joint, per element and given the sampled values of the sites before it, locate
         the element's mode ``m`` and precision ``P``, and the site's flow, which starts as a
@@ -245,7 +245,7 @@ class AutoPAVI(AutoGuide):
         encoder: SetEncoder | None = None,
         ragged: dict[str, Ragged] | None = None,
         estimator: str = "stl",
-        laplace: bool = False,
+        laplace: bool = True,
         forward_mode_differentiation: bool = False,
     ):
         if encoding not in _ENCODINGS:

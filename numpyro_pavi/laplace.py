@@ -155,6 +155,16 @@ def _step(g: jax.Array, chol: jax.Array) -> jax.Array:
 def newton_base(logp: Callable, logp_frozen: Callable, z_init: jax.Array, steps: int):
     """Element-wise Laplace base of one site.
 
+    The iterations are damped Newton steps with a per-element trust factor ``t``: a step
+    ``s`` (``t`` times the Newton step) is kept only where the slope along it at the new
+    point, ``g_new . s``, is no steeper downhill than it was uphill at the start, ``-g . s``
+    (the curvature condition of a line search); elsewhere the element stays put and ``t``
+    halves, and after a kept step ``t`` doubles back towards 1. Without it an exp-link
+    likelihood overshoots: below its mode the curvature is tiny, Newton jumps far above it
+    and from there walks back about one unit per step (a Poisson subject started at 0 was
+    left at 11.6, its mode near 3, with an sd of 0.005, and the fit diverged). A Gaussian
+    likelihood keeps its first step, which is exact (the slope there is zero).
+
     :param logp: ``z (*grid, d) -> scalar``: the log joint as a function of the site's
         unconstrained values (the other sites at their current values).
     :param logp_frozen: the same with the other sites' values held constant, for the
@@ -164,11 +174,27 @@ def newton_base(logp: Callable, logp_frozen: Callable, z_init: jax.Array, steps:
     :return: ``m (*grid, d)`` and the Cholesky factor ``L (*grid, d, d)`` of the precision.
     """
 
-    def body(_, z):
+    def evaluate(z):
         g, h = _grad_and_blocks(logp_frozen, z)
-        return z + _step(g, _precision_chol(h))
+        return g, _precision_chol(h)
 
-    z0 = jax.lax.stop_gradient(jax.lax.fori_loop(0, steps, body, jax.lax.stop_gradient(z_init)))
+    def body(_, state):
+        z, g, chol, t = state
+        s = t[..., None] * _step(g, chol)
+        g_new, chol_new = evaluate(z + s)
+        keep = jnp.sum(g_new * s, -1) >= -jnp.sum(g * s, -1)
+        t = jnp.where(keep, jnp.minimum(2.0 * t, 1.0), 0.5 * t)
+        keep_z = keep[..., None]
+        return (
+            jnp.where(keep_z, z + s, z),
+            jnp.where(keep_z, g_new, g),
+            jnp.where(keep_z[..., None], chol_new, chol),
+            t,
+        )
+
+    z_init = jax.lax.stop_gradient(z_init)
+    start = (z_init, *evaluate(z_init), jnp.ones(z_init.shape[:-1], z_init.dtype))
+    z0, _, _, t = jax.lax.stop_gradient(jax.lax.fori_loop(0, steps, body, start))
     g, h = _grad_and_blocks(logp, z0)
     chol = _precision_chol(h)
-    return z0 + _step(g, chol), chol
+    return z0 + t[..., None] * _step(g, chol), chol

@@ -109,7 +109,7 @@ def test_accuracy_quick(tmp_path):
     mod.main(["--quick", "--out", str(out)])
     data = json.loads(out.read_text())
     entry = data["results"]["poisson_glmm"]
-    assert set(entry["guides"]) == {"AutoPAVI", "AutoPAVI-laplace", "AutoNormal"}
+    assert set(entry["guides"]) == {"AutoPAVI", "AutoPAVI-set", "AutoNormal"}
     for rows in entry["guides"].values():
         (row,) = rows
         assert 0 <= row["median_mean_error_sd"] <= row["max_mean_error_sd"]

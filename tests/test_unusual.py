@@ -255,8 +255,9 @@ def test_obs_mask_with_nan_exact_posterior():
     losses = np.asarray(result.losses)
     assert np.all(np.isfinite(losses)) and losses[-100:].mean() > losses[1000:].min() - 1.0  # no fall without bound
     plan = {line.split()[1]: line.split("encoding: ")[1] for line in guide.describe().splitlines() if line.startswith("plates ")}
-    # groups are encoded from their observed cells; the missing cells have no data: free
-    assert plan == {"groups": "set from nested:y_observed", "groups/obs": "free"}
+    # groups are encoded from their observed cells; the missing cells have no data of their
+    # own: their Laplace base (the prior given their group) needs no encoding
+    assert plan == {"groups": "set from nested:y_observed", "groups/obs": "none (Laplace bases)"}
     post = guide.sample_posterior(jax.random.PRNGKey(1), result.params, y_nan, jnp.asarray(mask), sample_shape=(NUM_DRAWS,))
     z = np.concatenate([np.asarray(post["mu"])[:, None], np.asarray(post["mg"])[:, :, 0]], 1)
     sd = np.sqrt(np.diag(cov))
