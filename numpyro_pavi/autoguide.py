@@ -1056,6 +1056,25 @@ class AutoPAVI(AutoGuide):
         trace = self._trace_full(data, args, kwargs)
         return {k: s["value"] for k, s in trace.items() if s["type"] == "deterministic"}
 
+    def _one_draw(self, params, args, kwargs) -> Callable:
+        """``key -> {site: full-plate value}``: one posterior draw (latent and deterministic
+        sites), the sampler shared by :meth:`sample_posterior` and :meth:`posterior_moments`."""
+        self._check_params(params)
+        args, kwargs = self._posterior_args(args, kwargs)
+        sizes, indices, trace, bound = self._full_inputs(args, kwargs)
+        margs = (args, kwargs)
+        deterministic = any(s["type"] == "deterministic" for s in self.prototype_trace.values())
+
+        def one(key):
+            values, _, _ = self._sample_all(
+                params, key, indices, trace, sizes, bound, self.chunk_size, model_args=margs
+            )
+            if deterministic:
+                values.update(self._deterministic(values, indices, args, kwargs))
+            return values
+
+        return one
+
     def sample_posterior(self, rng_key, params, *args, sample_shape=(), **kwargs):
         """Draw latent samples over the **full** plates (plus the model's deterministic sites).
 
@@ -1071,21 +1090,7 @@ class AutoPAVI(AutoGuide):
         :return: ``{site: array of shape sample_shape + full site shape}``.
         """
         sample_shape = self._check_call(rng_key, params, sample_shape)
-        self._check_params(params)
-        args, kwargs = self._posterior_args(args, kwargs)
-        sizes, indices, trace, bound = self._full_inputs(args, kwargs)
-        margs = (args, kwargs)
-
-        deterministic = any(s["type"] == "deterministic" for s in self.prototype_trace.values())
-
-        def one(key):
-            values, _, _ = self._sample_all(
-                params, key, indices, trace, sizes, bound, self.chunk_size, model_args=margs
-            )
-            if deterministic:
-                values.update(self._deterministic(values, indices, args, kwargs))
-            return values
-
+        one = self._one_draw(params, args, kwargs)
         keys = jax.random.split(rng_key, max(math.prod(sample_shape), 1))
         if not sample_shape:
             return one(keys[0])
@@ -1119,6 +1124,69 @@ class AutoPAVI(AutoGuide):
         values, logqs = jax.lax.map(one, keys)
         reshape = lambda v: jnp.reshape(v, sample_shape + v.shape[1:])
         return jax.tree.map(reshape, values), jax.tree.map(reshape, logqs)
+
+    def posterior_moments(
+        self,
+        rng_key,
+        params,
+        *args,
+        num_samples: int = 1000,
+        batch_size: int = 100,
+        progress_bar: bool = False,
+        **kwargs,
+    ) -> dict:
+        """Posterior mean and sd of every site over the full plates, streamed: draws are made
+        ``batch_size`` at a time and folded into running moments (Chan et al.'s pairwise
+        update), so memory holds one batch of draws, not ``num_samples`` of them. The draws are
+        those of ``sample_posterior(rng_key, params, *args, sample_shape=(num_samples,))``.
+
+        :param num_samples: number of posterior draws.
+        :param batch_size: draws held in memory at once (one compiled program, reused).
+        :param progress_bar: show a ``tqdm`` bar over the batches.
+        :return: ``{site: {"mean": array, "sd": array}}`` with each site's full shape (``sd``
+            with ``ddof=1``, as ArviZ's summaries), for latent and deterministic sites.
+        """
+        self._check_call(rng_key, params)
+        for name, n in (("num_samples", num_samples), ("batch_size", batch_size)):
+            if not isinstance(n, (int, np.integer)) or n < 2 - (name == "batch_size"):
+                raise ValueError(f"{name} must be an int >= {2 - (name == 'batch_size')}, got {n!r}.")
+        one = self._one_draw(params, args, kwargs)
+        keys = jax.random.split(rng_key, num_samples)
+
+        @jax.jit
+        def fold(state, batch_keys, valid):
+            # a short last batch is padded with repeated keys, weighted out by ``valid``
+            values = jax.lax.map(one, batch_keys)
+            count, mean, m2 = state
+            b = jnp.sum(valid.astype(jnp.float32))
+            total = count + b
+            new_mean, new_m2 = {}, {}
+            for k, v in values.items():
+                w = jnp.reshape(valid, (-1,) + (1,) * (v.ndim - 1))
+                mb = jnp.sum(jnp.where(w, v, 0.0), 0) / b
+                m2b = jnp.sum(jnp.where(w, (v - mb) ** 2, 0.0), 0)
+                delta = mb - mean[k]
+                new_mean[k] = mean[k] + delta * (b / total)
+                new_m2[k] = m2[k] + m2b + delta**2 * (count * b / total)
+            return total, new_mean, new_m2
+
+        shapes = jax.eval_shape(one, keys[0])
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.promote_types(a.dtype, jnp.float32)), shapes)
+        state = (jnp.zeros((), jnp.float32), zeros, zeros)
+        starts = range(0, num_samples, batch_size)
+        if progress_bar:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="posterior moments", unit="batch")
+        for start in starts:
+            batch = keys[start : start + batch_size]
+            n = batch.shape[0]
+            valid = jnp.arange(batch_size) < n
+            if n < batch_size:
+                batch = jnp.concatenate([batch, jnp.broadcast_to(batch[:1], (batch_size - n,) + batch.shape[1:])])
+            state = fold(state, batch, valid)
+        count, mean, m2 = state
+        return {k: {"mean": mean[k], "sd": jnp.sqrt(m2[k] / (count - 1))} for k in mean}
 
     def median(self, params, *args, num_samples: int = 1000, rng_key=None, **kwargs):
         """Monte Carlo estimate of the posterior median of every latent site (full plates).
