@@ -85,11 +85,11 @@ def main(argv: list[str] | None = None) -> dict:
     info = _common.machine_info()
     results = {}
     for name in _common.parse_list(args.models, str):
-        model, make_args, _ = MODELS[name]
+        model, make_args, kwargs = MODELS[name]
         data = make_args()
         t0 = time.perf_counter()
         mcmc = MCMC(NUTS(model), num_warmup=args.nuts_warmup, num_samples=args.nuts_samples, progress_bar=False)
-        mcmc.run(jax.random.PRNGKey(100 + args.key), *data)
+        mcmc.run(jax.random.PRNGKey(100 + args.key), *data, **kwargs)
         ref = mcmc.get_samples()
         nuts_s = time.perf_counter() - t0
         sites = sorted(ref)
@@ -99,9 +99,11 @@ def main(argv: list[str] | None = None) -> dict:
             make = GUIDES[gname]
             for lr in _common.parse_list(args.rates):
                 guide = make(model)
-                losses, secs, params, _ = train(model, guide, data, {}, lr, args.key, args.steps, decay=args.decay)
+                losses, secs, params, _ = train(model, guide, data, kwargs, lr, args.key, args.steps, decay=args.decay)
                 rep = check_losses(losses, 100, 0.05, args.burn_in)
-                draws = guide.sample_posterior(jax.random.PRNGKey(7), params, *data, sample_shape=(args.draws,))
+                draws = guide.sample_posterior(
+                    jax.random.PRNGKey(7), params, *data, sample_shape=(args.draws,), **kwargs
+                )
                 acc = compare(ref, draws, sites)
                 row = {
                     "lr": lr,

