@@ -215,7 +215,7 @@ class AutoPAVI(AutoGuide):
         standard normal, acts in the standardized coordinates ``L^T (x - m)``. The
         likelihood then informs every element directly (covariates, gathers such as
         ``a[group]``, crossed designs, non-Gaussian families, the number of observations)
-        with no declaration, at the price of ``(1 + d) * (NEWTON_STEPS + 1)`` (9) extra
+        with no declaration, at the price of ``(1 + d) * (NEWTON_STEPS + 2)`` (10) extra
         passes through the model per local site and step. With ``encoding="auto"``, plate
         sets with no data inside them get no encoding (``laplace=False``: free ones).
         Posteriors run on the model's arguments (the training ones when none are given);

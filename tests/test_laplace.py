@@ -193,6 +193,20 @@ def test_long_format_exact_without_declaration():
     assert counts[15] == counts[30]
 
 
+def _fit_crossed(R: int, C: int):
+    """Default guide on an ``R x C`` crossed table, 1500 constant-rate steps: the fit, the
+    exact posterior, the rows' marginal precision, the ELBO gap (nats/element) and the gap
+    of the best row-factorized family (rows at the diagonal of their marginal precision)."""
+    y = models.simulate_crossed(jax.random.PRNGKey(3), R, C)
+    guide = AutoPAVI(models.crossed)
+    params = _fit(models.crossed, guide, 1500, y)
+    post = exact.crossed_posterior(np.asarray(y))
+    prec_r = np.linalg.inv(post.flat_cov[:R, :R])
+    best = 0.5 * (np.sum(np.log(np.diag(prec_r))) - np.linalg.slogdet(prec_r)[1]) / (R + C)
+    loss = Trace_ELBO(num_particles=400).loss(jax.random.PRNGKey(123), params, models.crossed, guide, y)
+    return guide, params, y, post, prec_r, (post.log_evidence + float(loss)) / (R + C), best
+
+
 def test_crossed_effects_reach_the_best_of_their_family():
     """Rows and columns of a table, no globals. Given the columns, rows are exact; but the
     guide's rows are independent of each other, while in the posterior they share the
@@ -200,14 +214,7 @@ def test_crossed_effects_reach_the_best_of_their_family():
     whose gap and moments are exact: rows with the diagonal of the rows' marginal precision
     (0.050 nats/element here), columns exact given the rows."""
     R, C = 12, 8
-    y = models.simulate_crossed(jax.random.PRNGKey(3), R, C)
-    guide = AutoPAVI(models.crossed, laplace=True)
-    params = _fit(models.crossed, guide, 1500, y)
-    post = exact.crossed_posterior(np.asarray(y))
-    prec_r = np.linalg.inv(post.flat_cov[:R, :R])
-    best = 0.5 * (np.sum(np.log(np.diag(prec_r))) - np.linalg.slogdet(prec_r)[1]) / (R + C)
-    loss = Trace_ELBO(num_particles=400).loss(jax.random.PRNGKey(123), params, models.crossed, guide, y)
-    gap = (post.log_evidence + float(loss)) / (R + C)
+    guide, params, y, post, prec_r, gap, best = _fit_crossed(R, C)
     assert best - 0.01 < gap < best + 0.01, (gap, best)
     s = guide.sample_posterior(jax.random.PRNGKey(5), params, y, sample_shape=(NUM_DRAWS,))
     # every cell's mean r_i + c_j (what the data pin down); the rows' common shift against
@@ -228,14 +235,7 @@ def test_crossed_effects_within_002_nats_on_a_larger_table():
     exact evidence. The row-factorized family's own gap shrinks as the table grows (0.050 at
     12 x 8, 0.025 at 40 x 20, 0.013 at 100 x 40), so a table of that size can meet it."""
     R, C = 100, 40
-    y = models.simulate_crossed(jax.random.PRNGKey(3), R, C)
-    guide = AutoPAVI(models.crossed)
-    params = _fit(models.crossed, guide, 1500, y)
-    post = exact.crossed_posterior(np.asarray(y))
-    prec_r = np.linalg.inv(post.flat_cov[:R, :R])
-    best = 0.5 * (np.sum(np.log(np.diag(prec_r))) - np.linalg.slogdet(prec_r)[1]) / (R + C)
-    loss = Trace_ELBO(num_particles=400).loss(jax.random.PRNGKey(123), params, models.crossed, guide, y)
-    gap = (post.log_evidence + float(loss)) / (R + C)
+    *_, gap, best = _fit_crossed(R, C)
     print(f"crossed {R}x{C}: gap {gap:.4f} nats/element, family optimum {best:.4f}")
     assert gap < 0.02 and best - 0.005 < gap < best + 0.005, (gap, best)
 
