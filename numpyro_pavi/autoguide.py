@@ -1147,9 +1147,10 @@ class AutoPAVI(AutoGuide):
             with ``ddof=1``, as ArviZ's summaries), for latent and deterministic sites.
         """
         self._check_call(rng_key, params)
-        for name, n in (("num_samples", num_samples), ("batch_size", batch_size)):
-            if not isinstance(n, (int, np.integer)) or n < 2 - (name == "batch_size"):
-                raise ValueError(f"{name} must be an int >= {2 - (name == 'batch_size')}, got {n!r}.")
+        for name, n, low in (("num_samples", num_samples, 2), ("batch_size", batch_size, 1)):
+            if not isinstance(n, (int, np.integer)) or n < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {n!r}.")
+        batch_size = min(batch_size, num_samples)  # no padded draws beyond the ones asked for
         one = self._one_draw(params, args, kwargs)
         keys = jax.random.split(rng_key, num_samples)
 
