@@ -14,7 +14,8 @@ data set is simulated and every method is trained on it in this process:
 * ``pavi_e``: ``AutoPAVI(encoding="set")`` (PAVI-E), ``B`` groups per step.
 
 All methods use Adam, constant-rate by default (``--decay`` makes it decay exponentially
-to ``lr * decay`` at ``--max-steps``), one ``Trace_ELBO`` particle per
+to ``lr * decay`` at ``--decay-steps``, default ``--max-steps``; ``--decays-normal-full``
+gives AutoNormal a grid of decays crossed with its learning rates), one ``Trace_ELBO`` particle per
 step and the same initialisation strategy (``init_to_median(num_samples=15)``, initial scale
 0.1). Every method's learning rate is a grid flag; by default only ``normal_full`` gets a
 grid at every size (see ``benchmarks/RESULTS.md`` for how the others were chosen).
@@ -110,11 +111,11 @@ def make_harness(method: str, x, args) -> _common.Harness:
     )
 
 
-def run_one(harness: _common.Harness, lr: float, log_z: float, args, time_cap: float) -> dict:
-    """Train one method at one learning rate until tolerance or budget."""
+def run_one(harness: _common.Harness, lr: float, log_z: float, args, time_cap: float, decay: float) -> dict:
+    """Train one method at one learning rate (decaying by ``decay`` in total) until tolerance or budget."""
     N = int(harness.train_args[0].shape[0])
-    # --decay is the total factor over --max-steps
-    runner = harness.start(lr, seed=args.seed, decay_per_step=args.decay ** (1.0 / args.max_steps))
+    # the decay is the total factor over --max-steps
+    runner = harness.start(lr, seed=args.seed, decay_per_step=decay ** (1.0 / (args.decay_steps or args.max_steps)))
     curve = []  # (steps, train seconds, gap per group)
     key = jax.random.PRNGKey(args.seed + 12345)
     t_eval = 0.0
@@ -152,6 +153,7 @@ def run_one(harness: _common.Harness, lr: float, log_z: float, args, time_cap: f
         stop = "diverged"
     return {
         "lr": lr,
+        "decay": decay,
         "reached": reached,
         "steps_to_tol": steps_to_tol,
         "time_to_tol_s": time_to_tol,
@@ -265,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="learning-rate decay: lr * decay**(step / max_steps), exponential (1 = constant)",
     )
+    p.add_argument("--decay-steps", type=int, default=0, help="steps over which --decay applies (0: --max-steps)")
+    p.add_argument(
+        "--decays-normal-full",
+        default="",
+        help="grid of --decay values for AutoNormal full batch, crossed with its lr grid (default: --decay)",
+    )
     _common.add_laplace_flag(p, "sections 0-1")
     p.add_argument("--tol", type=float, default=0.02, help="ELBO gap tolerance, nats per group")
     p.add_argument("--eval-every", type=int, default=100, help="steps between full-data ELBO evaluations")
@@ -319,16 +327,19 @@ def main(argv: list[str] | None = None) -> dict:
         for method in methods:
             runs, best_time = [], math.inf
             harness = make_harness(method, x, args)
-            for lr in grids[method]:
+            decays = [args.decay]
+            if method == "normal_full" and args.decays_normal_full:
+                decays = _common.parse_list(args.decays_normal_full)
+            for lr, decay in ((lr, d) for lr in grids[method] for d in decays):
                 cap = caps[method]
                 if args.race and math.isfinite(best_time):
                     cap = min(cap, best_time)
-                r = run_one(harness, lr, log_z, args, cap)
+                r = run_one(harness, lr, log_z, args, cap, decay)
                 runs.append(r)
                 if r["reached"]:
                     best_time = min(best_time, r["time_to_tol_s"])
                 print(
-                    f"  {method:<12} lr={lr:<7g} params={r['num_params']:<9} steps={r['steps']:<6} "
+                    f"  {method:<12} lr={lr:<7g} decay={decay:<5g} params={r['num_params']:<9} steps={r['steps']:<6} "
                     f"train={r['train_s']:.2f}s ({1e3 * r['s_per_step']:.3g} ms/step) compile={r['compile_s']:.1f}s "
                     f"gap={r['final_gap_per_group']:.4g} reached={r['reached']} ({r['stopped_by']})",
                     flush=True,

@@ -155,16 +155,51 @@ def run_size(S: int, args) -> dict:
 
     # -- posterior over the full plates (chunked) -------------------------------------------
     params = run.params
-    sample = jax.jit(lambda key, p, y, w: guide.sample_posterior(key, p, y, w))
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(sample(jax.random.PRNGKey(1), params, y, w))
-    first_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(sample(jax.random.PRNGKey(2), params, y, w))
-    run_s = time.perf_counter() - t0
-    sampled = {k: list(v.shape) for k, v in out.items()}
-    finite = bool(all(np.isfinite(np.asarray(v)).all() for v in out.values()))
-    del out
+    drawn = {"skipped": True}
+    if args.sample_posterior:
+        sample = jax.jit(lambda key, p, y, w: guide.sample_posterior(key, p, y, w))
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(sample(jax.random.PRNGKey(1), params, y, w))
+        first_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(sample(jax.random.PRNGKey(2), params, y, w))
+        run_s = time.perf_counter() - t0
+        drawn = {
+            "chunk_size": args.chunk_size,
+            "compile_and_first_s": first_s,
+            "run_s": run_s,
+            "latents_per_s": num_latents / max(run_s, 1e-12),
+            "shapes": {k: list(v.shape) for k, v in out.items()},
+            "all_finite": bool(all(np.isfinite(np.asarray(v)).all() for v in out.values())),
+        }
+        del out
+    rss_sample = _common.peak_rss_mb()
+    summary = {"skipped": True}
+    if args.summary_samples:
+        # streamed per-element mean, sd and quantiles: never all draws at once
+        t0 = time.perf_counter()
+        stats = guide.posterior_summary(
+            jax.random.PRNGKey(3),
+            params,
+            y,
+            w,
+            num_samples=args.summary_samples,
+            chunk_size=args.summary_chunk,
+            progress_bar=args.progress,
+        )
+        summary_s = time.perf_counter() - t0
+        summary = {
+            "num_samples": args.summary_samples,
+            "chunk_subjects": args.summary_chunk,
+            "seconds": summary_s,
+            "latent_draws_per_s": num_latents * args.summary_samples / summary_s,
+            "all_draws_would_take_gib": num_latents * args.summary_samples * 4 / 2**30,
+            "summaries_gib": sum(v.nbytes for st in stats.values() for v in st.values()) / 2**30,
+            "all_finite": bool(all(np.isfinite(v).all() for st in stats.values() for v in st.values())),
+            "mean_sd_of_z": float(np.mean(stats["z"]["sd"])) if "z" in stats else None,
+            "peak_rss_mb_process": _common.peak_rss_mb(),
+        }
+        del stats
     return {
         "subjects": S,
         "sessions": T,
@@ -187,14 +222,9 @@ def run_size(S: int, args) -> dict:
         "setup_s": h.setup_s,
         "compile_s": h.compile_s,
         "peak_rss_mb_after_training": rss_train,
-        "sample_posterior": {
-            "chunk_size": args.chunk_size,
-            "compile_and_first_s": first_s,
-            "run_s": run_s,
-            "latents_per_s": num_latents / max(run_s, 1e-12),
-            "shapes": sampled,
-            "all_finite": finite,
-        },
+        "sample_posterior": drawn,
+        "peak_rss_mb_after_sample_posterior": rss_sample,
+        "posterior_summary": summary,
         "peak_rss_mb_process": _common.peak_rss_mb(),
     }
 
@@ -217,7 +247,11 @@ def growth(rows: list[dict]) -> dict:
         "time_to_plateau_ratio": ratio("time_to_plateau_s"),
         "throughput_ratio": ratio("throughput_latents_steps_per_s"),
         "guide_params_ratio": ratio("num_guide_params"),
-        "sample_posterior_run_ratio": b["sample_posterior"]["run_s"] / max(a["sample_posterior"]["run_s"], 1e-12),
+        "sample_posterior_run_ratio": (
+            b["sample_posterior"]["run_s"] / max(a["sample_posterior"]["run_s"], 1e-12)
+            if "run_s" in a["sample_posterior"] and "run_s" in b["sample_posterior"]
+            else None
+        ),
     }
 
 
@@ -233,6 +267,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoding", default="set", choices=("set", "free", "hybrid", "auto"))
     p.add_argument("--encoding-dim", type=int, default=8)
     p.add_argument("--chunk-size", type=int, default=2**16, help="AutoPAVI chunk_size for sample_posterior")
+    p.add_argument(
+        "--no-sample-posterior",
+        dest="sample_posterior",
+        action="store_false",
+        help="skip the full-plate sample_posterior draws (one draw of every latent held in memory)",
+    )
+    p.add_argument(
+        "--summary-samples", type=int, default=0, help="draws per latent of a streamed posterior_summary (0: skip)"
+    )
+    p.add_argument("--summary-chunk", type=int, default=64, help="subjects per chunk of the streamed summary")
+    p.add_argument("--progress", action="store_true", help="progress bar over the summary's chunks")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (constant)")
     p.add_argument("--window", type=int, default=200, help="steps per moving-average window")
     p.add_argument(
@@ -254,6 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.subjects, args.sessions, args.vertices, args.networks, args.features = "6,12", 2, 12, 3, 2
         args.batch, args.window, args.max_steps, args.max_seconds = 4, 10, 40, 20.0
         args.chunk_size = 64
+        args.summary_samples, args.summary_chunk = 20, 4
     sizes = sorted(_common.parse_list(args.subjects, int))
     info = _common.machine_info()
     t_start = time.perf_counter()
@@ -267,7 +313,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"{S:>6}{r['num_latents']:>11}{r['num_guide_params']:>10}{r['steps']:>7}{r['train_s']:>9.2f}"
             f"{1e3 * r['s_per_step']:>9.3g}{(f'{tp:.3g}' if tp is not None else '>' + format(r['train_s'], '.3g')):>10}"
-            f"{r['throughput_latents_steps_per_s']:>13.3g}{r['sample_posterior']['run_s']:>9.3g}{r['peak_rss_mb_process']:>9.0f}",
+            f"{r['throughput_latents_steps_per_s']:>13.3g}{r['sample_posterior'].get('run_s', float('nan')):>9.3g}"
+            f"{r['peak_rss_mb_process']:>9.0f}"
+            + (f"  summary {r['posterior_summary']['seconds']:.3g} s" if "seconds" in r["posterior_summary"] else ""),
             flush=True,
         )
     out = _common.record(

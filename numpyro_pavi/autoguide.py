@@ -123,6 +123,14 @@ def _masked(site: LatentSite, logq: jax.Array, trace_site: dict | None, grid: tu
     return jnp.where(share > 0, logq * share, 0.0)
 
 
+def _element_noise(key: jax.Array, indices: list, dim: int) -> jax.Array:
+    """Standard normal noise ``(*map(len, indices), dim)`` where element ``(i, j, ...)`` is
+    drawn from ``fold_in(fold_in(key, i), j)...``: independent of the other elements."""
+    if not indices:
+        return jax.random.normal(key, (dim,))
+    return jax.vmap(lambda i: _element_noise(jax.random.fold_in(key, i), indices[1:], dim))(indices[0])
+
+
 def _takes_arguments(model: Callable) -> bool:
     try:
         return bool(inspect.signature(model).parameters)
@@ -791,7 +799,17 @@ class AutoPAVI(AutoGuide):
         return jnp.reshape(x, grid + (site.dim,)), jnp.reshape(logq, grid), center
 
     def _sample_all(
-        self, params, rng_key, indices, trace, sizes, bound, chunk_size=None, path_gradient=False, model_args=None
+        self,
+        params,
+        rng_key,
+        indices,
+        trace,
+        sizes,
+        bound,
+        chunk_size=None,
+        path_gradient=False,
+        model_args=None,
+        element_keys=False,
     ):
         """Top-down sample of every latent site on the given plate elements.
 
@@ -799,6 +817,10 @@ class AutoPAVI(AutoGuide):
         :param trace: a model trace on those indices (observed data for the encoders).
         :param sizes: ``{plate: full size}``; ``bound``: model arguments by name.
         :param model_args: ``(args, kwargs)`` of the model, for the Laplace bases.
+        :param element_keys: draw each element's noise from its own key (the site's key
+            folded with the element's indices), so an element's draw does not depend on which
+            other elements are sampled with it: chunked full-plate summaries then equal
+            unchunked ones (see :mod:`numpyro_pavi.summaries`).
         :return: constrained site-layout values, canonical unconstrained values and
             per-element ``log q`` (on each site's grid, support log-det included).
         """
@@ -807,7 +829,10 @@ class AutoPAVI(AutoGuide):
         keys = jax.random.split(rng_key, len(self.structure.latent))
         for key, (name, site) in zip(keys, self.structure.latent.items()):
             grid = tuple(int(indices[p].shape[0]) for p in site.plates)
-            noise = jax.random.normal(key, grid + (site.dim,))
+            if element_keys:
+                noise = _element_noise(key, [indices[p] for p in site.plates], site.dim)
+            else:
+                noise = jax.random.normal(key, grid + (site.dim,))
             base = self._laplace_base(site, values, indices, model_args) if self._on_laplace(site) else None
             x, logq, centers[name] = self._sample_site(
                 site, params, enc, unc, centers, noise, chunk_size, path_gradient, base
@@ -1188,6 +1213,15 @@ class AutoPAVI(AutoGuide):
             state = fold(state, batch, valid)
         count, mean, m2 = state
         return {k: {"mean": mean[k], "sd": jnp.sqrt(m2[k] / (count - 1))} for k in mean}
+
+    def posterior_summary(self, rng_key, params, *args, **kwargs) -> dict:
+        """Per-element posterior mean, sd and quantiles of every latent site, streamed over the
+        elements of one plate, optionally writing every draw to a Zarr store: see
+        :func:`numpyro_pavi.summaries.posterior_summary` for the options. Unlike
+        :meth:`quantiles`, memory never holds all draws of all elements."""
+        from .summaries import posterior_summary
+
+        return posterior_summary(self, rng_key, params, *args, **kwargs)
 
     def median(self, params, *args, num_samples: int = 1000, rng_key=None, **kwargs):
         """Monte Carlo estimate of the posterior median of every latent site (full plates).

@@ -86,10 +86,23 @@ def test_neuro_quick(tmp_path):
         assert r["sample_posterior"]["all_finite"]
         assert r["sample_posterior"]["shapes"]["z"] == [S, T, V, F]
         assert r["throughput_latents_steps_per_s"] > 0
+        summary = r["posterior_summary"]  # streamed over chunks of 4 subjects
+        assert summary["all_finite"] and summary["num_samples"] == 20 and 0 < summary["mean_sd_of_z"] < 1
     # set encodings: guide size does not depend on the number of subjects
     assert rows[0]["num_guide_params"] == rows[1]["num_guide_params"]
     _check_finite(rows)
     _check_finite(data["growth"])
+
+
+def test_streamed_summary_quick(tmp_path):
+    mod = _load("streamed_summary")
+    out = tmp_path / "ss.json"
+    mod.main(["--quick", "--out", str(out)])
+    r = json.loads(out.read_text())["result"]
+    assert r["num_latents"] == 300 * 2 + 2 and r["num_chunks"] == 5 and r["all_finite"]
+    # 200 steps of a 300-group fit: rough, but the summary must be in the exact posterior's range
+    assert r["mu_g_median_mean_error_sd"] < 1.0 and 0.5 < r["mu_g_median_sd_ratio"] < 2.0
+    _check_finite(r)
 
 
 def test_stress_quick(tmp_path):
@@ -130,7 +143,10 @@ def test_constant_rate_quick(tmp_path):
     _check_finite(data["results"])
 
 
-@pytest.mark.parametrize("name", ["convergence", "encoding_size", "neuro", "stress", "accuracy", "constant_rate"])
+@pytest.mark.parametrize(
+    "name",
+    ["convergence", "encoding_size", "neuro", "stress", "accuracy", "constant_rate", "multidevice", "streamed_summary"],
+)
 def test_help(name, capsys):
     mod = _load(name)
     with pytest.raises(SystemExit) as exc:

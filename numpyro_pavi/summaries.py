@@ -1,0 +1,271 @@
+"""Posterior summaries streamed over plate elements, optionally with every draw sent to Zarr.
+
+:func:`posterior_summary` gives the per-element mean, sd and quantiles of every latent site
+over the full plates without holding all draws in memory. It takes the elements of one plate
+(the *chunked plate*, which every local site must sit in) ``chunk_size`` at a time and, for
+each chunk, makes all ``num_samples`` draws of those elements (one compiled program, reused
+for every chunk), reduces them to summaries and, with a ``store``, writes the draws to a Zarr
+store that xarray and ArviZ open lazily. Memory holds one chunk's draws
+(``num_samples x chunk_size x`` latents per chunked-plate element), the summaries and the
+data; never ``num_samples`` x all latents.
+
+Why chunk elements and not draws (as :meth:`AutoPAVI.posterior_moments` does): quantiles need
+every draw of an element at once, and a draw of a huge plate may not fit either.
+
+The result does not depend on ``chunk_size``: each element's noise comes from its own key
+(the site's per-draw key folded with the element's indices), global sites from per-draw keys
+that every chunk shares, and an element's encoding, Laplace base and flow read only its own
+data and its parents. So a chunked summary equals the unchunked one up to float error.
+
+Zarr layout (``store``): group ``posterior`` holds one array per latent site, shape
+``(1, num_samples, *site_shape)``, dims ``("chain", "draw", ...)`` named as in
+:func:`numpyro_pavi.arviz.to_inference_data` (plates by name, unsqueezed); group ``summary``
+holds ``{site}_mean``, ``{site}_sd`` and ``{site}_quantiles`` (leading dim ``quantile``, with
+the levels as coordinate). ``az.InferenceData(posterior=xr.open_zarr(store, group="posterior"))``
+reads it back lazily.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .arviz import site_dims
+from .structure import LatentSite
+
+__all__ = ["posterior_summary"]
+
+
+def _chunked_plate(structure, plate: str | None) -> str | None:
+    """The plate to stream over: the given one, or the largest plate every local site is in."""
+    local = [s for s in structure.latent.values() if s.plates]
+    if plate is not None:
+        if plate not in structure.plates:
+            raise ValueError(f"plate={plate!r} is not a plate of the model; its plates: {sorted(structure.plates)}.")
+        outside = [s.name for s in local if plate not in s.plates]
+        if outside:
+            raise ValueError(
+                f"Latent site '{outside[0]}' does not sit in plate '{plate}': a streamed summary chunks "
+                f"one plate, and every local site must be in it (its elements' draws then need only "
+                f"their chunk). Choose a plate shared by all local sites, or use "
+                f"guide.posterior_moments (it streams over draws instead)."
+            )
+        return plate
+    if not local:
+        return None
+    shared = set.intersection(*(set(s.plates) for s in local))
+    if not shared:
+        names = {s.name: s.plates for s in local}
+        raise ValueError(
+            f"No plate holds every local latent site ({names}): a streamed summary chunks one plate "
+            "that all of them sit in. Use guide.posterior_moments (it streams over draws instead)."
+        )
+    return max(sorted(shared), key=lambda p: structure.plates[p].size)
+
+
+def _plate_axis(site: LatentSite, structure, plate: str) -> int:
+    """Axis of ``plate`` in a value of ``site`` (site layout, no sample dims)."""
+    return len(site.batch_shape) + structure.plates[plate].dim
+
+
+def _check_levels(quantiles) -> np.ndarray:
+    levels = np.atleast_1d(np.asarray(quantiles, dtype=float))
+    if levels.ndim != 1 or np.any(np.isnan(levels)) or np.any((levels < 0) | (levels > 1)):
+        raise ValueError(f"quantiles must be a list of levels in [0, 1], got {quantiles!r}.")
+    return levels
+
+
+def posterior_summary(
+    guide: Any,
+    rng_key: jax.Array,
+    params: dict,
+    *args: Any,
+    num_samples: int = 1000,
+    quantiles: Sequence[float] = (0.05, 0.5, 0.95),
+    plate: str | None = None,
+    chunk_size: int = 1024,
+    store: Any = None,
+    progress_bar: bool = False,
+    **kwargs: Any,
+) -> dict[str, dict[str, np.ndarray]]:
+    """Per-element posterior mean, sd and quantiles of every latent site, streamed over the
+    elements of one plate (see the module docstring).
+
+    :param guide: a fitted :class:`~numpyro_pavi.AutoPAVI` (set up by SVI).
+    :param rng_key: PRNG key.
+    :param params: ``svi.get_params(state)``.
+    :param args, kwargs: the model's arguments (default: the training ones, for guides that
+        read data); the model must index its data with the chunked plate's indices, as it
+        does for subsampled training (``with numpyro.plate(..., subsample_size=B) as idx``).
+    :param num_samples: posterior draws per element (at least 2).
+    :param quantiles: quantile levels in ``[0, 1]`` (may be empty).
+    :param plate: the chunked plate (default: the largest plate every local site is in).
+    :param chunk_size: elements of the chunked plate per program run (the memory knob).
+    :param store: a Zarr store or path: the draws and summaries are also written there
+        (needs the ``zarr`` package, ``pip install numpyro-pavi[zarr]``).
+    :param progress_bar: a ``tqdm`` bar over the chunks.
+    :return: ``{site: {"mean": (*shape), "sd": (*shape), "quantiles": (len(quantiles),
+        *shape)}}``, host (NumPy) arrays in each site's full shape; ``sd`` uses ``ddof=1``.
+        Deterministic sites are not summarized (they may mix elements of several chunks).
+    """
+    if getattr(guide, "structure", None) is None:
+        raise RuntimeError("The guide is not set up yet: run SVI (or call the guide) once first.")
+    guide._check_call(rng_key, params)
+    for name, n, low in (("num_samples", num_samples, 2), ("chunk_size", chunk_size, 1)):
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {n!r}.")
+    levels = _check_levels(quantiles)
+    structure = guide.structure
+    chunked = _chunked_plate(structure, plate)
+    guide._check_params(params)
+    args, kwargs = guide._posterior_args(args, kwargs)
+    sizes, full_indices, full_trace, bound = guide._full_inputs(args, kwargs)
+    with_trace = full_trace is not None
+    del full_trace  # only the chunks' traces are needed from here on
+    margs = (args, kwargs)
+    keys = jax.random.split(rng_key, num_samples)
+    qs = jnp.asarray(levels, jnp.float32)
+
+    size = sizes[chunked] if chunked else 1
+    # two elements at least: a plate of one element would broadcast against any data
+    length = min(max(int(chunk_size), 2), size) if chunked else 1
+
+    def draws_of(params, idx):
+        indices = {**full_indices, chunked: idx} if chunked else full_indices
+        trace = guide._trace_full(indices, args, kwargs) if with_trace else None
+
+        def one(key):
+            values, _, _ = guide._sample_all(
+                params, key, indices, trace, sizes, bound, guide.chunk_size, model_args=margs, element_keys=True
+            )
+            return values
+
+        return jax.lax.map(one, keys)
+
+    def summarize(params, idx):
+        v = draws_of(params, idx)
+        stats = {
+            k: {"mean": jnp.mean(x, 0), "sd": jnp.std(x, 0, ddof=1), "quantiles": jnp.quantile(x, qs, axis=0)}
+            for k, x in v.items()
+        }
+        return stats, (v if store is not None else None)
+
+    run = jax.jit(summarize)
+    first = jnp.arange(length)
+    try:
+        shapes = jax.eval_shape(run, params, first)[0]
+    except (TypeError, ValueError, IndexError) as err:
+        raise ValueError(
+            f"Sampling {length} of the {size} elements of plate '{chunked}' at a time failed: the model "
+            f"must index its data with the plate's indices (with numpyro.plate('{chunked}', N, "
+            f"subsample_size=...) as idx: ... data[idx]), as for subsampled training. Original error: {err}"
+        ) from err
+
+    full_shape = {}
+    for name, site in structure.latent.items():
+        shape = list(shapes[name]["mean"].shape)
+        if chunked and chunked in site.plates:
+            shape[_plate_axis(site, structure, chunked)] = size
+        full_shape[name] = tuple(shape)
+    out = {
+        name: {
+            "mean": np.empty(shape, np.float32),
+            "sd": np.empty(shape, np.float32),
+            "quantiles": np.empty((len(levels),) + shape, np.float32),
+        }
+        for name, shape in full_shape.items()
+    }
+    arrays = None
+    if store is not None:
+        arrays = _open_store(store, structure, sizes, full_shape, num_samples, levels, length, chunked)
+
+    starts = range(0, size, length)
+    if progress_bar:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=f"posterior summary ({chunked or 'globals'})", unit="chunk")
+    for start in starts:
+        stop = min(start + length, size)
+        idx = jnp.minimum(jnp.arange(start, start + length), size - 1)  # the last chunk repeats its last element
+        stats, draws = run(params, idx)
+        stats, draws = jax.device_get((stats, draws))
+        for name, site in structure.latent.items():
+            local = chunked is not None and chunked in site.plates
+            if not local and start > 0:
+                continue  # global sites: identical in every chunk (shared per-draw keys)
+            axis = _plate_axis(site, structure, chunked) if local else None
+            for what, value in stats[name].items():
+                lead = 1 if what == "quantiles" else 0
+                out[name][what][_at(axis, lead, start, stop)] = _take(value, axis, lead, stop - start)
+            if arrays is not None:
+                arrays[name][_at(axis, 2, start, stop)] = _take(draws[name], axis, 1, stop - start)[None]
+    if arrays is not None:
+        summary = arrays["__summary__"]
+        for name, stats in out.items():
+            for what, value in stats.items():
+                summary[f"{name}_{what}"][...] = value
+        import zarr
+
+        with warnings.catch_warnings():
+            # zarr 3 calls consolidated metadata an extension; xarray reads it (and opens faster)
+            warnings.simplefilter("ignore")
+            zarr.consolidate_metadata(arrays["__root__"].store)
+    return out
+
+
+def _at(axis: int | None, lead: int, start: int, stop: int) -> tuple:
+    """Index of elements ``start:stop`` along ``axis`` (shifted by ``lead`` leading dims)."""
+    if axis is None:
+        return (Ellipsis,)
+    return (slice(None),) * (axis + lead) + (slice(start, stop),)
+
+
+def _take(value: np.ndarray, axis: int | None, lead: int, n: int) -> np.ndarray:
+    """The first ``n`` elements along ``axis`` (the chunk without its padding)."""
+    if axis is None:
+        return value
+    return np.take(value, np.arange(n), axis=axis + lead)
+
+
+def _open_store(
+    store, structure, sizes: dict, full_shape: dict, num_samples: int, levels: np.ndarray, length: int, chunked
+) -> dict:
+    """Create the Zarr arrays (see the module docstring), chunked like the stream."""
+    try:
+        import zarr
+    except ImportError as err:
+        raise ImportError(
+            "Writing draws to a store needs the zarr package: pip install 'numpyro-pavi[zarr]' (or pip install zarr)."
+        ) from err
+    root = zarr.open_group(store, mode="w")
+    posterior, summary = root.require_group("posterior"), root.require_group("summary")
+    arrays = {}
+    for name, shape in full_shape.items():
+        site = structure.latent[name]
+        plate_dims = {p: structure.plates[p].dim for p in site.plates}
+        dims, _ = site_dims(name, shape, len(site.event_shape), plate_dims, sizes, squeeze=False)
+        chunks = list(shape)
+        if chunked in site.plates:
+            chunks[_plate_axis(site, structure, chunked)] = length
+        arrays[name] = posterior.create_array(
+            name,
+            shape=(1, num_samples) + shape,
+            chunks=(1, num_samples, *chunks),
+            dtype="float32",
+            dimension_names=["chain", "draw", *dims],
+        )
+        for what in ("mean", "sd"):
+            summary.create_array(f"{name}_{what}", shape=shape, dtype="float32", dimension_names=dims)
+        summary.create_array(
+            f"{name}_quantiles", shape=(len(levels),) + shape, dtype="float32", dimension_names=["quantile", *dims]
+        )
+    for dim, n in (("chain", 1), ("draw", num_samples)):
+        posterior.create_array(dim, shape=(n,), dtype="int64", dimension_names=[dim])[...] = np.arange(n)
+    summary.create_array("quantile", shape=(len(levels),), dtype="float64", dimension_names=["quantile"])[...] = levels
+    arrays["__summary__"], arrays["__root__"] = summary, root
+    return arrays
