@@ -379,7 +379,9 @@ class AutoPAVI(AutoGuide):
         A source is ``("nested", obs_site)`` or ``("ragged", plate)``; an empty list means
         free encodings.
         """
-        keys = sorted({site.plates for site in self.structure.latent.values() if site.plates}, key=len)
+        # model order, then fewer plates first (a stable sort): a set's order would follow the
+        # interpreter's hash seed, and with it the encoders' initial keys
+        keys = sorted(dict.fromkeys(site.plates for site in self.structure.latent.values() if site.plates), key=len)
         unknown = set(self.ragged) - set(self.structure.plates)
         if unknown:
             raise ValueError(

@@ -34,7 +34,7 @@ global arrays::
 
 Start every process with the same ``PYTHONHASHSEED``: with different hash seeds the
 processes were seen to compile programs that disagree (each one then reports the loss of
-its own rows, in 4 of 5 two-process runs); with the same seed they agree in every run.
+its own rows, in 5 of 10 two-process runs); with the same seed they agreed in every run.
 ``tests/test_sharding.py`` runs this with two processes of two CPU devices each (gloo
 collectives, ``PYTHONHASHSEED=0``) and gets the losses of one process with one device.
 """

@@ -227,3 +227,35 @@ def test_inside_auto_guide_list(guide_list):
     assert samples["mu_g"].shape == (3, G, 1, K)
     assert samples["tau"].shape == (3,)
     assert np.all(samples["tau"] > 0)
+
+
+_INIT_SCRIPT = """
+import hashlib, jax, numpy as np, numpyro
+from numpyro_pavi import AutoPAVI
+from numpyro_pavi.models import crossed
+y = np.arange(12.0).reshape(4, 3) / 10
+guide = AutoPAVI(crossed, laplace=False)
+numpyro.handlers.seed(guide, 0)(y)
+leaves = jax.tree_util.tree_leaves_with_path(guide._init_values)
+digest = hashlib.sha256(b"".join(str(p).encode() + np.asarray(v).tobytes() for p, v in leaves)).hexdigest()
+print(list(guide._plan), digest)
+"""
+
+
+def test_initial_parameters_do_not_depend_on_the_hash_seed():
+    """Two plate sets of one size (crossed rows and cols) get their encoders in model order,
+    not in a set's order: the same key gives the same guide in every interpreter (and every
+    process of a multi-process run)."""
+    import subprocess
+    import sys
+
+    outs = []
+    for seed in ("1", "2"):  # two seeds that ordered a set of (rows,), (cols,) both ways
+        env = {**__import__("os").environ, "PYTHONHASHSEED": seed, "JAX_PLATFORMS": "cpu"}
+        proc = subprocess.run(
+            [sys.executable, "-c", _INIT_SCRIPT], env=env, capture_output=True, text=True, timeout=300, check=False
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outs.append(proc.stdout.strip().splitlines()[-1])
+    assert outs[0].startswith("[('rows',), ('cols',)]")
+    assert len(set(outs)) == 1, outs
