@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
         for fl in layers:
             for lr in rates:
                 for key in keys:
-                    guide = AutoPAVI(model, flow_layers=fl, laplace=args.laplace)
+                    guide = AutoPAVI(model, num_flows=fl, laplace=args.laplace)
                     losses, secs, _, evals = train(model, guide, data, tkw, lr, key, args.steps, every)
                     rep = _report(losses, evals, args, every)
                     last = float(np.mean(losses[-args.window :])) if not every else float(evals[-1])

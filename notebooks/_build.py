@@ -697,7 +697,7 @@ DIAGNOSTICS = [
 A low loss does not say how close the guide is to the posterior. This notebook shows three
 checks on a well-trained and on a deliberately under-trained `AutoPAVI`:
 
-1. **PSIS k-hat** (`numpyro_pavi.diagnostics.psis_diagnostic`, Yao et al. 2018, *Yes, but did it
+1. **PSIS k-hat** (`numpyro_pavi.diagnostics.psis_khat`, Yao et al. 2018, *Yes, but did it
    work?*): importance weights `log p(x, z) - log q(z)` for draws `z ~ q`, and the shape `k`
    of a generalized Pareto distribution fitted to their largest values. The heavier the tail,
    the more posterior mass `q` misses:
@@ -736,7 +736,7 @@ from numpyro.infer import SVI, Predictive, Trace_ELBO
 
 from numpyro_pavi import AutoPAVI
 from numpyro_pavi.arviz import to_inference_data
-from numpyro_pavi.diagnostics import psis_diagnostic
+from numpyro_pavi.diagnostics import psis_khat
 from numpyro_pavi.exact import random_effects_posterior
 from numpyro_pavi.models import simulate_random_effects"""
     ),
@@ -769,17 +769,17 @@ print("trained for", STEPS, "and", SHORT_STEPS, "steps")"""
     md(
         """## PSIS k-hat
 
-`psis_diagnostic` draws `NUM_SAMPLES` samples from the guide over the full plates and
+`psis_khat` draws `NUM_SAMPLES` samples from the guide over the full plates and
 returns the k-hats, the PSIS effective sample size, the Monte Carlo ELBO and an importance
 sampling estimate of `log p(x)`, which we can hold against the exact value."""
     ),
     code(
-        """good_psis = psis_diagnostic(good_guide, good.params, x, num_samples=NUM_SAMPLES, rng_key=jax.random.PRNGKey(2))
+        """good_psis = psis_khat(good_guide, good.params, x, num_samples=NUM_SAMPLES, rng_key=jax.random.PRNGKey(2))
 print(good_psis.summary())
 print(f"  exact log p(x) = {exact['log_evidence']:.3f}")"""
     ),
     code(
-        """short_psis = psis_diagnostic(short_guide, short.params, x, num_samples=NUM_SAMPLES, rng_key=jax.random.PRNGKey(2))
+        """short_psis = psis_khat(short_guide, short.params, x, num_samples=NUM_SAMPLES, rng_key=jax.random.PRNGKey(2))
 print(short_psis.summary())"""
     ),
     code(

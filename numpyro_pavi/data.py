@@ -194,3 +194,41 @@ def as_rows(x, num: int, name: str) -> jnp.ndarray:
     if x.shape[:1] != (num,):
         raise ValueError(f"Covariate '{name}' has shape {x.shape}; expected {num} rows, one per observation.")
     return jnp.reshape(x, (num, math.prod(x.shape[1:])))
+
+
+def ragged_parts(structure: Any, plate: str, decl: Ragged, trace: Mapping[str, dict], bound: Mapping[str, Any]):
+    """Features ``(B_obs, F)``, element ids ``(B_obs,)`` and the observation plate's name of a
+    ragged plate's data, on the observations of ``trace`` (the current call's).
+
+    :param structure: the model's :class:`~numpyro_pavi.structure.ModelStructure`.
+    :param bound: the model's arguments by name (:func:`bind_arguments`).
+    """
+    if decl.index not in bound:
+        raise ValueError(
+            f"Ragged plate '{plate}': the model has no argument named '{decl.index}' (its arguments: "
+            f"{sorted(bound)}). Ragged(index=...) names the model argument holding the index array."
+        )
+    dims = {n: p.dim for n, p in structure.plates.items()}
+    names = decl.observed or tuple(
+        o for o, obs in structure.observed.items() if len(obs.plates) == 1 and obs.plates[0] != plate
+    )
+    if not names:
+        raise ValueError(f"Ragged plate '{plate}': no observed site in a flat plate holds its data.")
+    feats, obs_plate = [], None
+    for o in names:
+        if o not in trace:
+            raise ValueError(f"Ragged plate '{plate}': observed site '{o}' is not in the model.")
+        x, oplates = observed_canonical(trace[o], dims)
+        if len(oplates) != 1:
+            raise ValueError(f"Ragged plate '{plate}': observed site '{o}' must sit in exactly one (flat) plate.")
+        obs_plate = oplates[0]
+        feats.append(x)
+    idx = trace[obs_plate]["value"]
+    full_index = jnp.asarray(bound[decl.index])
+    ids = full_index[idx]
+    for c in decl.covariates:
+        if c not in bound:
+            raise ValueError(f"Ragged plate '{plate}': the model has no argument named '{c}' (covariate).")
+        # one row per observation of *this* call's data (new data may have other sizes)
+        feats.append(as_rows(bound[c], full_index.shape[0], c)[idx])
+    return jnp.concatenate(feats, -1), ids, obs_plate

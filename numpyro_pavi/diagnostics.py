@@ -1,6 +1,6 @@
 """Did the variational fit work? Pareto-smoothed importance sampling (PSIS) diagnostics.
 
-:func:`psis_diagnostic` implements the check of Yao, Vehtari, Simpson and Gelman (2018),
+:func:`psis_khat` implements the check of Yao, Vehtari, Simpson and Gelman (2018),
 "Yes, but did it work?: Evaluating variational inference": draw ``S`` samples
 ``z_s ~ q`` over the **full** plates, form the importance log weights
 ``log w_s = log p(x, z_s) - log q(z_s)`` and fit a generalized Pareto distribution to the
@@ -26,7 +26,7 @@ Per-element (local) k-hat
 In a model with ``N`` plate elements the global weight is a sum of ``N`` local terms and its
 k-hat grows with ``N`` even when every local factor is fine, so the global number alone does
 not say *where* the guide fails. For each plate ``P`` holding latent sites,
-:func:`psis_diagnostic` therefore also reports one k-hat per element ``n`` of ``P``, computed
+:func:`psis_khat` therefore also reports one k-hat per element ``n`` of ``P``, computed
 from the local log weight of "everything indexed by ``n`` in ``P``":
 
     ``log w_s[n] = sum of log p(site at n | its sampled parents)``
@@ -60,7 +60,7 @@ from numpyro.infer.util import compute_log_probs
 
 from .structure import plate_sizes, seeded_model
 
-__all__ = ["PSISResult", "full_plate_sizes", "khat_category", "psis_diagnostic"]
+__all__ = ["PSISResult", "full_plate_sizes", "khat_category", "psis_diagnostic", "psis_khat"]
 
 #: Thresholds of :func:`khat_category`.
 KHAT_GOOD: float = 0.5
@@ -87,7 +87,7 @@ _VERDICT = {
 
 @dataclass(frozen=True)
 class PSISResult:
-    """Result of :func:`psis_diagnostic`.
+    """Result of :func:`psis_khat`.
 
     :param khat: Pareto k-hat of the global log weights (see the module docstring).
     :param khat_per_element: ``{plate: (size,)}`` k-hat of each element's local weights,
@@ -169,7 +169,7 @@ def _per_element(x: jax.Array, axis: int, size: int, what: str) -> jax.Array:
     if axis < 0 or x.shape[axis] != size:
         raise ValueError(
             f"{what}: expected {size} plate elements on axis {axis} of shape {x.shape}; "
-            "psis_diagnostic needs every site in a plate broadcast to the plate's full size."
+            "psis_khat needs every site in a plate broadcast to the plate's full size."
         )
     return jnp.sum(jnp.moveaxis(x, axis, 0).reshape(size, -1), -1)
 
@@ -188,7 +188,7 @@ def full_plate_sizes(model: Any, structure: Any, args: tuple, kwargs: dict) -> d
     return sizes
 
 
-def psis_diagnostic(
+def psis_khat(
     guide: Any,
     params: dict,
     *args: Any,
@@ -287,3 +287,19 @@ def psis_diagnostic(
         log_evidence=float(np.logaddexp.reduce(log_w) - math.log(num_samples)),
         elbo=float(np.mean(log_w)),
     )
+
+
+def psis_diagnostic(guide: Any, params: dict, *args: Any, **kwargs: Any) -> PSISResult:
+    """Deprecated name of :func:`psis_khat` (removed in 0.4).
+
+    NumPyro has its own ``numpyro.infer.importance.psis_diagnostic(model, guide, *args)``,
+    which returns a single k-hat; this package's check takes fitted params, works over the
+    full plates and returns a :class:`PSISResult`, so it has a name of its own.
+    """
+    warnings.warn(
+        "numpyro_pavi.diagnostics.psis_diagnostic is deprecated and will be removed in 0.4: use "
+        "psis_khat (same arguments; NumPyro's numpyro.infer.importance.psis_diagnostic is another function).",
+        FutureWarning,
+        stacklevel=2,
+    )
+    return psis_khat(guide, params, *args, **kwargs)

@@ -66,7 +66,6 @@ __all__ = [
     "linear",
     "mab",
     "mab_segments",
-    "masked_softmax",
     "mlp",
     "pma",
     "pma_segments",
@@ -151,31 +150,6 @@ def mlp(params: Params, x: jax.Array, activation: Callable[[jax.Array], jax.Arra
 # ----------------------------------------------------------------------------------------
 # Softmax variants
 # ----------------------------------------------------------------------------------------
-
-
-def masked_softmax(logits: jax.Array, mask: jax.Array | None = None, axis: int = -1) -> jax.Array:
-    """Softmax along ``axis`` restricted to entries where ``mask`` is True.
-
-    Masked entries get weight exactly 0 and receive zero gradient, whatever their logits
-    (even ``inf``/``nan``). A slice with no unmasked entry gets all-zero weights instead of
-    ``nan``, so attention over an empty set returns 0.
-
-    :param logits: any shape.
-    :param mask: bool, broadcastable to ``logits``; None means all True.
-    """
-    if mask is None:
-        return jax.nn.softmax(logits, axis=axis)
-    mask = jnp.broadcast_to(mask, logits.shape)
-    # -inf (not a finite "large negative") in the masked branch: exp gives exactly 0 and its
-    # derivative there is 0, so neither the forward value nor the gradient can be polluted.
-    masked = jnp.where(mask, logits, -jnp.inf)
-    top = jnp.max(masked, axis=axis, keepdims=True)
-    # Softmax is shift invariant, so the shift needs no gradient; the guard keeps an
-    # all-masked slice from computing (-inf) - (-inf).
-    top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
-    e = jnp.exp(jnp.where(mask, logits - top, -jnp.inf))
-    denom = jnp.sum(e, axis=axis, keepdims=True)
-    return e / jnp.where(denom > 0, denom, 1.0)
 
 
 def segment_softmax(logits: jax.Array, segment_ids: jax.Array, num_segments: int) -> tuple[jax.Array, jax.Array]:
@@ -281,15 +255,19 @@ def mab(
     q = _split_heads(linear(params["wq"], x), num_heads)  # (*b, nq, h, dh)
     k = _split_heads(linear(params["wk"], y), num_heads)  # (*b, nk, h, dh)
     v = _split_heads(linear(params["wv"], y), num_heads)
-    logits = jnp.einsum("...qhd,...khd->...hqk", q, k) / math.sqrt(q.shape[-1])
-    key_mask = None
+    batch = jnp.broadcast_shapes(q.shape[:-3], k.shape[:-3])
     if mask is not None:
-        key_mask = mask[..., None, None, :]
-        # A zero weight times an inf/nan value is nan, so masked values must be removed too.
+        batch = jnp.broadcast_shapes(batch, mask.shape[:-1])
+        # A zero weight times an inf/nan value is nan, so masked values must be removed too;
+        # a query with every key masked then averages zeros: attention output 0.
         v = jnp.where(mask[..., :, None, None], v, 0.0)
-    weights = masked_softmax(logits, key_mask, axis=-1)
-    attended = jnp.einsum("...hqk,...khd->...qhd", weights, v)
-    attended = attended.reshape(attended.shape[:-2] + (-1,))
+    # jax.nn.dot_product_attention takes one batch axis: flatten ours
+    flat = lambda t: jnp.reshape(jnp.broadcast_to(t, batch + t.shape[-3:]), (-1,) + t.shape[-3:])
+    key_mask = (
+        None if mask is None else jnp.reshape(jnp.broadcast_to(mask, batch + mask.shape[-1:]), (-1, 1, 1, k.shape[-3]))
+    )
+    attended = jax.nn.dot_product_attention(flat(q), flat(k), flat(v), mask=key_mask)
+    attended = jnp.reshape(attended, batch + attended.shape[-3:-2] + (-1,))
     return _mab_output(params, x, attended)
 
 
@@ -455,8 +433,9 @@ def _rho(params: Params, pooled: jax.Array) -> jax.Array:
 class SetEncoder:
     """A permutation-invariant map from a set of vectors ``(n, in_dim)`` to one vector ``(out_dim,)``.
 
-    :param kind: ``"deep_sets"`` or ``"set_transformer"``.
-    :param out_dim: width of the encoding.
+    :param kind: ``"deep_sets"`` (default, as :class:`~numpyro_pavi.AutoPAVI`'s) or
+        ``"set_transformer"``.
+    :param out_dim: width of the encoding (inside AutoPAVI: its ``encoding_dim``).
     :param hidden_dim: embedding width (divisible by ``num_heads`` for the set transformer).
     :param num_heads: attention heads (set transformer).
     :param num_inducing: inducing points per ISAB block (set transformer).
@@ -473,7 +452,7 @@ class SetEncoder:
     Instances hold hyperparameters only; parameters are the pytree returned by :meth:`init`.
     """
 
-    kind: str = "set_transformer"
+    kind: str = "deep_sets"
     out_dim: int = 8
     hidden_dim: int = 32
     num_heads: int = 2
@@ -508,7 +487,10 @@ class SetEncoder:
             k_phi, k_rho = jax.random.split(k_net)
             params = {
                 "phi": init_mlp(k_phi, (in_dim,) + (d,) * self.num_blocks),
-                "rho": {"hidden": init_linear(k_rho, d, d), "out": init_readout(jax.random.fold_in(k_rho, 1), d, self.out_dim, _FINAL_SCALE)},
+                "rho": {
+                    "hidden": init_linear(k_rho, d, d),
+                    "out": init_readout(jax.random.fold_in(k_rho, 1), d, self.out_dim, _FINAL_SCALE),
+                },
             }
         else:
             k_embed, k_blocks, k_pma, k_out = jax.random.split(k_net, 4)
@@ -581,7 +563,9 @@ class SetEncoder:
     def _pool_segments(self, feats: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
         pooled = jax.ops.segment_sum(feats, segment_ids, num_segments=num_segments)
         if self.pool == "mean":
-            count = jax.ops.segment_sum(jnp.ones(segment_ids.shape, feats.dtype), segment_ids, num_segments=num_segments)
+            count = jax.ops.segment_sum(
+                jnp.ones(segment_ids.shape, feats.dtype), segment_ids, num_segments=num_segments
+            )
             pooled = pooled / jnp.maximum(count, 1.0)[:, None]
         return pooled
 

@@ -120,10 +120,10 @@ def log_joint(
 def _grad_and_blocks(logp: Callable, z: jax.Array):
     """Gradient ``(*grid, d)`` and per-element Hessian blocks ``(*grid, d, d)`` of a log
     density that is a sum of independent per-element terms."""
-    grad = jax.grad(logp)
-    g = grad(z)
+    # one linearization of the gradient (one pass through the model) serves all d columns
+    g, hvp = jax.linearize(jax.grad(logp), z)
     d = z.shape[-1]
-    cols = [jax.jvp(grad, (z,), (jnp.broadcast_to(jnp.eye(d)[j], z.shape),))[1] for j in range(d)]
+    cols = [hvp(jnp.broadcast_to(jnp.eye(d)[j], z.shape)) for j in range(d)]
     return g, jnp.stack(cols, -1)
 
 
@@ -178,11 +178,13 @@ def newton_base(logp: Callable, logp_frozen: Callable, z_init: jax.Array, steps:
         g, h = _grad_and_blocks(logp_frozen, z)
         return g, _precision_chol(h)
 
-    def body(_, state):
+    def body(i, state):
+        # iteration 0 only evaluates the start (s = 0, kept): one loop body, so the model is
+        # traced once for all the iterations
         z, g, chol, t = state
-        s = t[..., None] * _step(g, chol)
+        s = jnp.where(i > 0, t[..., None] * _step(g, chol), 0.0)
         g_new, chol_new = evaluate(z + s)
-        keep = jnp.sum(g_new * s, -1) >= -jnp.sum(g * s, -1)
+        keep = (i == 0) | (jnp.sum(g_new * s, -1) >= -jnp.sum(g * s, -1))
         t = jnp.where(keep, jnp.minimum(2.0 * t, 1.0), 0.5 * t)
         keep_z = keep[..., None]
         return (
@@ -193,8 +195,10 @@ def newton_base(logp: Callable, logp_frozen: Callable, z_init: jax.Array, steps:
         )
 
     z_init = jax.lax.stop_gradient(z_init)
-    start = (z_init, *evaluate(z_init), jnp.ones(z_init.shape[:-1], z_init.dtype))
-    z0, _, _, t = jax.lax.stop_gradient(jax.lax.fori_loop(0, steps, body, start))
+    d = z_init.shape[-1]
+    eye = jnp.broadcast_to(jnp.eye(d, dtype=z_init.dtype), z_init.shape + (d,))
+    start = (z_init, jnp.zeros_like(z_init), eye, jnp.ones(z_init.shape[:-1], z_init.dtype))
+    z0, _, _, t = jax.lax.stop_gradient(jax.lax.fori_loop(0, steps + 1, body, start))
     g, h = _grad_and_blocks(logp, z0)
     chol = _precision_chol(h)
     return z0 + t[..., None] * _step(g, chol), chol

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -63,15 +62,12 @@ class LatentSite:
     :param intrinsic_shape: batch dims not owned by any plate, in position order.
     :param intrinsic_positions: their positions (0-based from the left of ``batch_shape``).
     :param support: the site's support constraint.
-    :param parents: latent sites the site depends on a priori whose plates are a subset of
-        the site's plates.
-    :param dropped_parents: prior parents that sit in plates the site is not in; their
-        per-element values cannot be aligned with this site's elements, so they are not
-        part of the flow's context.
     :param conditions_on: the sites whose sampled values condition the site's flow: every
-        earlier latent site whose plates are a subset of the site's plates. This is the
-        parents plus earlier *siblings*, which the posterior couples through shared
-        observations (a group's intercept and slope, say) even when the prior does not.
+        earlier latent site whose plates are a subset of the site's plates: its prior
+        parents in those plates, and the earlier *siblings* the posterior couples with it
+        through shared observations (a group's intercept and slope, say) even when the prior
+        does not. Sites in plates the site is not in are left out: their per-element values
+        do not line up with this site's elements.
     """
 
     name: str
@@ -82,8 +78,6 @@ class LatentSite:
     intrinsic_shape: tuple[int, ...]
     support: Any
     intrinsic_positions: tuple[int, ...]
-    parents: tuple[str, ...] = ()
-    dropped_parents: tuple[str, ...] = ()
     conditions_on: tuple[str, ...] = ()
 
     @property
@@ -95,6 +89,69 @@ class LatentSite:
     def plate_positions(self) -> tuple[int, ...]:
         """Batch positions (0-based from the left of ``batch_shape``) owned by plates."""
         return tuple(p for p in range(len(self.batch_shape)) if p not in self.intrinsic_positions)
+
+    # -- layouts (see the module docstring) ------------------------------------------------
+    def site_perm(self, lead: int = 0) -> list[int]:
+        """Permutation taking ``(*lead, *plates, *intrinsic, *event)`` to site layout."""
+        n_batch = len(self.batch_shape)
+        plate_pos, intr_pos = self.plate_positions, self.intrinsic_positions
+        perm = list(range(lead))
+        for pos in range(n_batch):
+            if pos in plate_pos:
+                perm.append(lead + plate_pos.index(pos))
+            else:
+                perm.append(lead + len(plate_pos) + intr_pos.index(pos))
+        n_event = len(self.event_shape)
+        perm += list(range(lead + n_batch, lead + n_batch + n_event))
+        return perm
+
+    def to_canonical(self, value):
+        """Site-layout *unconstrained* value ``(*batch, *unc_event) -> (*plates, d)``."""
+        n_batch = len(self.batch_shape)
+        order = list(self.plate_positions) + list(self.intrinsic_positions)
+        order += list(range(n_batch, jnp.ndim(value)))
+        value = jnp.transpose(value, order)
+        grid = value.shape[: len(self.plate_positions)]
+        return jnp.reshape(value, grid + (self.dim,))
+
+    def constrain(self, x):
+        """Canonical unconstrained ``x (*grid, d)`` -> site-layout value and ``log|det|`` on grid."""
+        grid = x.shape[:-1]
+        transform = biject_to(self.support)
+        x_r = jnp.reshape(x, grid + self.intrinsic_shape + self.unconstrained_event_shape)
+        y = transform(x_r)
+        logdet = transform.log_abs_det_jacobian(x_r, y)
+        logdet = jnp.sum(jnp.reshape(logdet, grid + (-1,)), -1)
+        return jnp.transpose(y, self.site_perm()), logdet
+
+    def spread_density(self, logq):
+        """Per-element ``logq (*grid)`` as a batch-shaped array (site layout).
+
+        Intrinsic dims are not plates, so the element's density is spread evenly over them:
+        the sum over the site (which is all NumPyro ever uses) is unchanged.
+        """
+        n_intr = math.prod(self.intrinsic_shape)
+        expanded = jnp.reshape(logq, logq.shape + (1,) * len(self.intrinsic_shape)) / n_intr
+        batch = [1] * len(self.batch_shape)
+        for ax, pos in enumerate(self.plate_positions):
+            batch[pos] = logq.shape[ax]
+        for pos, size in zip(self.intrinsic_positions, self.intrinsic_shape):
+            batch[pos] = size
+        perm = self.site_perm()[: len(self.batch_shape)]
+        return jnp.broadcast_to(jnp.transpose(expanded, perm), tuple(batch))
+
+    def element_share(self, mask, grid: tuple):
+        """Share ``(*grid)`` of each element's cells that a batch-shaped ``mask`` keeps, or
+        None when the mask does not line up with the site."""
+        batch = list(self.batch_shape)
+        for pos, size in zip(self.plate_positions, grid):
+            batch[pos] = size
+        try:
+            mask = jnp.broadcast_to(mask, tuple(batch))
+        except ValueError:
+            return None
+        order = list(self.plate_positions) + list(self.intrinsic_positions)
+        return jnp.mean(jnp.reshape(jnp.transpose(mask, order), tuple(grid) + (-1,)), -1)
 
 
 @dataclass(frozen=True)
@@ -127,10 +184,7 @@ class ModelStructure:
 
     def num_latent_elements(self) -> int:
         """Number of scalar latent parameters over the full plates (the paper's count)."""
-        return sum(
-            site.dim * math.prod(self.plates[p].size for p in site.plates)
-            for site in self.latent.values()
-        )
+        return sum(site.dim * math.prod(self.plates[p].size for p in site.plates) for site in self.latent.values())
 
 
 def _event_dim(site: dict) -> int:
@@ -287,12 +341,18 @@ def _base(fn):
     return fn
 
 
-def seeded_model(model, rng_key, data: Mapping[str, Any] | None = None):
+def seeded_model(model, rng_key, data: Mapping[str, Any] | None = None, *, init: Any = None, full_plates: bool = False):
     """``model`` seeded with ``rng_key``, with ``data`` (site or plate name -> value)
     substituted, and a value for every improper latent site (``ImproperUniform``), which
     has no sampler: a uniform draw in ``(-2, 2)`` of its unconstrained space, as NumPyro's
     ``init_to_uniform`` gives. Every trace this package takes of a user model goes through it.
+
+    :param init: an init strategy (:ref:`init_strategy`) giving every other latent site
+        its initial value, so one trace serves as the guide's prototype.
+    :param full_plates: give every plate not in ``data`` all its indices (a subsampled
+        plate is then traced over its full size, whatever the model's arguments make it).
     """
+    from numpyro import handlers
     from numpyro.infer.initialization import init_to_uniform
 
     data = dict(data or {})
@@ -300,11 +360,15 @@ def seeded_model(model, rng_key, data: Mapping[str, Any] | None = None):
     def value(site):
         if site["name"] in data:
             return data[site["name"]]
-        if site["type"] == "sample" and not site["is_observed"] and isinstance(_base(site["fn"]), dist.ImproperUniform):
+        if full_plates and site["type"] == "plate":
+            return jnp.arange(site["args"][0])
+        if site["type"] != "sample" or site["is_observed"]:
+            return None
+        if init is not None:
+            return init(site)
+        if isinstance(_base(site["fn"]), dist.ImproperUniform):
             return init_to_uniform(site)
         return None
-
-    from numpyro import handlers
 
     return handlers.substitute(handlers.seed(model, rng_key), substitute_fn=value)
 
@@ -313,16 +377,11 @@ def _is_factor(site: dict) -> bool:
     return isinstance(_base(site["fn"]), dist.Unit)
 
 
-def model_structure(
-    trace: Mapping[str, dict], dependencies: Mapping[str, Mapping[str, Any]] | None = None
-) -> ModelStructure:
+def model_structure(trace: Mapping[str, dict]) -> ModelStructure:
     """Describe the plates and sites of a model from one trace of it.
 
     :param trace: an ordered trace of the model (``handlers.trace(handlers.seed(model, key))``).
         Site order is execution order, hence a topological order of the prior.
-    :param dependencies: ``get_dependencies(model, ...)["prior_dependencies"]``; when None,
-        every earlier latent site whose plates are a subset of a site's plates counts as
-        its parent (a superset of the true parents: safe, only less sparse).
     :raises ValueError: for discrete latent sites, inconsistent plates, subsample sizes
         larger than their plate, or supports with no bijection.
     """
@@ -342,38 +401,10 @@ def model_structure(
             ev = _event_dim(site)
             observed[name] = ObservedSite(name, order, shape, shape[len(shape) - ev :])
             continue
-        latent[name] = _latent_site(site, plates)
-
-    resolved: dict[str, LatentSite] = {}
-    for name, site in latent.items():
-        if dependencies is not None:
-            upstream = [p for p in dependencies.get(name, {}) if p in latent and p != name]
-        else:
-            upstream = list(resolved)
-        keep = tuple(p for p in upstream if set(latent[p].plates) <= set(site.plates))
-        dropped = tuple(p for p in upstream if p not in keep)
-        context = tuple(p for p in resolved if set(latent[p].plates) <= set(site.plates))
-        resolved[name] = dataclasses.replace(site, parents=keep, dropped_parents=dropped, conditions_on=context)
-    return ModelStructure(plates=plates, latent=resolved, observed=observed)
-
-
-def prior_dependencies(model, args: tuple, kwargs: dict) -> dict | None:
-    """Prior dependencies via :func:`numpyro.infer.inspect.get_dependencies`, or None.
-
-    ``get_dependencies`` traces the model abstractly; a model it cannot trace (e.g. one that
-    needs concrete values) falls back to the conservative parent rule with a warning.
-    """
-    from numpyro.infer.inspect import get_dependencies
-
-    try:
-        return get_dependencies(model, args, kwargs)["prior_dependencies"]
-    except Exception as e:  # noqa: BLE001 - any tracing failure falls back, loudly
-        warnings.warn(
-            f"Could not read the model's prior dependencies ({type(e).__name__}: {e}); "
-            "AutoPAVI conditions each site on every earlier latent site in its plates instead.",
-            stacklevel=3,
-        )
-        return None
+        site_info = _latent_site(site, plates)
+        context = tuple(p for p in latent if set(latent[p].plates) <= set(site_info.plates))
+        latent[name] = dataclasses.replace(site_info, conditions_on=context)
+    return ModelStructure(plates=plates, latent=latent, observed=observed)
 
 
 def is_real_support(support) -> bool:

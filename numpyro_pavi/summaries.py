@@ -9,7 +9,10 @@ store that xarray and ArviZ open lazily. Memory holds one chunk's draws
 (``num_samples x chunk_size x`` latents per chunked-plate element), the summaries and the
 data; never ``num_samples`` x all latents.
 
-Why chunk elements and not draws (as :meth:`AutoPAVI.posterior_moments` does): quantiles need
+:func:`posterior_moments` streams over draws instead: the mean and sd of every site over the
+full plates, folded batch by batch into running moments.
+
+Why chunk elements and not draws (as :func:`posterior_moments` does): quantiles need
 every draw of an element at once, and a draw of a huge plate may not fit either.
 
 The result does not depend on ``chunk_size``: each element's noise comes from its own key
@@ -36,9 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from .arviz import site_dims
+from .sampling import sample_latents
 from .structure import LatentSite
 
-__all__ = ["posterior_summary"]
+__all__ = ["posterior_moments", "posterior_summary"]
 
 
 def _chunked_plate(structure, plate: str | None) -> str | None:
@@ -140,9 +144,10 @@ def posterior_summary(
         trace = guide._trace_full(indices, args, kwargs) if with_trace else None
 
         def one(key):
-            values, _, _ = guide._sample_all(
-                params, key, indices, trace, sizes, bound, guide.chunk_size, model_args=margs, element_keys=True
-            )
+            values, _, _ = sample_latents(
+                guide.plan, params, key, indices, trace, sizes, bound,
+                model_args=margs, chunk_size=guide.chunk_size, element_keys=True,
+            )  # fmt: skip
             return values
 
         return jax.lax.map(one, keys)
@@ -269,3 +274,68 @@ def _open_store(
     summary.create_array("quantile", shape=(len(levels),), dtype="float64", dimension_names=["quantile"])[...] = levels
     arrays["__summary__"], arrays["__root__"] = summary, root
     return arrays
+
+
+def posterior_moments(
+    guide: Any,
+    rng_key: jax.Array,
+    params: dict,
+    *args: Any,
+    num_samples: int = 1000,
+    batch_size: int = 100,
+    progress_bar: bool = False,
+    **kwargs: Any,
+) -> dict:
+    """Posterior mean and sd of every site over the full plates, streamed: draws are made
+    ``batch_size`` at a time and folded into running moments (Chan et al.'s pairwise
+    update), so memory holds one batch of draws, not ``num_samples`` of them. The draws are
+    those of ``guide.sample_posterior(rng_key, params, *args, sample_shape=(num_samples,))``.
+
+    :param guide: a fitted :class:`~numpyro_pavi.AutoPAVI`.
+    :param num_samples: number of posterior draws.
+    :param batch_size: draws held in memory at once (one compiled program, reused).
+    :param progress_bar: show a ``tqdm`` bar over the batches.
+    :return: ``{site: {"mean": array, "sd": array}}`` with each site's full shape (``sd``
+        with ``ddof=1``, as ArviZ's summaries), for latent and deterministic sites.
+    """
+    for name, n, low in (("num_samples", num_samples, 2), ("batch_size", batch_size, 1)):
+        if not isinstance(n, (int, np.integer)) or n < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {n!r}.")
+    batch_size = min(batch_size, num_samples)  # no padded draws beyond the ones asked for
+    one = guide._full_plate_sampler(params, args, kwargs)
+    keys = jax.random.split(rng_key, num_samples)
+
+    @jax.jit
+    def fold(state, batch_keys, valid):
+        # a short last batch is padded with repeated keys, weighted out by ``valid``
+        values = jax.lax.map(one, batch_keys)
+        count, mean, m2 = state
+        b = jnp.sum(valid.astype(jnp.float32))
+        total = count + b
+        new_mean, new_m2 = {}, {}
+        for k, v in values.items():
+            w = jnp.reshape(valid, (-1,) + (1,) * (v.ndim - 1))
+            mb = jnp.sum(jnp.where(w, v, 0.0), 0) / b
+            m2b = jnp.sum(jnp.where(w, (v - mb) ** 2, 0.0), 0)
+            delta = mb - mean[k]
+            new_mean[k] = mean[k] + delta * (b / total)
+            new_m2[k] = m2[k] + m2b + delta**2 * (count * b / total)
+        return total, new_mean, new_m2
+
+    shapes = jax.eval_shape(one, keys[0])
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.promote_types(a.dtype, jnp.float32)), shapes)
+    state = (jnp.zeros((), jnp.float32), zeros, zeros)
+    starts = range(0, num_samples, batch_size)
+    if progress_bar:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="posterior moments", unit="batch")
+    for start in starts:
+        batch = keys[start : start + batch_size]
+        n = batch.shape[0]
+        valid = jnp.arange(batch_size) < n
+        if n < batch_size:
+            batch = jnp.concatenate([batch, jnp.broadcast_to(batch[:1], (batch_size - n,) + batch.shape[1:])])
+        state = fold(state, batch, valid)
+    count, mean, m2 = state
+    return {k: {"mean": mean[k], "sd": jnp.sqrt(m2[k] / (count - 1))} for k in mean}

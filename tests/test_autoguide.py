@@ -29,7 +29,7 @@ from numpyro_pavi import AutoPAVI, models
 
 G, M, K, B, D = 10, 2, 2, 4, 2
 X = models.simulate_random_effects(jax.random.PRNGKey(0), G, M, K)
-SMALL = {"encoding_dim": D, "hidden": (4,)}
+SMALL = {"encoding_dim": D, "hidden_dims": (4,)}
 
 
 @pytest.fixture(scope="module")
@@ -186,11 +186,11 @@ def test_median_and_quantiles(fitted):
 
 def test_guide_is_not_mean_field(fitted):
     guide, _, _ = fitted
-    assert guide.structure.latent["mu_g"].parents == ("mu",)
-    assert guide.structure.latent["mu"].parents == ()
+    assert guide.structure.latent["mu_g"].conditions_on == ("mu",)
+    assert guide.structure.latent["mu"].conditions_on == ()
     # mu_g's flow is conditioned on its element's encoding and on the sampled mu
-    assert guide._flows["mu_g"].context_dim == D + K
-    assert guide._flows["mu"].context_dim == 0  # a global without parents: no context
+    assert guide.plan.flows["mu_g"].context_dim == D + K
+    assert guide.plan.flows["mu"].context_dim == 0  # a global without parents: no context
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,9 +236,9 @@ from numpyro_pavi.models import crossed
 y = np.arange(12.0).reshape(4, 3) / 10
 guide = AutoPAVI(crossed, laplace=False)
 numpyro.handlers.seed(guide, 0)(y)
-leaves = jax.tree_util.tree_leaves_with_path(guide._init_values)
+leaves = jax.tree_util.tree_leaves_with_path(dict(guide.plan.init_values))
 digest = hashlib.sha256(b"".join(str(p).encode() + np.asarray(v).tobytes() for p, v in leaves)).hexdigest()
-print(list(guide._plan), digest)
+print(list(guide.plan.sources), digest)
 """
 
 

@@ -143,9 +143,37 @@ def test_constant_rate_quick(tmp_path):
     _check_finite(data["results"])
 
 
+def test_model_calls_quick(tmp_path):
+    """The guide's passes through the model: ``svi.init`` runs it twice (the guide's one setup
+    trace and the ELBO's), a training step traces it twice (the guide reads the batch's data)
+    plus three traces per local site on a Laplace base, and a compiled step never retraces."""
+    mod = _load("model_calls")
+    out = tmp_path / "m.json"
+    mod.main(["--quick", "--out", str(out)])
+    rows = json.loads(out.read_text())["guides"]
+    assert set(rows) == set(mod.GUIDES)
+    for name, row in rows.items():
+        assert row["retraces_in_20_steps"] == 0, name
+    for name in ("AutoPAVI(laplace=False)", "AutoPAVI(encoding='free', laplace=False)"):
+        assert rows[name]["svi_init_model_calls"] == 2 and rows[name]["step_traces"] == 2, rows[name]
+    laplace = rows["AutoPAVI()"]  # one local site (b): three more traces
+    assert laplace["svi_init_model_calls"] == 5 and laplace["step_traces"] == 5, laplace
+    assert rows["AutoPAVI(laplace=False)"]["sample_posterior_model_calls"] == 1
+
+
 @pytest.mark.parametrize(
     "name",
-    ["convergence", "encoding_size", "neuro", "stress", "accuracy", "constant_rate", "multidevice", "streamed_summary"],
+    [
+        "convergence",
+        "encoding_size",
+        "neuro",
+        "stress",
+        "accuracy",
+        "constant_rate",
+        "multidevice",
+        "streamed_summary",
+        "model_calls",
+    ],
 )
 def test_help(name, capsys):
     mod = _load(name)

@@ -26,7 +26,7 @@ from numpyro_pavi import AutoPAVI
 from numpyro_pavi.autoguide import _BASE_TAKES_FORWARD_MODE
 
 G, M = 6, 4
-SMALL = {"encoding_dim": 2, "hidden": (4,)}
+SMALL = {"encoding_dim": 2, "hidden_dims": (4,)}
 
 
 def two_level(x=None):

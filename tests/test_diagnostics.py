@@ -25,7 +25,7 @@ from numpyro.infer.util import log_density
 
 from numpyro_pavi import AutoPAVI
 from numpyro_pavi.arviz import site_dims, to_inference_data
-from numpyro_pavi.diagnostics import PSISResult, khat_category, psis_diagnostic
+from numpyro_pavi.diagnostics import PSISResult, khat_category, psis_diagnostic, psis_khat
 from numpyro_pavi.exact import random_effects_posterior
 from numpyro_pavi.models import (
     nested_three_level,
@@ -63,7 +63,7 @@ def fitted(data):
 @pytest.fixture(scope="module")
 def psis_fitted(fitted, data) -> PSISResult:
     guide, params, _, _ = fitted
-    return psis_diagnostic(guide, params, data, num_samples=NUM_SAMPLES, rng_key=jax.random.PRNGKey(2))
+    return psis_khat(guide, params, data, num_samples=NUM_SAMPLES, rng_key=jax.random.PRNGKey(2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,7 +83,7 @@ def test_khat_small_for_exact_family(psis_fitted: PSISResult) -> None:
 
 def test_khat_large_for_poor_guide(fitted, data) -> None:
     guide, _, init_params, _ = fitted
-    r = psis_diagnostic(guide, init_params, data, num_samples=NUM_SAMPLES, rng_key=jax.random.PRNGKey(2))
+    r = psis_khat(guide, init_params, data, num_samples=NUM_SAMPLES, rng_key=jax.random.PRNGKey(2))
     print(f"\npoor-guide k-hat: {r.khat:.3f}")
     assert r.khat > 0.7
     assert khat_category(r.khat) == "bad"
@@ -134,7 +134,7 @@ def test_subsampled_model_uses_full_plates(fitted, data, psis_fitted: PSISResult
     guide, params, _, _ = fitted
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the expected subsample_size warning must be silenced
-        r = psis_diagnostic(
+        r = psis_khat(
             guide,
             params,
             data,
@@ -154,7 +154,7 @@ def test_per_element_nested_plates() -> None:
     guide = AutoPAVI(nested_three_level, encoding="free", init_loc_fn=init_to_sample)
     svi = SVI(nested_three_level, guide, numpyro.optim.Adam(0.01), Trace_ELBO())
     params = svi.get_params(svi.init(jax.random.PRNGKey(0), x))
-    r = psis_diagnostic(guide, params, x, num_samples=200)
+    r = psis_khat(guide, params, x, num_samples=200)
     assert {p: k.shape for p, k in r.khat_per_element.items()} == {"subjects": (S,), "sessions": (T,)}
     assert r.local_log_weights["sessions"].shape == (200, T)
     assert np.all(np.isfinite(r.log_weights))
@@ -167,9 +167,15 @@ def test_khat_category_thresholds() -> None:
 
 def test_errors(data) -> None:
     with pytest.raises(RuntimeError, match="not set up"):
-        psis_diagnostic(AutoPAVI(random_effects), {}, data)
+        psis_khat(AutoPAVI(random_effects), {}, data)
     with pytest.raises(RuntimeError, match="not set up"):
         to_inference_data(AutoPAVI(random_effects), {}, data)
+
+
+def test_deprecated_psis_diagnostic_warns_and_forwards(data) -> None:
+    # the old name (NumPyro's psis_diagnostic is another function) warns, then runs psis_khat
+    with pytest.warns(FutureWarning, match="use psis_khat"), pytest.raises(RuntimeError, match="not set up"):
+        psis_diagnostic(AutoPAVI(random_effects), {}, data)
 
 
 # ---------------------------------------------------------------------------------------------

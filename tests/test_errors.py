@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +17,7 @@ from numpyro.infer.autoguide import AutoNormal
 
 from numpyro_pavi import AutoPAVI, models
 
-SMALL = {"encoding_dim": 2, "hidden": (4,)}
+SMALL = {"encoding_dim": 2, "hidden_dims": (4,)}
 
 
 def _init(model, *args, **guide_kw):
@@ -108,18 +110,29 @@ def test_set_encoding_without_data_in_plate():
     "kwargs, match",
     [
         ({"encoding": "bogus"}, r"Unknown encoding 'bogus'"),
-        ({"flow_layer": "bogus"}, r"Unknown flow_layer 'bogus'"),
+        ({"flow_type": "bogus"}, r"Unknown flow_type 'bogus'"),
         ({"encoding_dim": 0}, r"encoding_dim must be a positive int"),
         ({"encoding_dim": 2.0}, r"encoding_dim must be a positive int"),
         ({"init_scale": -1}, r"init_scale must be positive"),
         ({"init_scale": float("nan")}, r"init_scale must be positive"),
-        ({"flow_layers": -1}, r"flow_layers must be a non-negative int"),
+        ({"num_flows": -1}, r"num_flows must be a non-negative int"),
+        ({"flow_layers": -1}, r"num_flows must be a non-negative int"),  # the old name, mapped
         ({"chunk_size": 0}, r"chunk_size must be a positive int"),
     ],
 )
 def test_invalid_options(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
         AutoPAVI(models.random_effects, **kwargs)
+
+
+def test_renamed_options_warn_and_still_work():
+    """The options' names before 0.3 map to NumPyro's names, with a FutureWarning each."""
+    with pytest.warns(FutureWarning, match=r"flow_layers=\.\.\.\) is deprecated.*num_flows"):
+        guide = AutoPAVI(models.random_effects, flow_layers=2, flow_layer="coupling", hidden=(4,))
+    assert (guide.num_flows, guide.flow_type, guide.hidden_dims) == (2, "coupling", (4,))
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['num_flow'\]"):
+        AutoPAVI(models.random_effects, num_flow=2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ X = simulate_random_effects(jax.random.PRNGKey(0), 4, 3, 2)
 
 
 def _per_particle_grads(estimator: str, params, keys):
-    guide = AutoPAVI(random_effects, encoding="set", estimator=estimator, hidden=(8,))
+    guide = AutoPAVI(random_effects, encoding="set", estimator=estimator, hidden_dims=(8,))
     SVI(random_effects, guide, optax.adam(1e-3), Trace_ELBO()).init(jax.random.PRNGKey(0), X)
 
     def loss(p, key):
@@ -35,7 +35,7 @@ def _per_particle_grads(estimator: str, params, keys):
 
 @pytest.fixture(scope="module")
 def grads():
-    guide = AutoPAVI(random_effects, encoding="set", hidden=(8,))
+    guide = AutoPAVI(random_effects, encoding="set", hidden_dims=(8,))
     svi = SVI(random_effects, guide, optax.adam(1e-3), Trace_ELBO())
     params = svi.get_params(svi.init(jax.random.PRNGKey(0), X))
     # away from the initialization (identity layers, zero output weights hide terms)
@@ -102,7 +102,7 @@ _SCRIPT = textwrap.dedent(
     from numpyro_pavi import AutoPAVI
     from numpyro_pavi.models import random_effects, simulate_random_effects
     x = simulate_random_effects(jax.random.PRNGKey(0), 6, 3, 1)
-    guide = AutoPAVI(random_effects, encoding="hybrid", hidden=(4,))
+    guide = AutoPAVI(random_effects, encoding="hybrid", hidden_dims=(4,))
     svi = SVI(random_effects, guide, optax.adam(1e-2), Trace_ELBO())
     res = svi.run(jax.random.PRNGKey(3), 20, x, subsample_size=3, progress_bar=False)
     h = hashlib.sha256()

@@ -103,7 +103,7 @@ def test_ragged_groups_with_covariates_exact():
         models.ragged_groups, encoding="hybrid", ragged={"groups": Ragged(index="group", covariates=("covariate",))}
     )
     params = _fit(models.ragged_groups, guide, 3000, y, group, cov, **kw)
-    assert guide._plan[("groups",)] == [("ragged", "groups")]
+    assert guide.plan.sources[("groups",)] == (("ragged", "groups"),)
     post = exact.ragged_groups_posterior(np.asarray(y), np.asarray(group), np.asarray(cov), 15)
     gap = (post.log_evidence - _elbo(models.ragged_groups, guide, params, y, group, cov, **kw)) / 15
     assert -0.01 < gap < 0.03, gap

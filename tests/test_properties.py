@@ -35,7 +35,7 @@ from numpyro.infer.util import log_density
 
 from numpyro_pavi import AutoPAVI
 
-GUIDE_KW = {"encoding_dim": 2, "hidden": (4,)}
+GUIDE_KW = {"encoding_dim": 2, "hidden_dims": (4,)}
 MAX_SITES = 4
 FEW = settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

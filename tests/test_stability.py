@@ -35,7 +35,7 @@ def bernoulli():
     return args, float(np.mean(peer[-100:]))
 
 
-@pytest.mark.parametrize("kw", [{}, {"flow_layer": "coupling", "flow_layers": 2}], ids=["default", "coupling2"])
+@pytest.mark.parametrize("kw", [{}, {"flow_type": "coupling", "num_flows": 2}], ids=["default", "coupling2"])
 def test_crossed_bernoulli_stays_at_its_optimum(bernoulli, kw):
     args, peer_last = bernoulli
     losses = _fit(crossed_bernoulli, AutoPAVI(crossed_bernoulli, **kw), args, 1e-2)

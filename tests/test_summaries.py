@@ -142,7 +142,7 @@ def test_summary_names_the_fix_when_the_model_ignores_the_plate_indices(fitted):
     other = AutoPAVI(unindexed)
     numpyro.handlers.seed(other, 0)(x)
     with pytest.raises(ValueError, match="must index its data with the plate's indices"):
-        other.posterior_summary(jax.random.PRNGKey(0), other._init_values, x, chunk_size=4)
+        other.posterior_summary(jax.random.PRNGKey(0), dict(other.plan.init_values), x, chunk_size=4)
 
 
 def test_zero_quantiles_and_a_partial_model_argument(fitted):

@@ -81,7 +81,7 @@ _RESUME = textwrap.dedent(
     from numpyro_pavi.checkpoint import fit
 
     x = models.simulate_random_effects(jax.random.PRNGKey(0), 6, 3, 1)
-    guide = AutoPAVI(models.random_effects, encoding_dim=2, hidden=(4,))
+    guide = AutoPAVI(models.random_effects, encoding_dim=2, hidden_dims=(4,))
     svi = SVI(models.random_effects, guide, optax.adam(1e-2), Trace_ELBO())
     r = fit(svi, jax.random.PRNGKey(1), int(sys.argv[2]), x, checkpoint_path=sys.argv[1],
             checkpoint_every=10, progress_bar=False)
@@ -105,7 +105,7 @@ def test_checkpoint_resumes_in_a_new_process(tmp_path):
     resumed = run(ckpt, 40, tmp_path / "resumed.npz")
     assert load_checkpoint(ckpt).step == 40
     x = models.simulate_random_effects(jax.random.PRNGKey(0), 6, 3, 1)
-    guide = AutoPAVI(models.random_effects, encoding_dim=2, hidden=(4,))
+    guide = AutoPAVI(models.random_effects, encoding_dim=2, hidden_dims=(4,))
     svi = SVI(models.random_effects, guide, optax.adam(1e-2), Trace_ELBO())
     r = fit(svi, jax.random.PRNGKey(1), 40, x, checkpoint_every=10, progress_bar=False)
     ref = {"losses": np.asarray(r.losses)}
@@ -142,7 +142,7 @@ def test_plate_inside_scan():
     precision = np.linalg.inv(STEP_SD**2 * np.minimum.outer(t, t)) + np.eye(T_STEPS)
     mean = np.linalg.solve(precision, np.asarray(y))
     sd = np.sqrt(np.diag(np.linalg.inv(precision)))[:, None]
-    guide = AutoPAVI(random_walks, encoding_dim=4, hidden=(8,))
+    guide = AutoPAVI(random_walks, encoding_dim=4, hidden_dims=(8,))
     params = SVI(random_walks, guide, optax.adam(1e-2), Trace_ELBO()).run(jax.random.PRNGKey(0), 2000, y, progress_bar=False).params
     z = np.asarray(guide.sample_posterior(jax.random.PRNGKey(1), params, y, sample_shape=(NUM_DRAWS,))["z"])
     assert z.shape == (NUM_DRAWS, T_STEPS, UNITS)
@@ -178,8 +178,8 @@ def two_effects(x):
 
 def _guide_list(prefix2):
     guide = AutoGuideList(two_effects)
-    guide.append(AutoPAVI(handlers.block(two_effects, hide=["b"]), encoding_dim=2, hidden=(4,)))
-    guide.append(AutoPAVI(handlers.block(two_effects, hide=["a", "mu"]), encoding_dim=3, hidden=(4,), prefix=prefix2))
+    guide.append(AutoPAVI(handlers.block(two_effects, hide=["b"]), encoding_dim=2, hidden_dims=(4,)))
+    guide.append(AutoPAVI(handlers.block(two_effects, hide=["a", "mu"]), encoding_dim=3, hidden_dims=(4,), prefix=prefix2))
     return guide
 
 
@@ -214,7 +214,7 @@ def test_event_dim_observations_with_another_size_raise():
             a = numpyro.sample("a", dist.Normal(mu, 1.0))
             numpyro.sample("y", dist.Normal(a[:, None], 1.0).expand(y.shape).to_event(1), obs=y)
 
-    guide = AutoPAVI(model, encoding="set", encoding_dim=2, hidden=(4,))
+    guide = AutoPAVI(model, encoding="set", encoding_dim=2, hidden_dims=(4,))
     params = SVI(model, guide, optax.adam(1e-2), Trace_ELBO()).run(jax.random.PRNGKey(0), 5, jnp.ones((4, 3)), progress_bar=False).params
     # more groups with the same event size: fine
     assert guide.sample_posterior(jax.random.PRNGKey(0), params, jnp.ones((7, 3)))["a"].shape == (7,)
@@ -249,7 +249,7 @@ def test_obs_mask_with_nan_exact_posterior():
     cov = np.linalg.inv(precision)
     mean = cov @ np.concatenate([[0.0], np.where(mask, y, 0).sum(1) / 0.25])
     y_nan = jnp.asarray(np.where(mask, y, np.nan), jnp.float32)
-    guide = AutoPAVI(masked_groups, encoding_dim=4, hidden=(8,))
+    guide = AutoPAVI(masked_groups, encoding_dim=4, hidden_dims=(8,))
     svi = SVI(masked_groups, guide, optax.adam(1e-2), Trace_ELBO())
     result = svi.run(jax.random.PRNGKey(0), 2500, y_nan, jnp.asarray(mask), progress_bar=False)
     losses = np.asarray(result.losses)

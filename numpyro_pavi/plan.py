@@ -1,0 +1,349 @@
+"""The guide's plan: everything :class:`~numpyro_pavi.AutoPAVI` decides once, from one trace.
+
+:func:`build_plan` turns the model's structure (:mod:`numpyro_pavi.structure`), the setup
+trace and the guide's options into a frozen :class:`GuidePlan`: one conditional flow per
+latent site, where each plate set gets its encodings (free, set-encoded from which data,
+or none), the feature sizes and normalization constants of every data source, and the
+initial value of every parameter, under its NumPyro-style name ``{site}_{prefix}_{what}``.
+Sampling (:mod:`numpyro_pavi.sampling`) reads the plan and never changes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import data as _data
+from .data import Ragged
+from .encoders import SetEncoder, init_readout
+from .flows import ConditionalFlow
+from .structure import LatentSite, ModelStructure
+
+__all__ = ["GuideOptions", "GuidePlan", "build_plan"]
+
+#: A data source of a plate set: ``("nested", observed_site)`` or ``("ragged", plate)``.
+Source = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class GuideOptions:
+    """The guide's architecture options (see :class:`~numpyro_pavi.AutoPAVI`)."""
+
+    encoding: str = "auto"
+    encoding_dim: int = 8
+    num_flows: int = 1
+    flow_type: str = "autoregressive"
+    hidden_dims: tuple[int, ...] = (32,)
+    init_scale: float = 0.1
+    encoder: SetEncoder = field(default_factory=SetEncoder)
+    ragged: Mapping[str, Ragged] = field(default_factory=dict)
+    laplace: bool = True
+    prefix: str = "auto"
+
+
+@dataclass(frozen=True)
+class GuidePlan:
+    """What the guide samples and with which parameters (built by :func:`build_plan`).
+
+    :param model: the user's model.
+    :param structure: its plates and sites.
+    :param options: the guide's options.
+    :param flows: ``{latent site: ConditionalFlow}``.
+    :param sources: ``{plate set: data sources}`` for every plate set holding latent sites,
+        in model order; an empty tuple means free encodings (or none, see ``no_encoding``).
+    :param no_encoding: plate sets whose elements get no encoding (Laplace bases with no data
+        inside the plates, ``encoding="auto"``).
+    :param has_children: latent sites some later site's flow is conditioned on.
+    :param features: encoder input width of each data source (observed site name, or
+        ``("ragged", plate)``).
+    :param stats: ``(mean, std)`` feature normalization of each data source (setup data).
+    :param masked: observed sites with masked cells (their encoders also read the mask).
+    :param init_values: ``{param name: initial value}``.
+    """
+
+    model: Callable
+    structure: ModelStructure
+    options: GuideOptions
+    flows: Mapping[str, ConditionalFlow]
+    sources: Mapping[tuple[str, ...], tuple[Source, ...]]
+    no_encoding: frozenset
+    has_children: frozenset
+    features: Mapping[Any, int]
+    stats: Mapping[Any, tuple]
+    masked: frozenset
+    init_values: Mapping[str, Any]
+
+    def param_name(self, name: str, what: str) -> str:
+        """NumPyro's naming: ``{site or plate set}_{prefix}_{what}``."""
+        return f"{name}_{self.options.prefix}_{what}"
+
+    @staticmethod
+    def plate_set_name(plates: tuple[str, ...]) -> str:
+        return "__".join(plates)
+
+    def on_laplace(self, site: LatentSite) -> bool:
+        """Whether ``site`` gets an element-wise Laplace base (local sites, ``laplace=True``)."""
+        return self.options.laplace and bool(site.plates)
+
+    @property
+    def encoder(self) -> SetEncoder:
+        return self.options.encoder
+
+    def reads_data(self) -> bool:
+        """Whether sampling reads the model's data (set encoders or Laplace bases)."""
+        return any(self.sources.values()) or any(self.on_laplace(s) for s in self.structure.latent.values())
+
+    def has_free(self, plates: tuple[str, ...]) -> bool:
+        """Whether the elements of ``plates`` have free (learned, per-element) encodings."""
+        sources = self.sources[plates]
+        return (not sources and plates not in self.no_encoding) or self.options.encoding == "hybrid"
+
+    def free_plates(self) -> set[str]:
+        """Plates whose elements have free encodings or residuals."""
+        return {p for key in self.sources if self.has_free(key) for p in key}
+
+    def num_params(self) -> int:
+        return int(sum(np.size(leaf) for leaf in jax.tree.leaves(dict(self.init_values))))
+
+    def describe(self) -> str:
+        """A table of sites (plates, flow, context, parameter counts) and plate sets (encodings)."""
+        structure = self.structure
+        lines = [f"{'site':<16}{'plates':<24}{'d':>4}{'context':>9}  {'flow':<28}{'params':>10}"]
+        for name, site in structure.latent.items():
+            flow = self.flows[name]
+            count = sum(np.size(x) for x in jax.tree.leaves(self.init_values[self.param_name(name, "flow")]))
+            plates = ",".join(f"{p}[{structure.plates[p].size}]" for p in site.plates) or "-"
+            desc = (
+                ("laplace+" if self.on_laplace(site) else "")
+                + f"affine+{flow.num_layers if site.dim > 1 else 0}x{flow.layer[:4]}"
+                + (f" | given: {','.join(site.conditions_on)}" if site.conditions_on else "")
+            )
+            lines.append(f"{name:<16}{plates:<24}{site.dim:>4}{flow.context_dim:>9}  {desc:<28}{count:>10}")
+        for key, sources in self.sources.items():
+            kind = "free" if not sources else ("hybrid" if self.options.encoding == "hybrid" else "set")
+            kind = "none (Laplace bases)" if key in self.no_encoding else kind
+            src = ", ".join(f"{k}:{n}" for k, n in sources)
+            size = "x".join(str(structure.plates[p].size) for p in key)
+            lines.append(
+                f"plates {'/'.join(key):<20} elements {size:<10} encoding: {kind}" + (f" from {src}" if src else "")
+            )
+        lines.append(f"total parameters: {self.num_params()}")
+        return "\n".join(lines)
+
+
+def context_dim(structure: ModelStructure, site: LatentSite, encoding_dim: int) -> int:
+    # one encoding per element of the site's plate set; globals see their parents only (a
+    # learned constant input would only duplicate the bias, in a product of two learned
+    # factors that Adam moves many times faster than a plain location)
+    return (encoding_dim if site.plates else 0) + sum(structure.latent[p].dim for p in site.conditions_on)
+
+
+def _only_imputed(structure: ModelStructure, key: tuple) -> bool:
+    """Whether every latent site in plate set ``key`` is an ``obs_mask`` imputation
+    (NumPyro's ``{name}_unobserved`` beside an observed ``{name}_observed``)."""
+    sites = [name for name, site in structure.latent.items() if site.plates == key]
+    return bool(sites) and all(
+        n.endswith("_unobserved") and n[: -len("_unobserved")] + "_observed" in structure.observed for n in sites
+    )
+
+
+def encoding_sources(structure: ModelStructure, options: GuideOptions) -> dict:
+    """``{plate set: data sources}`` for every plate set that holds latent sites."""
+    # model order, then fewer plates first (a stable sort): a set's order would follow the
+    # interpreter's hash seed, and with it the encoders' initial keys
+    keys = sorted(dict.fromkeys(site.plates for site in structure.latent.values() if site.plates), key=len)
+    unknown = set(options.ragged) - set(structure.plates)
+    if unknown:
+        raise ValueError(f"ragged names unknown plate(s) {sorted(unknown)}; plates: {sorted(structure.plates)}.")
+    plan = {}
+    for key in keys:
+        sources = []
+        if options.encoding == "auto" and _only_imputed(structure, key):
+            # obs_mask's missing cells have no data of their own to encode (a set encoding
+            # would see the same "missing" input for all of them): free encodings
+            plan[key] = ()
+            continue
+        if options.encoding != "free":
+            sources = [("nested", o) for o, obs in structure.observed.items() if set(key) <= set(obs.plates)]
+            if len(key) == 1 and key[0] in options.ragged:
+                sources.append(("ragged", key[0]))
+            if not sources and options.encoding in ("set", "hybrid"):
+                raise ValueError(
+                    f"encoding={options.encoding!r}: no observed data identifies the elements of plate(s) "
+                    f"{'/'.join(key)}: no observed site sits inside {'/'.join(key)}. Put the "
+                    "observations inside the plate, declare a ragged index with "
+                    f"ragged={{{key[-1]!r}: Ragged(index=..., covariates=...)}}, or use "
+                    "encoding='auto' (free encodings where no data is found)."
+                )
+        plan[key] = tuple(sources)
+    return plan
+
+
+def _data_statistics(structure: ModelStructure, options: GuideOptions, model, trace, args, kwargs):
+    """Feature sizes and normalization constants of every data source (from setup data)."""
+    features, stats, masked = {}, {}, set()
+    if options.encoding == "free":
+        return features, stats, masked
+    dims = {n: p.dim for n, p in structure.plates.items()}
+    for name, obs in structure.observed.items():
+        x, _, mask = _data.observed_canonical(trace[name], dims, with_mask=True)
+        if mask is not None:
+            masked.add(name)  # the encoder also reads which cells are observed
+        if obs.plates:
+            _data.check_finite(f"observed site {name}", x if mask is None else jnp.where(mask, x, 0.0), obs.plates[0])
+        features[name] = int(x.shape[-1]) * (2 if mask is not None else 1)
+        stats[name] = _data.feature_stats(x, mask)
+    bound = _data.bind_arguments(model, args, kwargs) if options.ragged else {}
+    for plate, decl in options.ragged.items():
+        feats, _, _ = _data.ragged_parts(structure, plate, decl, trace, bound)
+        _data.check_finite(f"data of ragged plate {plate}", feats, plate)
+        features[("ragged", plate)] = int(feats.shape[-1])
+        stats[("ragged", plate)] = _data.feature_stats(feats)
+    return features, stats, masked
+
+
+def _encoding_skip(structure: ModelStructure, site: LatentSite, options: GuideOptions, laplace: bool) -> np.ndarray:
+    """Initial skip ``(C, 2d)``: the element's encoding starts as a direct offset.
+
+    Encoding coordinates ``[0, d)`` add to the element's shift and ``[d, 2d)`` to its raw
+    scale, so from the first step each element moves on its own, as in a mean-field
+    guide, instead of waiting for a shared projection to be learned; later coordinates
+    and the non-linear path are free to learn anything else.
+    """
+    d, D = site.dim, options.encoding_dim
+    skip = np.zeros((context_dim(structure, site, D), 2 * d), np.float32)
+    # on a Laplace base each element already starts at its own location and scale: an
+    # encoding added directly would only move it away (by whole sds) until unlearned
+    if site.plates and not laplace:
+        for j in range(min(D, d)):
+            skip[j, j] = 1.0
+        for j in range(min(max(D - d, 0), d)):
+            skip[d + j, d + j] = 1.0
+    return skip
+
+
+def encoder_levels(structure: ModelStructure, key: tuple, name: str) -> list[str]:
+    """The plates an observed site's set encoders pool, innermost first, for plate set ``key``."""
+    return [p for p in structure.observed[name].plates if p not in key][::-1]
+
+
+def encoder_key(plate: str, level: int) -> str:
+    """Key of the encoder pooling ``plate`` at ``level`` (0 = innermost) within an observed
+    site's ``{site}_{prefix}_encoder`` params. Two plate sets that pool the same plate at the
+    same level from the same site share that encoder: it sees the same sets in both."""
+    return f"{plate}@{level}"
+
+
+def _init_encoding(plan: dict, rng_key, key: tuple, sources: tuple, features: dict, structure, options, init_values):
+    D = options.encoding_dim
+    sizes = [structure.plates[p].size for p in key]
+    if key in plan["no_encoding"]:
+        return
+    kname = GuidePlan.plate_set_name(key)
+    name_of = lambda n, what: f"{n}_{options.prefix}_{what}"
+    if not sources or options.encoding == "hybrid":
+        # zero: every element starts at the flow's shared initial distribution
+        init_values[name_of(kname, "residual" if sources else "encoding")] = jnp.zeros((*sizes, D))
+    if not sources:
+        return
+    enc = options.encoder
+    width = 0
+    for kind, name in sources:
+        k_src = jax.random.fold_in(rng_key, zlib.crc32(str(name).encode()))
+        if kind == "nested":
+            pooled = encoder_levels(structure, key, name)
+            keys = jax.random.split(k_src, max(len(pooled), 1))
+            store = init_values.setdefault(name_of(name, "encoder"), {})
+            for level, (p, k) in enumerate(zip(pooled, keys)):
+                in_dim = features[name] if level == 0 else D + 1
+                store.setdefault(encoder_key(p, level), enc.init(k, in_dim))
+            width += (D + 1) if pooled else features[name]
+        else:
+            init_values[name_of(name, "ragged_encoder")] = enc.init(
+                jax.random.split(k_src, 1)[0], features[("ragged", name)]
+            )
+            width += D + 1
+    init_values[name_of(kname, "encoder_out")] = init_readout(rng_key, width, D, scale=0.1)
+
+
+def build_plan(
+    model: Callable,
+    structure: ModelStructure,
+    options: GuideOptions,
+    trace: Mapping[str, dict],
+    init_locs: Mapping[str, jax.Array],
+    rng_key: jax.Array,
+    args: tuple = (),
+    kwargs: Mapping | None = None,
+) -> GuidePlan:
+    """Build the guide's plan from the setup trace.
+
+    :param init_locs: unconstrained initial values of the latent sites (site layout): a
+        site's flow starts centred on the average of its elements' values (on a Laplace
+        base it starts as a standard normal in the base's standardized coordinates).
+    :param rng_key: key of the parameters' initial values.
+    :param args, kwargs: the model's arguments of the setup trace (ragged declarations).
+    """
+    kwargs = dict(kwargs or {})
+    features, stats, masked = _data_statistics(structure, options, model, trace, args, kwargs)
+    keys = jax.random.split(rng_key, len(structure.latent) + len(structure.plates) + 1)
+    flows, init_values = {}, {}
+    for k, (name, site) in zip(keys, structure.latent.items()):
+        laplace = options.laplace and bool(site.plates)
+        flow = ConditionalFlow(
+            site.dim,
+            context_dim(structure, site, options.encoding_dim),
+            num_layers=options.num_flows,
+            layer=options.flow_type,
+            hidden=options.hidden_dims,
+            # on a Laplace base the flow acts on standardized values: it starts as N(0, I)
+            init_scale=1.0 if laplace else options.init_scale,
+            bilinear=options.encoding_dim if site.plates else 0,
+        )
+        flows[name] = flow
+        loc = jnp.mean(jnp.reshape(site.to_canonical(init_locs[name]), (-1, site.dim)), 0)
+        if laplace:
+            loc = jnp.zeros_like(loc)
+        skip = _encoding_skip(structure, site, options, laplace)
+        init_values[f"{name}_{options.prefix}_flow"] = flow.init(k, loc=loc, skip=skip)
+    sources = encoding_sources(structure, options)
+    # with Laplace bases the likelihood already informs every element: where no data sits
+    # inside a plate set, "auto" gives no encoding rather than per-element ones
+    no_encoding = frozenset(
+        key for key, src in sources.items() if options.laplace and options.encoding == "auto" and not src
+    )
+    state = {"no_encoding": no_encoding}
+    for k, (key, src) in zip(keys[len(structure.latent) :], sources.items()):
+        _init_encoding(state, k, key, src, features, structure, options, init_values)
+    return GuidePlan(
+        model=model,
+        structure=structure,
+        options=options,
+        flows=flows,
+        sources=sources,
+        no_encoding=no_encoding,
+        has_children=frozenset(p for site in structure.latent.values() for p in site.conditions_on),
+        features=features,
+        stats=stats,
+        masked=frozenset(masked),
+        init_values=init_values,
+    )
+
+
+def with_encoder_width(encoder: SetEncoder, encoding_dim: int) -> SetEncoder:
+    """``encoder`` with ``out_dim = encoding_dim``: every set encoding has the width of the
+    plate's encoding. An explicit other ``out_dim`` is an error rather than silently replaced."""
+    if encoder.out_dim != encoding_dim and encoder.out_dim != SetEncoder.out_dim:
+        raise ValueError(
+            f"SetEncoder(out_dim={encoder.out_dim}) disagrees with encoding_dim={encoding_dim}: a set "
+            "encoding is the plate element's encoding, so its width is encoding_dim. Leave out_dim out "
+            "(or set it equal to encoding_dim)."
+        )
+    return dataclasses.replace(encoder, out_dim=encoding_dim)

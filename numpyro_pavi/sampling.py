@@ -1,0 +1,307 @@
+"""Pure sampling from the guide: :func:`sample_latents`, shared by training, full-plate
+posteriors, streamed summaries, PSIS and the ArviZ export.
+
+Given a :class:`~numpyro_pavi.plan.GuidePlan`, the parameters, a key, the current plate
+elements and a trace of the model on them (its observed data), :func:`sample_latents` draws
+every latent site top-down in the model's order: each plate set's encodings (free, from set
+encoders, or none), then each site's flow on the grid of its plates' elements, conditioned
+on the element's encoding and its parents' sampled values, placed on the element's Laplace
+base where it has one, and constrained to the site's support. It reads nothing else and
+changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpyro.distributions.transforms import biject_to
+
+from . import data as _data
+from .encoders import readout
+from .laplace import NEWTON_STEPS, log_joint, newton_base, reference_trace
+from .plan import GuidePlan, encoder_key, encoder_levels
+from .structure import LatentSite
+
+__all__ = ["element_noise", "encodings", "sample_latents"]
+
+
+def element_noise(key: jax.Array, indices: list, dim: int) -> jax.Array:
+    """Standard normal noise ``(*map(len, indices), dim)`` where element ``(i, j, ...)`` is
+    drawn from ``fold_in(fold_in(key, i), j)...``: independent of the other elements."""
+    if not indices:
+        return jax.random.normal(key, (dim,))
+    return jax.vmap(lambda i: element_noise(jax.random.fold_in(key, i), indices[1:], dim))(indices[0])
+
+
+def masked_density(site: LatentSite, logq: jax.Array, trace_site: dict | None, grid: tuple) -> jax.Array:
+    """Per-element ``logq (*grid)`` with the cells the model masks out removed.
+
+    Where the model does not score a latent cell (``handlers.mask``, ``fn.mask``, or the
+    imputed ``{name}_unobserved`` site of ``obs_mask`` at its observed cells), the guide must
+    not score it either: its entropy alone would reward an ever wider guide there, and the
+    loss would fall without bound. An element's density is spread evenly over its intrinsic
+    cells (as in :meth:`LatentSite.spread_density`), so it keeps the share of its cells in.
+    """
+    mask = _data.site_mask(trace_site)
+    if mask is None:
+        return logq
+    share = site.element_share(mask, grid)
+    if share is None:
+        return logq  # a mask that does not line up with the site: the model will complain
+    return jnp.where(share > 0, logq * share, 0.0)
+
+
+# ---------------------------------------------------------------------------------------
+# encodings
+# ---------------------------------------------------------------------------------------
+def _set_encoding(plan: GuidePlan, params, key: tuple, trace, indices, sizes, bound) -> jax.Array:
+    """Encodings ``(*grid, D)`` of the current elements of plate set ``key`` from data."""
+    structure, enc = plan.structure, plan.encoder
+    dims = {n: p.dim for n, p in structure.plates.items()}
+    outs = []
+    for kind, name in plan.sources[key]:
+        if kind == "ragged":
+            outs.append(_ragged_encoding(plan, params, name, trace, indices, sizes, bound))
+            continue
+        x, oplates, mask = _data.observed_canonical(trace[name], dims, with_mask=True)
+        width = plan.features[name] // (2 if name in plan.masked else 1)
+        if x.shape[-1] != width:
+            raise ValueError(
+                f"Observed site '{name}' gives its set encoder {x.shape[-1]} features per "
+                f"observation here but {width} in training: its event dims (and "
+                "any batch dims that are not plates) are features, of fixed size. To encode "
+                "sets of other sizes, put the varying dimension in a numpyro.plate instead of "
+                "to_event()/expand()."
+            )
+        mean, std = plan.stats[name]
+        x = (x - mean) / std
+        if mask is not None:
+            # masked cells may hold anything (NaN for missing data): they enter as the
+            # feature's mean, and an indicator says which they are
+            x = jnp.where(mask, x, 0.0)
+        if name in plan.masked:
+            observed = jnp.ones(x.shape, bool) if mask is None else mask
+            x = jnp.concatenate([x, observed.astype(x.dtype)], -1)
+        pooled = [p for p in oplates if p not in key]
+        perm = [oplates.index(p) for p in key] + [oplates.index(p) for p in pooled] + [len(oplates)]
+        h = jnp.transpose(x, perm)
+        encoders = params[plan.param_name(name, "encoder")]
+        for level, p in enumerate(encoder_levels(structure, key, name)):
+            n = h.shape[-2]
+            out = enc(encoders[encoder_key(p, level)], h)
+            h = jnp.concatenate([out, jnp.broadcast_to(_data.log_count(n, sizes[p], n), out.shape[:-1] + (1,))], -1)
+        outs.append(h)
+    return readout(params[plan.param_name(plan.plate_set_name(key), "encoder_out")], jnp.concatenate(outs, -1))
+
+
+def _ragged_encoding(plan: GuidePlan, params, plate, trace, indices, sizes, bound) -> jax.Array:
+    feats, ids, obs_plate = _data.ragged_parts(plan.structure, plate, plan.options.ragged[plate], trace, bound)
+    mean, std = plan.stats[("ragged", plate)]
+    feats = (feats - mean) / std
+    B = int(indices[plate].shape[0])
+    # position of each observation's element in the current subsample; B = not in it
+    where = jnp.full((sizes[plate],), B).at[indices[plate]].set(jnp.arange(B))
+    seg = where[ids]
+    out = plan.encoder.segments(params[plan.param_name(plate, "ragged_encoder")], feats, seg, B + 1)[:B]
+    counts = jax.ops.segment_sum(jnp.ones(seg.shape[0]), seg, B + 1)[:B]
+    n_obs = int(trace[obs_plate]["value"].shape[0])
+    return jnp.concatenate([out, _data.log_count(counts, sizes[obs_plate], n_obs)], -1)
+
+
+def encodings(plan: GuidePlan, params: dict, indices: dict, trace, sizes: dict, bound: dict) -> dict:
+    """Encodings ``(*grid, D)`` of the current elements of every plate set.
+
+    :param indices: ``{plate: current element indices}``.
+    :param trace: a model trace on those indices (the encoders' data).
+    :param sizes: ``{plate: full size}``; ``bound``: the model's arguments by name.
+    """
+    out = {}
+    for key, sources in plan.sources.items():
+        if key in plan.no_encoding:
+            out[key] = jnp.zeros(tuple(int(indices[p].shape[0]) for p in key) + (plan.options.encoding_dim,))
+            continue
+        enc = _set_encoding(plan, params, key, trace, indices, sizes, bound) if sources else None
+        for what in ("encoding", "residual"):
+            free = params.get(plan.param_name(plan.plate_set_name(key), what))
+            if free is not None:
+                free = free[jnp.ix_(*(indices[p] for p in key))]
+                enc = free if enc is None else enc + free
+        out[key] = enc
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# one site
+# ---------------------------------------------------------------------------------------
+def _sample_site(plan: GuidePlan, site, params, enc, unc, centers, noise, chunk_size, path_gradient, base):
+    """Sample one site on the grid of its plates' current elements.
+
+    Parents enter the context as ``value - center``, where a parent's center is its
+    flow's output at zero noise with zero parent input (held constant by
+    ``stop_gradient``). This is a fixed per-element shift, so no information is lost,
+    but the weights acting on parents no longer duplicate the bias: with raw values, a
+    parent far from zero makes the coupling weights absorb bias noise, which slows
+    SGD badly on the globals' scales.
+
+    With ``path_gradient``, ``log q`` is evaluated with the variational parameters held
+    constant (the path-derivative estimator, see ``AutoPAVI(estimator=...)``): same value,
+    other gradient.
+
+    With a Laplace ``base = (m, L)`` (``(*grid, d)``, ``(*grid, d, d)``), the flow's
+    output ``u`` is placed as ``x = m + L^{-T} u``; children then see ``u`` as this
+    site's context (its standardized deviation), which depends on the sample only.
+
+    :return: canonical ``x (*grid, d)``, ``log q (*grid)`` and, when the site has
+        children, its center ``(*grid, d)`` (else None).
+    """
+    grid = enc[site.plates].shape[:-1] if site.plates else ()
+    n = math.prod(grid)
+    flow = plan.flows[site.name]
+    fparams = params[plan.param_name(site.name, "flow")]
+    parents = [(plan.structure.latent[p], unc[p], centers[p]) for p in site.conditions_on]
+
+    def rows(r, z, with_parents=True, m=None, chol=None):
+        multi = jnp.unravel_index(r, grid) if grid else ()
+        pos = dict(zip(site.plates, multi))
+        own = enc[site.plates][tuple(pos[p] for p in site.plates)] if site.plates else jnp.zeros(jnp.shape(r) + (0,))
+        deltas = []
+        for par, value, center in parents:
+            at = tuple(pos[p] for p in par.plates)
+            delta = value[at] - center[at] if with_parents else jnp.zeros_like(center[at])
+            deltas.append(jnp.broadcast_to(delta, jnp.shape(r) + (par.dim,)))
+        x, logq = flow.sample_and_log_prob(fparams, z, jnp.concatenate([own, *deltas], -1))
+        if path_gradient and with_parents:
+            # Sticking the landing: score the sample with the variational parameters held
+            # constant (flow weights and the encoding, free or set-encoded); the sample and
+            # the parents' samples in the context keep their path gradients.
+            frozen = jax.lax.stop_gradient
+            logq = flow.log_prob(frozen(fparams), x, jnp.concatenate([frozen(own), *deltas], -1))
+        if m is None:
+            return x, logq
+        # x = m + L^{-T} u, so log q(x) = log q(u) + log|det L|; m and L are functions of
+        # the sampled parents only (no variational parameter), so they keep their gradients
+        u = x
+        x = m + jax.scipy.linalg.solve_triangular(chol, u[..., None], lower=True, trans=1)[..., 0]
+        logdet = jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), -1)
+        return jnp.concatenate([x, u], -1), logq + logdet
+
+    def run(fn, *xs):
+        if chunk_size is None or n <= chunk_size:
+            return fn(*xs)
+        return jax.lax.map(lambda a: fn(*a), xs, batch_size=chunk_size)
+
+    r = jnp.arange(n)
+    out_shape = grid + (site.dim,)
+    if base is not None:
+        m, chol = base
+        m, chol = jnp.reshape(m, (n, site.dim)), jnp.reshape(chol, (n, site.dim, site.dim))
+        xu, logq = run(lambda r_, z_, m_, c_: rows(r_, z_, True, m_, c_), r, jnp.reshape(noise, (n, site.dim)), m, chol)
+        x, u = xu[..., : site.dim], xu[..., site.dim :]
+        center = jnp.reshape(x - u, out_shape) if site.name in plan.has_children else None
+        return jnp.reshape(x, out_shape), jnp.reshape(logq, grid), center
+    x, logq = run(rows, r, jnp.reshape(noise, (n, site.dim)))
+    center = None
+    if site.name in plan.has_children:
+        zeros = jnp.zeros((n, site.dim))
+        center, _ = run(lambda r_, z_: rows(r_, z_, with_parents=False), r, zeros)
+        center = jax.lax.stop_gradient(jnp.reshape(center, out_shape))
+    return jnp.reshape(x, out_shape), jnp.reshape(logq, grid), center
+
+
+def laplace_base(plan: GuidePlan, site: LatentSite, values: dict, indices: dict, model_args):
+    """``(m, L)`` of ``site`` on the current elements, given the sampled ``values`` of the
+    sites before it (see :mod:`numpyro_pavi.laplace`).
+
+    The later sites of the same plates (siblings such as a group's slope after its
+    intercept) are part of the element's Newton problem and marginalized out of ``P``
+    (a Schur complement): fixing them at a reference instead would bias this site by
+    their deviation from it. Other later sites sit at their prior means.
+    """
+    if model_args is None:
+        raise ValueError(
+            f"Site '{site.name}' has a Laplace base (laplace=True), which needs the model's "
+            "arguments: pass them (e.g. guide.sample_posterior(key, params, *args, **kwargs))."
+        )
+    args, kwargs = model_args
+    latent = plan.structure.latent
+    plates = {p: indices[p] for p in plan.structure.plates if p in indices}
+    names = list(latent)
+    group = [site] + [s for s in (latent[n] for n in names[names.index(site.name) + 1 :]) if s.plates == site.plates]
+    cuts = np.cumsum([g.dim for g in group])[:-1].tolist()
+
+    def logp(z, known):
+        vals, logdet = {}, 0.0
+        for g, part in zip(group, jnp.split(z, cuts, axis=-1)):
+            vals[g.name], ld = g.constrain(part)
+            logdet = logdet + jnp.sum(ld)
+        lp = log_joint(plan.model, {**plates, **known, **vals}, args, kwargs, per_element_of=site.name)
+        return lp + logdet
+
+    frozen = jax.lax.stop_gradient(values)
+    # the start: the group's prior means given the values before it, in canonical layout
+    trace = reference_trace(plan.model, {**plates, **frozen}, args, kwargs)
+    z_init = jnp.concatenate([g.to_canonical(biject_to(g.support).inv(trace[g.name]["value"])) for g in group], -1)
+    m, chol = newton_base(lambda z: logp(z, values), lambda z: logp(z, frozen), z_init, NEWTON_STEPS)
+    if len(group) == 1:
+        return m, chol
+    d, total = site.dim, m.shape[-1]
+    cov = jax.scipy.linalg.cho_solve((chol, True), jnp.broadcast_to(jnp.eye(total), chol.shape))[..., :d, :d]
+    prec = jnp.linalg.inv(cov)
+    return m[..., :d], jnp.linalg.cholesky(0.5 * (prec + jnp.swapaxes(prec, -1, -2)))
+
+
+# ---------------------------------------------------------------------------------------
+# every site
+# ---------------------------------------------------------------------------------------
+def sample_latents(
+    plan: GuidePlan,
+    params: dict,
+    rng_key: jax.Array,
+    indices: dict,
+    trace: dict | None,
+    sizes: dict,
+    bound: dict,
+    *,
+    model_args: tuple | None = None,
+    chunk_size: int | None = None,
+    path_gradient: bool = False,
+    element_keys: bool = False,
+):
+    """Top-down sample of every latent site on the given plate elements.
+
+    :param plan: the guide's plan.
+    :param params: the guide's params (``svi.get_params(state)``).
+    :param indices: ``{plate: current element indices}``.
+    :param trace: a model trace on those indices (observed data for the encoders), or None
+        when the guide reads no data.
+    :param sizes: ``{plate: full size}``; ``bound``: model arguments by name (ragged plates).
+    :param model_args: ``(args, kwargs)`` of the model, for the Laplace bases.
+    :param chunk_size: plate elements per chunk of each flow (None: all at once).
+    :param path_gradient: score samples with the variational parameters held constant.
+    :param element_keys: draw each element's noise from its own key (the site's key
+        folded with the element's indices), so an element's draw does not depend on which
+        other elements are sampled with it: chunked full-plate summaries then equal
+        unchunked ones (see :mod:`numpyro_pavi.summaries`).
+    :return: constrained site-layout values, canonical unconstrained values ``(*grid, d)``
+        and per-element ``log q (*grid)`` (support log-det included).
+    """
+    enc = encodings(plan, params, indices, trace, sizes, bound)
+    values, unc, centers, logqs = {}, {}, {}, {}
+    keys = jax.random.split(rng_key, len(plan.structure.latent))
+    for key, (name, site) in zip(keys, plan.structure.latent.items()):
+        grid = tuple(int(indices[p].shape[0]) for p in site.plates)
+        if element_keys:
+            noise = element_noise(key, [indices[p] for p in site.plates], site.dim)
+        else:
+            noise = jax.random.normal(key, grid + (site.dim,))
+        base = laplace_base(plan, site, values, indices, model_args) if plan.on_laplace(site) else None
+        x, logq, centers[name] = _sample_site(
+            plan, site, params, enc, unc, centers, noise, chunk_size, path_gradient, base
+        )
+        value, logdet = site.constrain(x)
+        unc[name], values[name] = x, value
+        logqs[name] = masked_density(site, logq - logdet, None if trace is None else trace.get(name), grid)
+    return values, unc, logqs
