@@ -107,7 +107,7 @@ class GuidePlan:
 
     def free_plates(self) -> set[str]:
         """Plates whose elements have free encodings or residuals."""
-        return {p for key in self.sources if self.has_free(key) for p in key}
+        return {p for plate_set in self.sources if self.has_free(plate_set) for p in plate_set}
 
     def num_params(self) -> int:
         return int(sum(np.size(leaf) for leaf in jax.tree.leaves(dict(self.init_values))))
@@ -126,13 +126,14 @@ class GuidePlan:
                 + (f" | given: {','.join(site.conditions_on)}" if site.conditions_on else "")
             )
             lines.append(f"{name:<16}{plates:<24}{site.dim:>4}{flow.context_dim:>9}  {desc:<28}{count:>10}")
-        for key, sources in self.sources.items():
+        for plate_set, sources in self.sources.items():
             kind = "free" if not sources else ("hybrid" if self.options.encoding == "hybrid" else "set")
-            kind = "none (Laplace bases)" if key in self.no_encoding else kind
+            kind = "none (Laplace bases)" if plate_set in self.no_encoding else kind
             src = ", ".join(f"{k}:{n}" for k, n in sources)
-            size = "x".join(str(structure.plates[p].size) for p in key)
+            size = "x".join(str(structure.plates[p].size) for p in plate_set)
             lines.append(
-                f"plates {'/'.join(key):<20} elements {size:<10} encoding: {kind}" + (f" from {src}" if src else "")
+                f"plates {'/'.join(plate_set):<20} elements {size:<10} encoding: {kind}"
+                + (f" from {src}" if src else "")
             )
         lines.append(f"total parameters: {self.num_params()}")
         return "\n".join(lines)
@@ -145,10 +146,10 @@ def context_dim(structure: ModelStructure, site: LatentSite, encoding_dim: int) 
     return (encoding_dim if site.plates else 0) + sum(structure.latent[p].dim for p in site.conditions_on)
 
 
-def _only_imputed(structure: ModelStructure, key: tuple) -> bool:
-    """Whether every latent site in plate set ``key`` is an ``obs_mask`` imputation
+def _only_imputed(structure: ModelStructure, plate_set: tuple) -> bool:
+    """Whether every latent site in plate set ``plate_set`` is an ``obs_mask`` imputation
     (NumPyro's ``{name}_unobserved`` beside an observed ``{name}_observed``)."""
-    sites = [name for name, site in structure.latent.items() if site.plates == key]
+    sites = [name for name, site in structure.latent.items() if site.plates == plate_set]
     return bool(sites) and all(
         n.endswith("_unobserved") and n[: -len("_unobserved")] + "_observed" in structure.observed for n in sites
     )
@@ -158,32 +159,32 @@ def encoding_sources(structure: ModelStructure, options: GuideOptions) -> dict:
     """``{plate set: data sources}`` for every plate set that holds latent sites."""
     # model order, then fewer plates first (a stable sort): a set's order would follow the
     # interpreter's hash seed, and with it the encoders' initial keys
-    keys = sorted(dict.fromkeys(site.plates for site in structure.latent.values() if site.plates), key=len)
+    plate_sets = sorted(dict.fromkeys(site.plates for site in structure.latent.values() if site.plates), key=len)
     unknown = set(options.ragged) - set(structure.plates)
     if unknown:
         raise ValueError(f"ragged names unknown plate(s) {sorted(unknown)}; plates: {sorted(structure.plates)}.")
-    plan = {}
-    for key in keys:
+    out = {}
+    for plate_set in plate_sets:
         sources = []
-        if options.encoding == "auto" and _only_imputed(structure, key):
+        if options.encoding == "auto" and _only_imputed(structure, plate_set):
             # obs_mask's missing cells have no data of their own to encode (a set encoding
             # would see the same "missing" input for all of them): free encodings
-            plan[key] = ()
+            out[plate_set] = ()
             continue
         if options.encoding != "free":
-            sources = [("nested", o) for o, obs in structure.observed.items() if set(key) <= set(obs.plates)]
-            if len(key) == 1 and key[0] in options.ragged:
-                sources.append(("ragged", key[0]))
+            sources = [("nested", o) for o, obs in structure.observed.items() if set(plate_set) <= set(obs.plates)]
+            if len(plate_set) == 1 and plate_set[0] in options.ragged:
+                sources.append(("ragged", plate_set[0]))
             if not sources and options.encoding in ("set", "hybrid"):
                 raise ValueError(
                     f"encoding={options.encoding!r}: no observed data identifies the elements of plate(s) "
-                    f"{'/'.join(key)}: no observed site sits inside {'/'.join(key)}. Put the "
+                    f"{'/'.join(plate_set)}: no observed site sits inside {'/'.join(plate_set)}. Put the "
                     "observations inside the plate, declare a ragged index with "
-                    f"ragged={{{key[-1]!r}: Ragged(index=..., covariates=...)}}, or use "
+                    f"ragged={{{plate_set[-1]!r}: Ragged(index=..., covariates=...)}}, or use "
                     "encoding='auto' (free encodings where no data is found)."
                 )
-        plan[key] = tuple(sources)
-    return plan
+        out[plate_set] = tuple(sources)
+    return out
 
 
 def _data_statistics(structure: ModelStructure, options: GuideOptions, model, trace, args, kwargs):
@@ -229,9 +230,9 @@ def _encoding_skip(structure: ModelStructure, site: LatentSite, options: GuideOp
     return skip
 
 
-def encoder_levels(structure: ModelStructure, key: tuple, name: str) -> list[str]:
-    """The plates an observed site's set encoders pool, innermost first, for plate set ``key``."""
-    return [p for p in structure.observed[name].plates if p not in key][::-1]
+def encoder_levels(structure: ModelStructure, plate_set: tuple, name: str) -> list[str]:
+    """The plates an observed site's set encoders pool, innermost first, for plate set ``plate_set``."""
+    return [p for p in structure.observed[name].plates if p not in plate_set][::-1]
 
 
 def encoder_key(plate: str, level: int) -> str:
@@ -241,12 +242,15 @@ def encoder_key(plate: str, level: int) -> str:
     return f"{plate}@{level}"
 
 
-def _init_encoding(plan: dict, rng_key, key: tuple, sources: tuple, features: dict, structure, options, init_values):
+def _init_encoding(
+    no_encoding: frozenset, rng_key, plate_set: tuple, sources: tuple, features: dict, structure, options, init_values
+) -> None:
+    """Add the initial values of ``plate_set``'s encodings and encoders to ``init_values``."""
     D = options.encoding_dim
-    sizes = [structure.plates[p].size for p in key]
-    if key in plan["no_encoding"]:
+    sizes = [structure.plates[p].size for p in plate_set]
+    if plate_set in no_encoding:
         return
-    kname = GuidePlan.plate_set_name(key)
+    kname = GuidePlan.plate_set_name(plate_set)
     name_of = lambda n, what: f"{n}_{options.prefix}_{what}"
     if not sources or options.encoding == "hybrid":
         # zero: every element starts at the flow's shared initial distribution
@@ -258,7 +262,7 @@ def _init_encoding(plan: dict, rng_key, key: tuple, sources: tuple, features: di
     for kind, name in sources:
         k_src = jax.random.fold_in(rng_key, zlib.crc32(str(name).encode()))
         if kind == "nested":
-            pooled = encoder_levels(structure, key, name)
+            pooled = encoder_levels(structure, plate_set, name)
             keys = jax.random.split(k_src, max(len(pooled), 1))
             store = init_values.setdefault(name_of(name, "encoder"), {})
             for level, (p, k) in enumerate(zip(pooled, keys)):
@@ -317,11 +321,10 @@ def build_plan(
     # with Laplace bases the likelihood already informs every element: where no data sits
     # inside a plate set, "auto" gives no encoding rather than per-element ones
     no_encoding = frozenset(
-        key for key, src in sources.items() if options.laplace and options.encoding == "auto" and not src
+        plate_set for plate_set, src in sources.items() if options.laplace and options.encoding == "auto" and not src
     )
-    state = {"no_encoding": no_encoding}
-    for k, (key, src) in zip(keys[len(structure.latent) :], sources.items()):
-        _init_encoding(state, k, key, src, features, structure, options, init_values)
+    for k, (plate_set, src) in zip(keys[len(structure.latent) :], sources.items()):
+        _init_encoding(no_encoding, k, plate_set, src, features, structure, options, init_values)
     return GuidePlan(
         model=model,
         structure=structure,

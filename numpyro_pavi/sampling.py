@@ -57,12 +57,12 @@ def masked_density(site: LatentSite, logq: jax.Array, trace_site: dict | None, g
 # ---------------------------------------------------------------------------------------
 # encodings
 # ---------------------------------------------------------------------------------------
-def _set_encoding(plan: GuidePlan, params, key: tuple, trace, indices, sizes, bound) -> jax.Array:
-    """Encodings ``(*grid, D)`` of the current elements of plate set ``key`` from data."""
+def _set_encoding(plan: GuidePlan, params, plate_set: tuple, trace, indices, sizes, bound) -> jax.Array:
+    """Encodings ``(*grid, D)`` of the current elements of plate set ``plate_set`` from data."""
     structure, enc = plan.structure, plan.encoder
     dims = {n: p.dim for n, p in structure.plates.items()}
     outs = []
-    for kind, name in plan.sources[key]:
+    for kind, name in plan.sources[plate_set]:
         if kind == "ragged":
             outs.append(_ragged_encoding(plan, params, name, trace, indices, sizes, bound))
             continue
@@ -85,16 +85,16 @@ def _set_encoding(plan: GuidePlan, params, key: tuple, trace, indices, sizes, bo
         if name in plan.masked:
             observed = jnp.ones(x.shape, bool) if mask is None else mask
             x = jnp.concatenate([x, observed.astype(x.dtype)], -1)
-        pooled = [p for p in oplates if p not in key]
-        perm = [oplates.index(p) for p in key] + [oplates.index(p) for p in pooled] + [len(oplates)]
+        pooled = [p for p in oplates if p not in plate_set]
+        perm = [oplates.index(p) for p in plate_set] + [oplates.index(p) for p in pooled] + [len(oplates)]
         h = jnp.transpose(x, perm)
         encoders = params[plan.param_name(name, "encoder")]
-        for level, p in enumerate(encoder_levels(structure, key, name)):
+        for level, p in enumerate(encoder_levels(structure, plate_set, name)):
             n = h.shape[-2]
             out = enc(encoders[encoder_key(p, level)], h)
             h = jnp.concatenate([out, jnp.broadcast_to(_data.log_count(n, sizes[p], n), out.shape[:-1] + (1,))], -1)
         outs.append(h)
-    return readout(params[plan.param_name(plan.plate_set_name(key), "encoder_out")], jnp.concatenate(outs, -1))
+    return readout(params[plan.param_name(plan.plate_set_name(plate_set), "encoder_out")], jnp.concatenate(outs, -1))
 
 
 def _ragged_encoding(plan: GuidePlan, params, plate, trace, indices, sizes, bound) -> jax.Array:
@@ -119,17 +119,19 @@ def encodings(plan: GuidePlan, params: dict, indices: dict, trace, sizes: dict, 
     :param sizes: ``{plate: full size}``; ``bound``: the model's arguments by name.
     """
     out = {}
-    for key, sources in plan.sources.items():
-        if key in plan.no_encoding:
-            out[key] = jnp.zeros(tuple(int(indices[p].shape[0]) for p in key) + (plan.options.encoding_dim,))
+    for plate_set, sources in plan.sources.items():
+        if plate_set in plan.no_encoding:
+            out[plate_set] = jnp.zeros(
+                tuple(int(indices[p].shape[0]) for p in plate_set) + (plan.options.encoding_dim,)
+            )
             continue
-        enc = _set_encoding(plan, params, key, trace, indices, sizes, bound) if sources else None
+        enc = _set_encoding(plan, params, plate_set, trace, indices, sizes, bound) if sources else None
         for what in ("encoding", "residual"):
-            free = params.get(plan.param_name(plan.plate_set_name(key), what))
+            free = params.get(plan.param_name(plan.plate_set_name(plate_set), what))
             if free is not None:
-                free = free[jnp.ix_(*(indices[p] for p in key))]
+                free = free[jnp.ix_(*(indices[p] for p in plate_set))]
                 enc = free if enc is None else enc + free
-        out[key] = enc
+        out[plate_set] = enc
     return out
 
 
@@ -291,12 +293,12 @@ def sample_latents(
     enc = encodings(plan, params, indices, trace, sizes, bound)
     values, unc, centers, logqs = {}, {}, {}, {}
     keys = jax.random.split(rng_key, len(plan.structure.latent))
-    for key, (name, site) in zip(keys, plan.structure.latent.items()):
+    for site_key, (name, site) in zip(keys, plan.structure.latent.items()):
         grid = tuple(int(indices[p].shape[0]) for p in site.plates)
         if element_keys:
-            noise = element_noise(key, [indices[p] for p in site.plates], site.dim)
+            noise = element_noise(site_key, [indices[p] for p in site.plates], site.dim)
         else:
-            noise = jax.random.normal(key, grid + (site.dim,))
+            noise = jax.random.normal(site_key, grid + (site.dim,))
         base = laplace_base(plan, site, values, indices, model_args) if plan.on_laplace(site) else None
         x, logq, centers[name] = _sample_site(
             plan, site, params, enc, unc, centers, noise, chunk_size, path_gradient, base

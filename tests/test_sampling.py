@@ -1,0 +1,105 @@
+"""``sampling.sample_latents`` is a pure function of (plan, params, key, elements): it changes
+nothing, and an element's draw depends on its own key and data only, not on which other
+elements are drawn with it or on the chunking."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from numpyro import handlers
+
+from numpyro_pavi import AutoPAVI, models
+from numpyro_pavi.encoders import SetEncoder
+from numpyro_pavi.plan import GuidePlan, build_plan, with_encoder_width
+from numpyro_pavi.sampling import sample_latents
+
+G, M, K = 7, 2, 2
+X = models.simulate_random_effects(jax.random.PRNGKey(0), G, M, K)
+
+
+@pytest.fixture(scope="module")
+def free_guide():
+    """Free encodings, no Laplace bases: no site reads the model's data."""
+    guide = AutoPAVI(models.random_effects, encoding="free", laplace=False, encoding_dim=2, hidden_dims=(4,))
+    handlers.seed(guide, 0)(X)
+    # non-zero encodings: elements must differ for the checks below to mean anything
+    params = dict(guide.plan.init_values)
+    params["groups_auto_encoding"] = jax.random.normal(jax.random.PRNGKey(1), (G, 2))
+    return guide, params
+
+
+def _draw(plan, params, key, groups, **kw):
+    indices = {"groups": jnp.asarray(groups), "obs": jnp.arange(M)}
+    sizes = {"groups": G, "obs": M}
+    return sample_latents(plan, params, key, indices, None, sizes, {}, element_keys=True, **kw)
+
+
+def test_sample_latents_is_pure(free_guide):
+    guide, params = free_guide
+    before = jax.tree.map(np.asarray, params)
+    a = _draw(guide.plan, params, jax.random.PRNGKey(3), np.arange(G))
+    b = _draw(guide.plan, params, jax.random.PRNGKey(3), np.arange(G))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(x, y)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        guide.plan.flows = {}
+
+
+def test_an_elements_draw_does_not_depend_on_the_others(free_guide):
+    guide, params = free_guide
+    key = jax.random.PRNGKey(4)
+    full_values, _, full_logq = _draw(guide.plan, params, key, np.arange(G))
+    some = np.array([5, 2])
+    values, _, logq = _draw(guide.plan, params, key, some)
+    np.testing.assert_allclose(values["mu"], full_values["mu"], rtol=1e-6)
+    np.testing.assert_allclose(values["mu_g"], full_values["mu_g"][some], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logq["mu_g"], full_logq["mu_g"][some], rtol=1e-5, atol=1e-5)
+    # and the elements do differ (the check above is not vacuous)
+    assert not np.allclose(full_values["mu_g"][2], full_values["mu_g"][5])
+
+
+def test_chunking_does_not_change_the_draws(free_guide):
+    guide, params = free_guide
+    key = jax.random.PRNGKey(5)
+    whole = _draw(guide.plan, params, key, np.arange(G))
+    chunked = _draw(guide.plan, params, key, np.arange(G), chunk_size=3)
+    for x, y in zip(jax.tree.leaves(whole), jax.tree.leaves(chunked)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_build_plan_is_deterministic_and_names_params_as_numpyro(free_guide):
+    guide, _ = free_guide
+    plan = guide.plan
+
+    def build():
+        locs = _init_locs(plan, guide)
+        return build_plan(
+            plan.model, plan.structure, plan.options, guide.prototype_trace, locs, jax.random.PRNGKey(9), (X,)
+        )
+
+    again, other = build(), build()
+    assert isinstance(again, GuidePlan)
+    for x, y in zip(jax.tree.leaves(dict(again.init_values)), jax.tree.leaves(dict(other.init_values))):
+        np.testing.assert_array_equal(x, y)
+    assert set(plan.init_values) == {"mu_auto_flow", "mu_g_auto_flow", "groups_auto_encoding"}
+    assert plan.sources == {("groups",): ()} and not plan.reads_data()
+    assert "encoding: free" in plan.describe() and f"groups[{G}]" in plan.describe()
+
+
+def _init_locs(plan, guide):
+    from numpyro.distributions.transforms import biject_to
+
+    trace = guide.prototype_trace
+    return {n: biject_to(s.support).inv(trace[n]["value"]) for n, s in plan.structure.latent.items()}
+
+
+def test_set_encoder_width_is_the_encoding_dim():
+    assert with_encoder_width(SetEncoder(), 4).out_dim == 4
+    with pytest.raises(ValueError, match=r"SetEncoder\(out_dim=6\) disagrees with encoding_dim=4"):
+        with_encoder_width(SetEncoder(out_dim=6), 4)
