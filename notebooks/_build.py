@@ -916,7 +916,7 @@ guide); PSIS k-hat tests the **guide** against the model's own posterior.
 | loss history | has the optimizer converged? | flat at the end | still falling |
 | predictive checks | does the model reproduce the data? | pass | pass as well: they cannot see this error |
 
-When k-hat is high: train longer (a decaying learning rate helps), increase `flow_layers` or
+When k-hat is high: train longer (a decaying learning rate helps), increase `num_flows` or
 `encoding_dim`, or check the model; when a few elements stand out, look at their data."""
     ),
 ]
