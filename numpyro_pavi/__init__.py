@@ -5,6 +5,7 @@ from .checkpoint import Checkpoint, fit, load_checkpoint, save_checkpoint
 from .data import Ragged
 from .encoders import SetEncoder
 from .flows import ConditionalFlow
+from .laplace import LaplaceWarning
 from .monitor import DivergenceWarning, KeepBest, best_params, check_losses
 from .structure import ModelStructure, model_structure
 
@@ -16,6 +17,7 @@ __all__ = [
     "ConditionalFlow",
     "DivergenceWarning",
     "KeepBest",
+    "LaplaceWarning",
     "ModelStructure",
     "Ragged",
     "SetEncoder",

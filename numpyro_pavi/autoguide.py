@@ -31,6 +31,7 @@ from numpyro.infer.initialization import init_to_median
 from . import data as _data
 from .data import Ragged
 from .encoders import SetEncoder
+from .laplace import LaplaceWarning
 from .plan import GuideOptions, GuidePlan, build_plan, with_encoder_width
 from .sampling import sample_latents
 from .structure import ModelStructure, model_structure, plate_sizes, seeded_model
@@ -97,6 +98,36 @@ def _fingerprint(value) -> int | None:
 def _empty(shapes, sample_shape: tuple):
     """Zero-size arrays ``sample_shape + shape`` for a tree of ``ShapeDtypeStruct``."""
     return jax.tree.map(lambda s: jnp.zeros(sample_shape + s.shape, s.dtype), shapes)
+
+
+def _warn_unconverged(site: str, converged: jax.Array, warned: set, below: float = 0.5) -> None:
+    """Warn (from inside a compiled step too), once per guide and site (``warned`` holds the
+    sites warned about), when fewer than ``below`` of ``site``'s elements had a converged
+    Newton problem in this call."""
+
+    def warn(fraction):
+        warnings.warn(
+            f"Laplace base of site '{site}': in a training step the Newton iterations converged for "
+            f"fewer than {100 * below:.0f}% of its elements (here {100 * float(fraction):.0f}%, "
+            "warned once). Those elements sit on their prior given their parents, with no "
+            "likelihood information in their base: the likelihood may be non-smooth (e.g. "
+            "Laplace) or multimodal in this site. Check with guide.check_bases(params, *args) "
+            "after the fit and compare the ELBO with AutoPAVI(model, laplace=False).",
+            LaplaceWarning,
+            stacklevel=2,
+        )
+
+    def once(fraction):
+        # under vmap (particles, lax.map) the cond below runs both branches: check here too
+        if fraction < below and site not in warned:
+            warned.add(site)
+            warn(fraction)
+
+    if not isinstance(converged, jax.core.Tracer):
+        once(converged)
+        return
+    # the host callback runs only in steps that fall short
+    jax.lax.cond(converged < below, lambda c: jax.debug.callback(once, c), lambda c: None, converged)
 
 
 def _renamed_options(old: dict) -> dict:
@@ -259,6 +290,7 @@ class AutoPAVI(AutoGuide):
         )
         self.estimator = estimator
         self.chunk_size = chunk_size
+        self._warned: set[str] = set()  # sites already warned about (LaplaceWarning)
         fwd = {}
         if forward_mode_differentiation or _BASE_TAKES_FORWARD_MODE:
             if not _BASE_TAKES_FORWARD_MODE:
@@ -437,7 +469,7 @@ class AutoPAVI(AutoGuide):
         indices = {name: p._indices for name, p in plates.items()}
         sizes = {name: info.size for name, info in self.structure.plates.items()}
         bound = _data.bind_arguments(self.model, args, kwargs) if self.ragged else {}
-        values, _, logqs = sample_latents(
+        values, _, logqs, reports = sample_latents(
             self.plan,
             params,
             numpyro.prng_key(),
@@ -447,7 +479,10 @@ class AutoPAVI(AutoGuide):
             bound,
             model_args=(args, kwargs),
             path_gradient=self.estimator == "stl",
+            with_reports=True,
         )
+        for name, report in reports.items():
+            _warn_unconverged(name, jnp.mean(report.converged()), self.__dict__.setdefault("_warned", set()))
         result = {}
         for name, site in self.structure.latent.items():
             with ExitStack() as stack:
@@ -633,6 +668,61 @@ class AutoPAVI(AutoGuide):
             return values
 
         return one
+
+    # -- Laplace bases: convergence ------------------------------------------------------
+    def check_bases(
+        self, params, *args, num_samples: int = 10, rng_key=None, min_converged: float = 0.95, **kwargs
+    ) -> dict:
+        """How the Laplace bases' Newton problems end over the full plates, at
+        ``num_samples`` posterior draws of the sites before each one; warns
+        (:class:`LaplaceWarning`) naming every site where fewer than ``min_converged`` of
+        the element-draws converged.
+
+        An element that does not converge (a likelihood that is not smooth, such as
+        Laplace, whose curvature says nothing; several modes under a flat prior) is placed
+        on its prior location given its parents with the curvature there, so its gradient
+        stays exact, but its base then carries no likelihood information and the flow must
+        learn the rest: where many do, ``AutoPAVI(model, laplace=False)`` may fit better.
+
+        :return: ``{site: {"converged": fraction, "concave": fraction, "max_decrement":
+            float}}`` (the decrement is the remaining Newton step in posterior sds).
+        """
+        self._check_params(params)
+        if not any(self.plan.on_laplace(s) for s in self.structure.latent.values()):
+            return {}
+        args, kwargs = self._posterior_args(args, kwargs)
+        sizes, indices, trace, bound = self._full_inputs(args, kwargs)
+        key = jax.random.PRNGKey(0) if rng_key is None else rng_key
+
+        def one(k):
+            reports = sample_latents(
+                self.plan, params, k, indices, trace, sizes, bound, model_args=(args, kwargs),
+                chunk_size=self.chunk_size, with_reports=True,
+            )[3]  # fmt: skip
+            return {n: (r.converged(), r.concave, r.decrement) for n, r in reports.items()}
+
+        out = jax.lax.map(one, jax.random.split(key, num_samples))
+        result = {
+            name: {
+                "converged": float(jnp.mean(conv)),
+                "concave": float(jnp.mean(concave)),
+                "max_decrement": float(jnp.max(dec)),
+            }
+            for name, (conv, concave, dec) in out.items()
+        }
+        for name, r in result.items():
+            if r["converged"] < min_converged:
+                warnings.warn(
+                    f"Laplace base of site '{name}': the Newton iterations converged for only "
+                    f"{100 * r['converged']:.1f}% of its elements at posterior draws (largest remaining "
+                    f"step {r['max_decrement']:.3g} sds; {100 * r['concave']:.1f}% at a concave point). "
+                    "Those elements sit on their prior given their parents, with no likelihood "
+                    "information in their base: the likelihood may be non-smooth (e.g. Laplace) or "
+                    "multimodal in this site. Compare the ELBO with AutoPAVI(model, laplace=False).",
+                    LaplaceWarning,
+                    stacklevel=2,
+                )
+        return result
 
     # -- posterior API (NumPyro's signatures) ----------------------------------------------
     def sample_posterior(self, rng_key, params, *args, sample_shape=(), **kwargs):

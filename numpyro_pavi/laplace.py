@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,21 +34,44 @@ from numpyro import handlers
 from numpyro.distributions.transforms import biject_to
 from numpyro.infer.util import log_density
 
-__all__ = ["NEWTON_STEPS", "log_joint", "newton_base", "reference_trace", "reference_value"]
+__all__ = [
+    "NEWTON_STEPS",
+    "LaplaceWarning",
+    "NewtonReport",
+    "log_joint",
+    "newton_base",
+    "newton_iterate",
+    "reference_trace",
+    "reference_value",
+]
 
-#: Newton iterations before the last, differentiated step. Steps are damped to
-#: ``MAX_STEP_SDS``, so the mode must lie within ``(NEWTON_STEPS + 1) * MAX_STEP_SDS``
-#: posterior sds of the prior mean: with four, groups of the random-effects benchmark 50-70
-#: sds away were not reached and the ELBO gap stalled at 0.02-0.03 nats/group; eight reach
-#: 90 sds (gap < 0.002), and the damped steps still land on Poisson modes from far below.
-NEWTON_STEPS = 8
+class LaplaceWarning(UserWarning):
+    """A site's Laplace base did not converge for many of its elements."""
+
+
+#: Most Newton iterations before the last, differentiated step; they stop earlier once
+#: every element has converged (one for a Gaussian likelihood). Heavy-tailed likelihoods
+#: started in the tails (StudentT(3), Cauchy) needed 10-20 in the likelihood matrix
+#: (``benchmarks/likelihoods.py``).
+NEWTON_STEPS = 24
 
 #: Smallest precision an element gets (unconstrained units): a flat or non-concave log joint
 #: then gives an sd of at most 10 instead of an infinite or negative variance.
 MIN_PRECISION = 1e-2
-#: Largest Newton step, in units of the current sd ``1/sqrt(P)``: an exp-link likelihood far
-#: below its mode has a tiny curvature, and an undamped step would overflow.
+#: Largest last (differentiated) step, in sds ``1/sqrt(P)`` at the last iterate.
 MAX_STEP_SDS = 10.0
+#: Trust radius of the Newton iterations, in sds of the curvature at the start: initial,
+#: smallest and largest. Doubling from 4, eight iterations reach a mode about 1,000 start
+#: sds away (random-effects groups 50-90 sds away need several).
+INITIAL_RADIUS_SDS = 4.0
+MIN_RADIUS_SDS = 1e-3
+MAX_RADIUS_SDS = 512.0
+#: Newton decrement (remaining step in posterior sds) under which an element counts as
+#: converged (see :class:`NewtonReport`), and the one the iterations stop at: Newton
+#: converges quadratically, so the step after 0.05 is usually below 1e-3, where the mode's
+#: derivative (used for the base's) is off by about as much.
+DECREMENT_TOL = 0.05
+STOP_TOL = 1e-3
 
 
 def reference_value(fn) -> jax.Array:
@@ -127,78 +151,185 @@ def _grad_and_blocks(logp: Callable, z: jax.Array):
     return g, jnp.stack(cols, -1)
 
 
-def _precision_chol(h: jax.Array) -> jax.Array:
+def _precision_chol(h: jax.Array, with_concave: bool = False):
     """Cholesky factor of ``-h``, symmetrized and lifted to at least ``MIN_PRECISION``.
 
     The lift is a multiple of the identity chosen from the smallest eigenvalue under
     ``stop_gradient``: eigenvector gradients divide by eigenvalue gaps, which vanish for
-    repeated eigenvalues, while the Cholesky factor's gradients stay finite.
+    repeated eigenvalues, while the Cholesky factor's gradients stay finite. With
+    ``with_concave``, also whether ``h`` was negative definite (``(*grid)`` booleans).
     """
     p = -0.5 * (h + jnp.swapaxes(h, -1, -2))
     d = p.shape[-1]
     low = jnp.linalg.eigvalsh(jax.lax.stop_gradient(p))[..., 0]
     lift = jnp.maximum(MIN_PRECISION - low, 0.0)
-    p = p + lift[..., None, None] * jnp.eye(d)
-    return jnp.linalg.cholesky(p)
+    chol = jnp.linalg.cholesky(p + lift[..., None, None] * jnp.eye(d))
+    return (chol, low > 0) if with_concave else chol
 
 
-def _step(g: jax.Array, chol: jax.Array) -> jax.Array:
-    """The Newton step ``P^{-1} g``, shortened to at most ``MAX_STEP_SDS`` sds along it."""
-    step = jax.scipy.linalg.cho_solve((chol, True), g[..., None])[..., 0]
-    # length in sd units: sqrt(step^T P step) = |L^T step|
-    sq = jnp.sum(jnp.einsum("...ji,...j->...i", chol, step) ** 2, -1, keepdims=True)
-    long = sq > MAX_STEP_SDS**2
-    # the inner where keeps sqrt away from 0, whose gradient is infinite (a converged step is 0)
-    return step * jnp.where(long, MAX_STEP_SDS / jnp.sqrt(jnp.where(long, sq, 1.0)), 1.0)
+def _newton_step(g: jax.Array, chol: jax.Array) -> jax.Array:
+    """The Newton step ``P^{-1} g``."""
+    return jax.scipy.linalg.cho_solve((chol, True), g[..., None])[..., 0]
 
 
-def newton_base(logp: Callable, logp_frozen: Callable, z_init: jax.Array, steps: int):
-    """Element-wise Laplace base of one site.
+def _length(s: jax.Array, chol: jax.Array) -> jax.Array:
+    """Length of ``s`` in the metric ``P = L L^T``: ``sqrt(s^T P s) = |L^T s|``."""
+    return jnp.sqrt(jnp.sum(jnp.einsum("...ji,...j->...i", chol, s) ** 2, -1))
 
-    The iterations are damped Newton steps with a per-element trust factor ``t``: a step
-    ``s`` (``t`` times the Newton step) is kept only where the slope along it at the new
-    point, ``g_new . s``, is no steeper downhill than it was uphill at the start, ``-g . s``
-    (the curvature condition of a line search); elsewhere the element stays put and ``t``
-    halves, and after a kept step ``t`` doubles back towards 1. Without it an exp-link
-    likelihood overshoots: below its mode the curvature is tiny, Newton jumps far above it
-    and from there walks back about one unit per step (a Poisson subject started at 0 was
-    left at 11.6, its mode near 3, with an sd of 0.005, and the fit diverged). A Gaussian
-    likelihood keeps its first step, which is exact (the slope there is zero).
+
+def _clip(s: jax.Array, length: jax.Array, radius: jax.Array) -> jax.Array:
+    # the inner where keeps the division away from 0 (a converged step has length 0)
+    long = length > radius
+    return s * jnp.where(long, radius / jnp.where(long, length, 1.0), 1.0)[..., None]
+
+
+class NewtonReport(NamedTuple):
+    """How an element's Newton problem ended, per element ``(*grid)``.
+
+    :ivar decrement: Newton decrement ``sqrt(g^T P^{-1} g)`` at the last iterate: the
+        step that remains, in posterior sds (0 at the mode).
+    :ivar concave: whether the log joint's curvature there was negative definite (no
+        lift was needed).
+    """
+
+    decrement: jax.Array
+    concave: jax.Array
+
+    def converged(self, tol: float = DECREMENT_TOL) -> jax.Array:
+        return (self.decrement <= tol) & self.concave
+
+
+def newton_iterate(logp_frozen: Callable, z_init: jax.Array, max_steps: int = NEWTON_STEPS):
+    """Trust-region Newton iterations per element, all held constant for gradients; they
+    stop as soon as every element has converged (:meth:`NewtonReport.converged`), so a
+    Gaussian likelihood, exact after one step, costs two evaluations.
+
+    Each element has a trust radius, measured in the sds of its curvature at the start
+    (the metric is frozen there, so a region where the log joint is convex, whose lifted
+    curvature is tiny, cannot license a huge step). A step is the Newton step with the
+    lifted precision, clipped to the radius. It is kept when the gain in log joint it
+    achieves, estimated per element by the trapezoid rule on the slopes at both ends
+    (``(g + g_new) . s / 2``, exact on quadratics, needing no per-element values), is at
+    least a quarter of the gain the quadratic model promised (``g . s - s^T P s / 2``);
+    then the radius doubles if the step reached it. Otherwise the element stays and the
+    radius shrinks to a quarter of the step. Heavy tails (StudentT, Cauchy) are not
+    log-concave: from a start in the tails, length-damped Newton steps were thrown tens of
+    units past the mode and bounced between the tails (a StudentT(30) group started 5
+    scales from its data ended 30 units off after eight iterations).
+
+    :param logp_frozen: ``z (*grid, d) -> scalar``, the other sites' values held constant.
+    :param z_init: ``(*grid, d)`` start.
+    :param max_steps: most iterations.
+    :return: the last iterate ``z``, the Cholesky factor of the (lifted) precision there
+        and a :class:`NewtonReport`.
+    """
+
+    def evaluate(z):
+        g, h = _grad_and_blocks(logp_frozen, z)
+        chol, concave = _precision_chol(h, with_concave=True)
+        return g, concave, chol
+
+    def report(g, concave, chol):
+        return NewtonReport(_length(_newton_step(g, chol), chol), concave)
+
+    def cond(state):
+        i, z, g, concave, chol, _, _ = state
+        return (i == 0) | ((i <= max_steps) & ~jnp.all(report(g, concave, chol).converged(STOP_TOL)))
+
+    def body(state):
+        # iteration 0 only evaluates the start (s = 0, kept): one loop body, so the model is
+        # traced once for all the iterations
+        i, z, g, concave, chol, radius, metric = state
+        newton = _newton_step(g, chol)
+        s = jnp.where(i > 0, _clip(newton, _length(newton, metric), radius), 0.0)
+        g_new, concave_new, chol_new = evaluate(z + s)
+        metric = jnp.where(i > 0, metric, chol_new)
+        predicted = jnp.sum(g * s, -1) - 0.5 * _length(s, chol) ** 2
+        achieved = 0.5 * jnp.sum((g + g_new) * s, -1)
+        keep = (i == 0) | (achieved >= 0.25 * predicted)
+        size = _length(s, metric)
+        grown = jnp.where(size >= 0.99 * radius, 2.0 * radius, radius)
+        radius = jnp.where(i == 0, radius, jnp.where(keep, grown, 0.25 * size))
+        radius = jnp.clip(radius, MIN_RADIUS_SDS, MAX_RADIUS_SDS)
+        keep_z = keep[..., None]
+        return (
+            i + 1,
+            jnp.where(keep_z, z + s, z),
+            jnp.where(keep_z, g_new, g),
+            jnp.where(keep, concave_new, concave),
+            jnp.where(keep_z[..., None], chol_new, chol),
+            radius,
+            metric,
+        )
+
+    z_init = jax.lax.stop_gradient(z_init)
+    d = z_init.shape[-1]
+    eye = jnp.broadcast_to(jnp.eye(d, dtype=z_init.dtype), z_init.shape + (d,))
+    radius = jnp.full(z_init.shape[:-1], INITIAL_RADIUS_SDS, z_init.dtype)
+    flags = jnp.zeros(z_init.shape[:-1], bool)
+    state = (jnp.array(0), z_init, jnp.zeros_like(z_init), flags, eye, radius, eye)
+    _, z, g, concave, chol, _, _ = jax.lax.stop_gradient(jax.lax.while_loop(cond, body, state))
+    return z, chol, report(g, concave, chol)
+
+
+def newton_base(
+    logp: Callable,
+    logp_frozen: Callable,
+    z_init: jax.Array,
+    max_steps: int = NEWTON_STEPS,
+    fallback: jax.Array | None = None,
+    report: bool = False,
+):
+    """Element-wise Laplace base of one site: :func:`newton_iterate` from ``z_init``, then
+    the base at the last iterate with the mode's derivative (:func:`_differentiated_base`).
+
+    An element whose iterations did not converge (non-smooth likelihoods such as Laplace,
+    whose curvature says nothing; several modes under a flat prior) has no mode whose
+    derivative could stand for its base's: it is placed at ``fallback`` instead (the
+    site's prior location given its parents, a differentiable function of them), with the
+    curvature there, so the gradient is the gradient of what is sampled either way.
 
     :param logp: ``z (*grid, d) -> scalar``: the log joint as a function of the site's
         unconstrained values (the other sites at their current values).
     :param logp_frozen: the same with the other sites' values held constant, for the
         Newton iterations.
     :param z_init: ``(*grid, d)`` starting point.
-    :param steps: Newton iterations before the last, differentiated one.
-    :return: ``m (*grid, d)`` and the Cholesky factor ``L (*grid, d, d)`` of the precision.
+    :param max_steps: most Newton iterations before the differentiated step.
+    :param fallback: ``(*grid, d)`` base of non-converged elements (default: ``z_init``,
+        whose gradient is then zero).
+    :param report: also return the :class:`NewtonReport`.
+    :return: ``m (*grid, d)`` and the Cholesky factor ``L (*grid, d, d)`` of the precision
+        (and the report).
     """
+    z0, chol0, rep = newton_iterate(logp_frozen, z_init, max_steps)
+    fallback = jax.lax.stop_gradient(z_init) if fallback is None else fallback
+    m, chol = _differentiated_base(logp, z0, chol0, rep.converged(), fallback)
+    return (m, chol, rep) if report else (m, chol)
 
-    def evaluate(z):
-        g, h = _grad_and_blocks(logp_frozen, z)
-        return g, _precision_chol(h)
 
-    def body(i, state):
-        # iteration 0 only evaluates the start (s = 0, kept): one loop body, so the model is
-        # traced once for all the iterations
-        z, g, chol, t = state
-        s = jnp.where(i > 0, t[..., None] * _step(g, chol), 0.0)
-        g_new, chol_new = evaluate(z + s)
-        keep = (i == 0) | (jnp.sum(g_new * s, -1) >= -jnp.sum(g * s, -1))
-        t = jnp.where(keep, jnp.minimum(2.0 * t, 1.0), 0.5 * t)
-        keep_z = keep[..., None]
-        return (
-            jnp.where(keep_z, z + s, z),
-            jnp.where(keep_z, g_new, g),
-            jnp.where(keep_z[..., None], chol_new, chol),
-            t,
-        )
+def _differentiated_base(logp: Callable, z0, chol0, converged, fallback):
+    """The base's value ``m = z0 + s`` (``s`` the Newton step from the last iterate, clipped
+    to ``MAX_STEP_SDS``) with the derivative of the mode, ``dm/dtheta = P^{-1} dg/dtheta``
+    (implicit function theorem), and ``L`` the precision's Cholesky factor *at* ``m``, with
+    its dependence on ``m`` kept.
 
-    z_init = jax.lax.stop_gradient(z_init)
-    d = z_init.shape[-1]
-    eye = jnp.broadcast_to(jnp.eye(d, dtype=z_init.dtype), z_init.shape + (d,))
-    start = (z_init, jnp.zeros_like(z_init), eye, jnp.ones(z_init.shape[:-1], z_init.dtype))
-    z0, _, _, t = jax.lax.stop_gradient(jax.lax.fori_loop(0, steps + 1, body, start))
-    g, h = _grad_and_blocks(logp, z0)
-    chol = _precision_chol(h)
-    return z0 + t[..., None] * _step(g, chol), chol
+    Differentiating a damped step instead gives ``t P^{-1} dg/dtheta``: a line search that
+    ended with ``t = 1/2`` (round-off at the mode rejects steps at random) halved every
+    parent's pull on the element, the global locations' gradients were wrong by tens of
+    percent, and a StudentT(30) random-intercept model ended 4 posterior sds off.
+    Holding ``L`` at the frozen iterate dropped ``dL/dm dm/dtheta`` (zero only for Gaussian
+    likelihoods, whose curvature does not depend on ``m``).
+    """
+    # a non-converged element's last iterate may lie where the log joint's higher
+    # derivatives overflow (a Newton trial far in a tail): differentiate at its fallback
+    # instead, so no inf or NaN reaches the gradient through the branch that is not taken
+    ok = converged[..., None]
+    z0 = jnp.where(ok, z0, jax.lax.stop_gradient(fallback))
+    g = jax.grad(logp)(z0)
+    # the Newton step with the precision held: its derivative at g = 0 is P^{-1} dg/dtheta
+    s = _newton_step(g, chol0)
+    value = z0 + jax.lax.stop_gradient(_clip(s, _length(s, chol0), MAX_STEP_SDS))
+    m = value + s - jax.lax.stop_gradient(s)
+    m = jnp.where(ok, jnp.where(ok, m, 0.0), fallback)
+    _, h = _grad_and_blocks(logp, m)
+    return m, _precision_chol(h)

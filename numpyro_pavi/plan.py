@@ -11,6 +11,7 @@ Sampling (:mod:`numpyro_pavi.sampling`) reads the plan and never changes it.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,14 +20,21 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from numpyro.distributions.transforms import biject_to
 
 from . import data as _data
 from .data import Ragged
 from .encoders import SetEncoder, init_readout
 from .flows import ConditionalFlow
+from .laplace import LaplaceWarning, log_joint, newton_iterate, reference_trace
 from .structure import LatentSite, ModelStructure
 
-__all__ = ["GuideOptions", "GuidePlan", "build_plan"]
+__all__ = ["GuideOptions", "GuidePlan", "build_plan", "probe_laplace"]
+
+#: A local site keeps its Laplace base when at least this share of its elements' Newton
+#: problems converge at the initial values (see :func:`probe_laplace`): smooth likelihoods
+#: converged for all elements in the likelihood matrix, a Laplace likelihood for 7%.
+MIN_CONVERGED_AT_SETUP = 0.5
 
 #: A data source of a plate set: ``("nested", observed_site)`` or ``("ragged", plate)``.
 Source = tuple[str, str]
@@ -66,6 +74,8 @@ class GuidePlan:
     :param stats: ``(mean, std)`` feature normalization of each data source (setup data).
     :param masked: observed sites with masked cells (their encoders also read the mask).
     :param init_values: ``{param name: initial value}``.
+    :param laplace_sites: local sites on a Laplace base (None: every local site when
+        ``options.laplace``, as in plans pickled before the setup probe).
     """
 
     model: Callable
@@ -79,6 +89,7 @@ class GuidePlan:
     stats: Mapping[Any, tuple]
     masked: frozenset
     init_values: Mapping[str, Any]
+    laplace_sites: frozenset | None = None
 
     def param_name(self, name: str, what: str) -> str:
         """NumPyro's naming: ``{site or plate set}_{prefix}_{what}``."""
@@ -89,8 +100,11 @@ class GuidePlan:
         return "__".join(plates)
 
     def on_laplace(self, site: LatentSite) -> bool:
-        """Whether ``site`` gets an element-wise Laplace base (local sites, ``laplace=True``)."""
-        return self.options.laplace and bool(site.plates)
+        """Whether ``site`` gets an element-wise Laplace base (local sites, ``laplace=True``,
+        that passed the setup probe)."""
+        if not (self.options.laplace and site.plates):
+            return False
+        return self.laplace_sites is None or site.name in self.laplace_sites
 
     @property
     def encoder(self) -> SetEncoder:
@@ -298,9 +312,10 @@ def build_plan(
     kwargs = dict(kwargs or {})
     features, stats, masked = _data_statistics(structure, options, model, trace, args, kwargs)
     keys = jax.random.split(rng_key, len(structure.latent) + len(structure.plates) + 1)
+    laplace_sites = _laplace_sites(model, structure, options, trace, args, kwargs)
     flows, init_values = {}, {}
     for k, (name, site) in zip(keys, structure.latent.items()):
-        laplace = options.laplace and bool(site.plates)
+        laplace = name in laplace_sites
         flow = ConditionalFlow(
             site.dim,
             context_dim(structure, site, options.encoding_dim),
@@ -321,7 +336,11 @@ def build_plan(
     # with Laplace bases the likelihood already informs every element: where no data sits
     # inside a plate set, "auto" gives no encoding rather than per-element ones
     no_encoding = frozenset(
-        plate_set for plate_set, src in sources.items() if options.laplace and options.encoding == "auto" and not src
+        plate_set
+        for plate_set, src in sources.items()
+        if options.encoding == "auto"
+        and not src
+        and all(s.name in laplace_sites for s in structure.latent.values() if s.plates == plate_set)
     )
     for k, (plate_set, src) in zip(keys[len(structure.latent) :], sources.items()):
         _init_encoding(no_encoding, k, plate_set, src, features, structure, options, init_values)
@@ -337,7 +356,65 @@ def build_plan(
         stats=stats,
         masked=frozenset(masked),
         init_values=init_values,
+        laplace_sites=laplace_sites,
     )
+
+
+def probe_laplace(
+    model: Callable, structure: ModelStructure, trace: Mapping[str, dict], args: tuple = (), kwargs=None
+) -> dict[str, float]:
+    """Share of each local site's elements whose Newton problem converges at the values of
+    ``trace`` (the setup trace: initial values, current plate elements), each site given
+    the values before it, later sites at their prior means.
+
+    :return: ``{local site: fraction in [0, 1]}``.
+    """
+    kwargs = dict(kwargs or {})
+    names = list(structure.latent)
+    plates = {p: trace[p]["value"] for p in structure.plates if p in trace}
+    out = {}
+    for site in structure.latent.values():
+        if not site.plates:
+            continue
+        before = {n: trace[n]["value"] for n in names[: names.index(site.name)]}
+
+        def logp(z, site=site, before=before):
+            value, logdet = site.constrain(z)
+            lp = log_joint(model, {**plates, **before, site.name: value}, args, kwargs, per_element_of=site.name)
+            return lp + jnp.sum(logdet)
+
+        start = reference_trace(model, {**plates, **before}, args, kwargs)[site.name]["value"]
+        z0 = site.to_canonical(biject_to(site.support).inv(start))
+        out[site.name] = float(jnp.mean(newton_iterate(logp, z0)[2].converged()))
+    return out
+
+
+def _laplace_sites(model, structure, options, trace, args, kwargs) -> frozenset:
+    """The local sites that keep a Laplace base: all of them, except those whose Newton
+    problems mostly fail to converge at the setup values (:func:`probe_laplace`), with a
+    :class:`~numpyro_pavi.LaplaceWarning` naming each. Under tracing (no values to look
+    at) every local site keeps its base."""
+    local = frozenset(name for name, s in structure.latent.items() if s.plates)
+    if not (options.laplace and local):
+        return frozenset()
+    values = [trace[n]["value"] for n in structure.latent] + jax.tree.leaves((args, kwargs))
+    if any(isinstance(v, jax.core.Tracer) for v in values):
+        return local
+    kept = set(local)
+    for name, share in probe_laplace(model, structure, trace, args, kwargs).items():
+        if share < MIN_CONVERGED_AT_SETUP:
+            kept.discard(name)
+            warnings.warn(
+                f"Laplace base of site '{name}' is off: at the initial values its Newton iterations "
+                f"converged for only {100 * share:.0f}% of its elements, so its curvature does not "
+                "locate its posterior (a likelihood that is not smooth, e.g. Laplace, or one "
+                "with several modes in this site). The site is sampled as with laplace=False: "
+                "its flow on its plates' encodings. AutoPAVI(model, laplace=False) turns the "
+                "bases off for every site, without this warning.",
+                LaplaceWarning,
+                stacklevel=5,
+            )
+    return frozenset(kept)
 
 
 def with_encoder_width(encoder: SetEncoder, encoding_dim: int) -> SetEncoder:

@@ -214,8 +214,9 @@ def _sample_site(plan: GuidePlan, site, params, enc, unc, centers, noise, chunk_
 
 
 def laplace_base(plan: GuidePlan, site: LatentSite, values: dict, indices: dict, model_args):
-    """``(m, L)`` of ``site`` on the current elements, given the sampled ``values`` of the
-    sites before it (see :mod:`numpyro_pavi.laplace`).
+    """``(m, L, report)`` of ``site`` on the current elements, given the sampled ``values``
+    of the sites before it (see :mod:`numpyro_pavi.laplace`); ``report`` is the
+    :class:`~numpyro_pavi.laplace.NewtonReport` of its Newton problem.
 
     The later sites of the same plates (siblings such as a group's slope after its
     intercept) are part of the element's Newton problem and marginalized out of ``P``
@@ -243,16 +244,19 @@ def laplace_base(plan: GuidePlan, site: LatentSite, values: dict, indices: dict,
         return lp + logdet
 
     frozen = jax.lax.stop_gradient(values)
-    # the start: the group's prior means given the values before it, in canonical layout
-    trace = reference_trace(plan.model, {**plates, **frozen}, args, kwargs)
-    z_init = jnp.concatenate([g.to_canonical(biject_to(g.support).inv(trace[g.name]["value"])) for g in group], -1)
-    m, chol = newton_base(lambda z: logp(z, values), lambda z: logp(z, frozen), z_init, NEWTON_STEPS)
+    # the start: the group's prior means given the values before it, in canonical layout;
+    # kept differentiable as the base of elements whose iterations do not converge
+    trace = reference_trace(plan.model, {**plates, **values}, args, kwargs)
+    prior = jnp.concatenate([g.to_canonical(biject_to(g.support).inv(trace[g.name]["value"])) for g in group], -1)
+    m, chol, report = newton_base(
+        lambda z: logp(z, values), lambda z: logp(z, frozen), prior, NEWTON_STEPS, fallback=prior, report=True
+    )
     if len(group) == 1:
-        return m, chol
+        return m, chol, report
     d, total = site.dim, m.shape[-1]
     cov = jax.scipy.linalg.cho_solve((chol, True), jnp.broadcast_to(jnp.eye(total), chol.shape))[..., :d, :d]
     prec = jnp.linalg.inv(cov)
-    return m[..., :d], jnp.linalg.cholesky(0.5 * (prec + jnp.swapaxes(prec, -1, -2)))
+    return m[..., :d], jnp.linalg.cholesky(0.5 * (prec + jnp.swapaxes(prec, -1, -2))), report
 
 
 # ---------------------------------------------------------------------------------------
@@ -271,6 +275,7 @@ def sample_latents(
     chunk_size: int | None = None,
     path_gradient: bool = False,
     element_keys: bool = False,
+    with_reports: bool = False,
 ):
     """Top-down sample of every latent site on the given plate elements.
 
@@ -287,11 +292,13 @@ def sample_latents(
         folded with the element's indices), so an element's draw does not depend on which
         other elements are sampled with it: chunked full-plate summaries then equal
         unchunked ones (see :mod:`numpyro_pavi.summaries`).
+    :param with_reports: also return ``{site: NewtonReport}`` of the Laplace bases.
     :return: constrained site-layout values, canonical unconstrained values ``(*grid, d)``
-        and per-element ``log q (*grid)`` (support log-det included).
+        and per-element ``log q (*grid)`` (support log-det included), then the reports
+        with ``with_reports``.
     """
     enc = encodings(plan, params, indices, trace, sizes, bound)
-    values, unc, centers, logqs = {}, {}, {}, {}
+    values, unc, centers, logqs, reports = {}, {}, {}, {}, {}
     keys = jax.random.split(rng_key, len(plan.structure.latent))
     for site_key, (name, site) in zip(keys, plan.structure.latent.items()):
         grid = tuple(int(indices[p].shape[0]) for p in site.plates)
@@ -299,11 +306,13 @@ def sample_latents(
             noise = element_noise(site_key, [indices[p] for p in site.plates], site.dim)
         else:
             noise = jax.random.normal(site_key, grid + (site.dim,))
-        base = laplace_base(plan, site, values, indices, model_args) if plan.on_laplace(site) else None
+        base = None
+        if plan.on_laplace(site):
+            *base, reports[name] = laplace_base(plan, site, values, indices, model_args)
         x, logq, centers[name] = _sample_site(
             plan, site, params, enc, unc, centers, noise, chunk_size, path_gradient, base
         )
         value, logdet = site.constrain(x)
         unc[name], values[name] = x, value
         logqs[name] = masked_density(site, logq - logdet, None if trace is None else trace.get(name), grid)
-    return values, unc, logqs
+    return (values, unc, logqs, reports) if with_reports else (values, unc, logqs)

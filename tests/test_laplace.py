@@ -47,7 +47,7 @@ def test_newton_base_finds_each_elements_mode_and_curvature():
         lik = jnp.sum(counts * rate[:, None] - jnp.exp(rate)[:, None])
         return lik - 0.5 * jnp.sum(rate**2)
 
-    m, chol = newton_base(logp, logp, jnp.zeros((4, 1)), steps=6)
+    m, chol = newton_base(logp, logp, jnp.zeros((4, 1)), max_steps=6)
     c = np.asarray(counts, np.float64)
     z = np.zeros(4)
     for _ in range(100):
@@ -70,7 +70,7 @@ def test_newton_base_does_not_overshoot_an_exp_link_from_below():
         eta = offset + z[:, 0]
         return jnp.sum(counts * eta[:, None] - jnp.exp(eta)[:, None]) - 0.5 * jnp.sum((z[:, 0] / prior_sd) ** 2)
 
-    m, chol = newton_base(logp, logp, jnp.zeros((4, 1)), steps=NEWTON_STEPS)
+    m, chol = newton_base(logp, logp, jnp.zeros((4, 1)), max_steps=NEWTON_STEPS)
     c = np.asarray(counts, np.float64)
     z = np.zeros(4)
     for _ in range(200):
