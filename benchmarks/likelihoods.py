@@ -170,8 +170,10 @@ def table(rows) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
+    num = lambda v: float("nan") if v is None else v  # non-finite values are stored as null
     for r in rows:
-        p, n = r["AutoPAVI"], r["AutoNormal"]
+        p, n = ({k: num(v) if k != "warnings" else v for k, v in r[g].items()} for g in ("AutoPAVI", "AutoNormal"))
+        r = {**r, "loss_excess_rel": num(r["loss_excess_rel"])}
         lines.append(
             f"| {r['family']} | {'yes' if r['slope'] else 'no'} | {p['loss_last100']:.2f} | {n['loss_last100']:.2f}"
             f" | {100 * r['loss_excess_rel']:+.2f}% | {p['median']:.3f} | {p['max_global']:.3f}"
@@ -222,7 +224,10 @@ def main(argv=None):
     p.add_argument("--draws", type=int, default=4000)
     p.add_argument("--out", default=None)
     p.add_argument("--merge", default=None, help="merge the cell_*.json of this folder (see likelihoods_parallel.sh)")
+    p.add_argument("--quick", action="store_true", help="smoke mode: two families, short NUTS and fits")
     args = p.parse_args(argv)
+    if args.quick:
+        args.families, args.steps, args.warmup, args.samples, args.draws = "normal,studentt30", 200, 200, 200, 500
     if args.merge:
         return merge(args.merge)
     t_start, info = time.perf_counter(), _common.machine_info()

@@ -215,8 +215,12 @@ class AutoPAVI(AutoGuide):
         standard normal, acts in the standardized coordinates ``L^T (x - m)``. The
         likelihood then informs every element directly (covariates, gathers such as
         ``a[group]``, crossed designs, non-Gaussian families, the number of observations)
-        with no declaration, at the price of ``(1 + d) * (NEWTON_STEPS + 2)`` (10) extra
-        passes through the model per local site and step. With ``encoding="auto"``, plate
+        with no declaration, at the price of ``1 + d`` passes through the model per Newton
+        iteration (they stop when every element has converged: one for a Gaussian
+        likelihood, at most ``NEWTON_STEPS``) plus about ``3 + d`` for the differentiated
+        base, per local site and step. A site whose Newton problems mostly fail to converge
+        at setup (a non-smooth likelihood) loses its base, with a
+        :class:`~numpyro_pavi.LaplaceWarning`; see :meth:`check_bases`. With ``encoding="auto"``, plate
         sets with no data inside them get no encoding (``laplace=False``: free ones).
         Posteriors run on the model's arguments (the training ones when none are given);
         new data gives new groups their posterior without retraining.
@@ -482,7 +486,8 @@ class AutoPAVI(AutoGuide):
             with_reports=True,
         )
         for name, report in reports.items():
-            _warn_unconverged(name, jnp.mean(report.converged()), self.__dict__.setdefault("_warned", set()))
+            share = _data.scored_mean(self.structure.latent[name], report.converged(), trace.get(name))
+            _warn_unconverged(name, share, self.__dict__.setdefault("_warned", set()))
         result = {}
         for name, site in self.structure.latent.items():
             with ExitStack() as stack:
@@ -699,7 +704,9 @@ class AutoPAVI(AutoGuide):
                 self.plan, params, k, indices, trace, sizes, bound, model_args=(args, kwargs),
                 chunk_size=self.chunk_size, with_reports=True,
             )[3]  # fmt: skip
-            return {n: (r.converged(), r.concave, r.decrement) for n, r in reports.items()}
+            latent = self.structure.latent
+            scored = lambda n, v: _data.scored_mean(latent[n], v, None if trace is None else trace.get(n))
+            return {n: (scored(n, r.converged()), scored(n, r.concave), r.decrement) for n, r in reports.items()}
 
         out = jax.lax.map(one, jax.random.split(key, num_samples))
         result = {
@@ -805,14 +812,16 @@ class AutoPAVI(AutoGuide):
         A flow has no closed-form median, so this is the coordinate-wise median of
         ``num_samples`` draws from :meth:`sample_posterior`.
         """
-        return self.quantiles(params, [0.5], *args, num_samples=num_samples, rng_key=rng_key, **kwargs)
+        out = self.quantiles(params, [0.5], *args, num_samples=num_samples, rng_key=rng_key, **kwargs)
+        return {k: v[0] for k, v in out.items()}
 
     def quantiles(self, params, quantiles, *args, num_samples: int = 1000, rng_key=None, **kwargs):
         """Monte Carlo estimate of posterior quantiles (coordinate-wise, full plates).
 
-        :param quantiles: a list of quantile levels in ``[0, 1]``.
-        :return: ``{site: array (len(quantiles), *site_shape)}``; for :meth:`median` the
-            leading axis is dropped.
+        :param quantiles: quantile levels in ``[0, 1]``: a list (or 1-d array), or one level.
+        :return: ``{site: array (len(quantiles), *site_shape)}``, as NumPyro's guides: the
+            leading axis is kept whatever the number of levels (``[0.5]`` and ``0.5``
+            included); only :meth:`median` drops it.
         """
         rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
         if not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
@@ -824,11 +833,8 @@ class AutoPAVI(AutoGuide):
             raise ValueError(f"quantiles must be a non-empty list of levels in [0, 1], got {quantiles!r}.")
         samples = self.sample_posterior(rng_key, params, *args, sample_shape=(num_samples,), **kwargs)
         samples = {k: v for k, v in samples.items() if k in self.structure.latent}
-        qs = jnp.asarray(quantiles)
-        out = {k: jnp.quantile(v, qs, axis=0) for k, v in samples.items()}
-        if list(np.atleast_1d(quantiles)) == [0.5] and np.ndim(quantiles) == 1 and len(quantiles) == 1:
-            return {k: v[0] for k, v in out.items()}
-        return out
+        qs = jnp.atleast_1d(jnp.asarray(quantiles))
+        return {k: jnp.quantile(v, qs, axis=0) for k, v in samples.items()}
 
     # -- introspection -------------------------------------------------------------------
     def num_params(self) -> int:

@@ -131,6 +131,19 @@ def site_mask(site: dict | None):
     return jnp.asarray(mask, bool)
 
 
+def scored_mean(site, values: jax.Array, trace_site: dict | None) -> jax.Array:
+    """Mean of per-element ``values (*grid)`` of latent ``site`` over the elements the model
+    scores: cells that ``handlers.mask``/``obs_mask`` leave out (an imputation site's
+    observed cells) have a flat log joint, so their Newton problems never converge and must
+    not count against the site's."""
+    mask = site_mask(trace_site)
+    share = None if mask is None else site.element_share(mask, values.shape)
+    if share is None:
+        return jnp.mean(values)
+    scored = share > 0
+    return jnp.sum(jnp.where(scored, values, 0.0)) / jnp.maximum(jnp.sum(scored), 1)
+
+
 def check_observed_finite(trace) -> None:
     """Raise a clear error when an observed site holds NaN or inf where the likelihood sees it
     (cells masked out with ``obs_mask`` or ``handlers.mask`` are allowed to hold anything)."""

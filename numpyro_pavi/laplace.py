@@ -13,12 +13,13 @@ For a plate of conditionally independent elements one backward pass gives the gr
 every element at once, and ``d`` Hessian-vector products give every element's ``d x d``
 curvature block (``d`` is an element's size, small here).
 
-The Newton iterations start at the site's prior mean given the sampled parents and are
-held constant (``stop_gradient``); the last step is differentiated, so ``m`` and ``P`` keep
-their dependence on the sampled parents and on the other sites' values, which the
-reparameterization gradient needs. At the mode, Newton's update does not depend on its
-starting point to first order, so holding the start constant costs little; for a Gaussian
-likelihood the last step is exact from any start.
+The Newton iterations (:func:`newton_iterate`: trust-region steps, stopped once every
+element has converged) start at the site's prior mean given the sampled parents and are
+held constant (``stop_gradient``). The base is then given the derivative of the mode it
+approximates (implicit function theorem) and the curvature at itself
+(:func:`newton_base`), so the gradient is that of the map actually sampled; an element
+whose iterations did not converge sits on its prior location instead. Every element
+reports how its problem ended (:class:`NewtonReport`).
 """
 
 from __future__ import annotations

@@ -385,7 +385,8 @@ def probe_laplace(
 
         start = reference_trace(model, {**plates, **before}, args, kwargs)[site.name]["value"]
         z0 = site.to_canonical(biject_to(site.support).inv(start))
-        out[site.name] = float(jnp.mean(newton_iterate(logp, z0)[2].converged()))
+        converged = newton_iterate(logp, z0)[2].converged()
+        out[site.name] = float(_data.scored_mean(site, converged, trace.get(site.name)))
     return out
 
 

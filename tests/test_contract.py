@@ -158,6 +158,24 @@ def test_median_and_quantiles_shapes(fitted):
     assert np.all(np.diff(np.asarray(q["mu_g"]), axis=0) >= 0)
 
 
+def test_posterior_api_shapes_match_autonormal(fitted):
+    """``median``, ``quantiles`` (lists of one and of several levels, a single level) and
+    ``sample_posterior`` give AutoNormal's shapes on the same model (issue 28: ``[0.5]``
+    dropped its axis where ``[0.4]`` kept it)."""
+    guide, params = fitted
+    normal = AutoNormal(two_level)
+    svi = SVI(two_level, normal, optax.adam(1e-2), Trace_ELBO())
+    nparams = svi.get_params(svi.init(jax.random.PRNGKey(0), X))
+    shape = lambda d: {k: tuple(np.shape(v)) for k, v in d.items() if k in ("mu", "mu_g")}
+    assert shape(guide.median(params, X, num_samples=20)) == shape(normal.median(nparams))
+    for levels in ([0.5], [0.4], [0.1, 0.5, 0.9], 0.5):
+        got = guide.quantiles(params, levels, X, num_samples=20)
+        assert shape(got) == shape(normal.quantiles(nparams, levels)), levels
+    draws = guide.sample_posterior(jax.random.PRNGKey(1), params, X, sample_shape=(3,))
+    ref = normal.sample_posterior(jax.random.PRNGKey(1), nparams, X, sample_shape=(3,))
+    assert shape(draws) == shape(ref)
+
+
 def test_predictive_from_guide_and_from_samples(fitted):
     guide, params = fitted
     from_guide = Predictive(two_level, guide=guide, params=params, num_samples=5)(jax.random.PRNGKey(2))

@@ -20,6 +20,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
 import pytest
 
 from numpyro_pavi import AutoPAVI, LaplaceWarning
@@ -97,9 +98,9 @@ def test_heavy_tails_from_the_tails_converge():
         np.testing.assert_array_less(np.abs(np.asarray(jax.grad(logp)(m))), 1e-2)
 
 
-def test_non_smooth_likelihood_warns_and_check_bases_reports():
-    """A Laplace likelihood has no curvature: its Newton problems do not converge. Training
-    warns naming the site, and check_bases reports the fraction."""
+def test_non_smooth_likelihood_loses_its_base_with_a_warning():
+    """A Laplace likelihood has no curvature: at setup its Newton problems do not converge,
+    and the site loses its base with a warning naming it and the option."""
     from numpyro.infer import SVI, Trace_ELBO
     from numpyro.optim import Adam
 
@@ -108,10 +109,38 @@ def test_non_smooth_likelihood_warns_and_check_bases_reports():
     svi = SVI(likelihoods.model, guide, Adam(5e-3), Trace_ELBO())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = svi.run(jax.random.PRNGKey(0), 20, x, y, family="laplace", progress_bar=False)
+        result = svi.run(jax.random.PRNGKey(0), 5, x, y, family="laplace", progress_bar=False)
+    msgs = [str(w.message) for w in caught if issubclass(w.category, LaplaceWarning)]
+    assert any("site 'u' is off" in m and "laplace=False" in m for m in msgs), msgs
+    assert not guide.plan.on_laplace(guide.structure.latent["u"])
+    assert guide.check_bases(result.params, x, y, family="laplace") == {}
+    assert np.all(np.isfinite(np.asarray(result.losses)))
+
+
+def test_training_and_check_bases_warn_where_elements_do_not_converge():
+    """A site kept on its base whose elements stop converging (here: the Laplace likelihood
+    with the setup decision overridden) warns once during training, naming the site, and
+    check_bases reports the share that converged."""
+    import dataclasses
+
+    from numpyro.infer import SVI, Trace_ELBO
+    from numpyro.optim import Adam
+
+    x, y = likelihoods.simulate("laplace", groups=8, per_group=4)
+    guide = AutoPAVI(likelihoods.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LaplaceWarning)
+        with numpyro.handlers.seed(rng_seed=0):
+            guide(x, y, family="laplace")  # setup: the site loses its base
+    guide.plan = dataclasses.replace(guide.plan, laplace_sites=frozenset({"u"}))
+    svi = SVI(likelihoods.model, guide, Adam(5e-3), Trace_ELBO())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = svi.run(jax.random.PRNGKey(0), 10, x, y, family="laplace", progress_bar=False)
         report = guide.check_bases(result.params, x, y, family="laplace", num_samples=4)
     msgs = [str(w.message) for w in caught if issubclass(w.category, LaplaceWarning)]
-    assert any("site 'u'" in m and "laplace=False" in m for m in msgs), msgs
+    assert any("in a training step" in m and "site 'u'" in m for m in msgs), msgs
+    assert any("at posterior draws" in m and "site 'u'" in m for m in msgs), msgs
     assert 0.0 <= report["u"]["converged"] < 0.95
 
 
