@@ -242,6 +242,7 @@ print(list(guide.plan.sources), digest)
 """
 
 
+@pytest.mark.slow  # two interpreters
 def test_initial_parameters_do_not_depend_on_the_hash_seed():
     """Two plate sets of one size (crossed rows and cols) get their encoders in model order,
     not in a set's order: the same key gives the same guide in every interpreter (and every

@@ -10,6 +10,9 @@ import os
 
 import pytest
 
+# slow tier: smoke runs of the benchmark scripts
+pytestmark = pytest.mark.slow
+
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
 

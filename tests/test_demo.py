@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from numpyro_pavi import demo
 
 
+@pytest.mark.slow
 def test_demo_quick_writes_plot_and_table(tmp_path, capsys):
     out = tmp_path / "demo.png"
     assert demo.main(["--quick", "--out", str(out), "--seed", "1"]) == 0

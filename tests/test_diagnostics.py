@@ -147,6 +147,7 @@ def test_subsampled_model_uses_full_plates(fitted, data, psis_fitted: PSISResult
     np.testing.assert_allclose(r.log_weights, psis_fitted.log_weights, rtol=1e-6, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_per_element_nested_plates() -> None:
     S, T, Mn = 3, 4, 2
     x = simulate_nested_three_level(jax.random.PRNGKey(0), S, T, Mn)

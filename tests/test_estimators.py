@@ -20,6 +20,9 @@ from numpyro_pavi import AutoPAVI
 from numpyro_pavi.flows import _softplus_inv
 from numpyro_pavi.models import random_effects, simulate_random_effects
 
+# slow tier: statistical: gradient estimators over many draws
+pytestmark = pytest.mark.slow
+
 X = simulate_random_effects(jax.random.PRNGKey(0), 4, 3, 2)
 
 

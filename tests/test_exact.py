@@ -23,6 +23,9 @@ from numpyro.infer.autoguide import AutoNormal
 
 from numpyro_pavi import AutoPAVI, Ragged, exact, models
 
+# slow tier: statistical: fits against exact posteriors with Monte Carlo tolerances
+pytestmark = pytest.mark.slow
+
 NUM_DRAWS = 2000
 
 

@@ -62,6 +62,7 @@ cases = st.tuples(
 
 @SETTINGS
 @given(cases)
+@pytest.mark.slow  # property test over many flows
 def test_log_det_matches_slogdet_of_jacobian(case):
     kind, d, C, flag, seed, zscale = case
     layer, params, z, c = _setup(kind, d, C, flag, seed, zscale)

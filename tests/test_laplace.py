@@ -164,6 +164,7 @@ def test_new_groups_get_the_sd_their_data_give(slopes_fit, M):
 
 
 # -- long format and crossed designs: exact targets, no declaration ------------------------
+@pytest.mark.slow
 def test_long_format_exact_without_declaration():
     """Intercepts and slopes reached through an index array (``a[group]``): no Ragged
     declaration, no per-group parameter, and the exact evidence and posterior."""
@@ -207,6 +208,7 @@ def _fit_crossed(R: int, C: int):
     return guide, params, y, post, prec_r, (post.log_evidence + float(loss)) / (R + C), best
 
 
+@pytest.mark.slow
 def test_crossed_effects_reach_the_best_of_their_family():
     """Rows and columns of a table, no globals. Given the columns, rows are exact; but the
     guide's rows are independent of each other, while in the posterior they share the

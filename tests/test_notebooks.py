@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+# slow tier: execute the notebooks end to end
+pytestmark = pytest.mark.slow
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")

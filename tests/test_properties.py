@@ -35,6 +35,9 @@ from numpyro.infer.util import log_density
 
 from numpyro_pavi import AutoPAVI
 
+# slow tier: property tests over generated models: each example compiles a fit
+pytestmark = pytest.mark.slow
+
 GUIDE_KW = {"encoding_dim": 2, "hidden_dims": (4,)}
 MAX_SITES = 4
 FEW = settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -15,6 +15,9 @@ import pytest
 from numpyro_pavi.models import random_effects
 from numpyro_pavi.sharding import data_mesh, shard_data, shard_plates
 
+# slow tier: several simulated devices and two processes
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -20,6 +20,9 @@ from numpyro.infer.autoguide import AutoNormal
 from numpyro_pavi import AutoPAVI, check_losses
 from numpyro_pavi.glmms import crossed_bernoulli, simulate_crossed_bernoulli
 
+# slow tier: statistical: long fits at constant rates
+pytestmark = pytest.mark.slow
+
 STEPS = 2500
 
 

@@ -97,6 +97,7 @@ def test_summary_draws_follow_the_posterior_samplers_distribution(fitted, whole)
         np.testing.assert_allclose(whole[site]["sd"], d.std(0, ddof=1), rtol=0.3)
 
 
+@pytest.mark.slow
 def test_nested_plates_chunk_the_outer_plate():
     """Subjects > sessions: chunks of subjects carry their sessions; chunking changes nothing."""
     x = simulate_nested_three_level(jax.random.PRNGKey(3), 9, 3, 4)

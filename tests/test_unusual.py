@@ -91,6 +91,7 @@ _RESUME = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_checkpoint_resumes_in_a_new_process(tmp_path):
     """A run stopped at step 20 and resumed by a fresh process (new guide, nothing set up,
     default set encodings) ends bit-identical to one uninterrupted run."""
@@ -189,6 +190,7 @@ def test_two_autopavis_with_one_prefix_raise():
         svi.init(jax.random.PRNGKey(0), jnp.ones((5, 3)))
 
 
+@pytest.mark.slow  # two guides fitted
 def test_two_autopavis_with_their_own_prefixes():
     guide = _guide_list("pavi2")
     svi = SVI(two_effects, guide, optax.adam(1e-2), Trace_ELBO())
@@ -233,6 +235,7 @@ def masked_groups(y, mask):
             numpyro.sample("y", dist.Normal(mg, 0.5), obs=y, obs_mask=mask)
 
 
+@pytest.mark.slow  # statistical: a fit against the exact posterior
 def test_obs_mask_with_nan_exact_posterior():
     """NumPyro imputes the missing cells as a latent site ``y_unobserved`` scored only there; the
     guide scores only those cells too (else its entropy on the others grows without bound), and
