@@ -33,6 +33,7 @@ from .data import Ragged
 from .encoders import SetEncoder
 from .laplace import LaplaceWarning
 from .plan import GuideOptions, GuidePlan, build_plan, with_encoder_width
+from .base_state import init_state
 from .sampling import sample_latents
 from .structure import ModelStructure, model_structure, plate_sizes, seeded_model
 
@@ -250,6 +251,7 @@ class AutoPAVI(AutoGuide):
         ragged: dict[str, Ragged] | None = None,
         estimator: str = "stl",
         laplace: bool = True,
+        refresh_every: int | None = None,
         forward_mode_differentiation: bool = False,
         **deprecated,
     ):
@@ -269,6 +271,8 @@ class AutoPAVI(AutoGuide):
             raise ValueError(f"num_flows must be a non-negative int, got {num_flows!r}.")
         if not init_scale > 0:
             raise ValueError(f"init_scale must be positive, got {init_scale!r}.")
+        if refresh_every is not None and not (isinstance(refresh_every, int) and refresh_every >= 1):
+            raise ValueError(f"refresh_every must be a positive int or None, got {refresh_every!r}.")
         if not (isinstance(chunk_size, int) and chunk_size >= 1):
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
         ragged = dict(ragged or {})
@@ -291,6 +295,7 @@ class AutoPAVI(AutoGuide):
             ragged=ragged,
             laplace=bool(laplace),
             prefix=prefix,
+            refresh_every=refresh_every,
         )
         self.estimator = estimator
         self.chunk_size = chunk_size
@@ -473,7 +478,11 @@ class AutoPAVI(AutoGuide):
         indices = {name: p._indices for name, p in plates.items()}
         sizes = {name: info.size for name, info in self.structure.plates.items()}
         bound = _data.bind_arguments(self.model, args, kwargs) if self.ragged else {}
-        values, _, logqs, reports = sample_latents(
+        stored = None
+        if self.plan.stored is not None:
+            # non-learned state kept by SVI between steps (numpyro.mutable): the stored bases
+            stored = numpyro.primitives.mutable(self._state_name, {"state": init_state(self.structure, self.plan.stored)})
+        values, _, logqs, reports, *new_state = sample_latents(
             self.plan,
             params,
             numpyro.prng_key(),
@@ -484,7 +493,11 @@ class AutoPAVI(AutoGuide):
             model_args=(args, kwargs),
             path_gradient=self.estimator == "stl",
             with_reports=True,
+            laplace_state=None if stored is None else stored["state"],
+            with_state=stored is not None,
         )
+        if stored is not None:
+            stored["state"] = new_state[0]
         for name, report in reports.items():
             share = _data.scored_mean(self.structure.latent[name], report.converged(), trace.get(name))
             _warn_unconverged(name, share, self.__dict__.setdefault("_warned", set()))
@@ -654,6 +667,8 @@ class AutoPAVI(AutoGuide):
         sizes, indices, trace, bound = self._full_inputs(args, kwargs)
         deterministic = deterministic and any(s["type"] == "deterministic" for s in self.prototype_trace.values())
 
+        state = self._stored_state(params, sizes)
+
         def one(key):
             values, _, logqs = sample_latents(
                 self.plan,
@@ -665,6 +680,7 @@ class AutoPAVI(AutoGuide):
                 bound,
                 model_args=(args, kwargs),
                 chunk_size=self.chunk_size,
+                laplace_state=state,
             )
             if with_log_prob:
                 return values, logqs
@@ -673,6 +689,23 @@ class AutoPAVI(AutoGuide):
             return values
 
         return one
+
+    @property
+    def _state_name(self) -> str:
+        return self.plan.param_name("laplace", "state")
+
+    def _stored_state(self, params, sizes: dict):
+        """The stored bases passed in ``params`` (``{**svi.get_params(state),
+        **state.mutable_state}``) when they fit these plate sizes, else None (posteriors then
+        compute them from scratch at each draw's globals)."""
+        if self.plan.stored is None or self._state_name not in params:
+            return None
+        state = params[self._state_name]["state"]
+        for name in self.plan.stored.sites:
+            site = self.structure.latent[name]
+            if state.mode[name].shape[:-1] != tuple(sizes[p] for p in site.plates):
+                return None
+        return state
 
     # -- Laplace bases: convergence ------------------------------------------------------
     def check_bases(

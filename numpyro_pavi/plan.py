@@ -23,6 +23,7 @@ import numpy as np
 from numpyro.distributions.transforms import biject_to
 
 from . import data as _data
+from .base_state import StoredSpec, stored_spec
 from .data import Ragged
 from .encoders import SetEncoder, init_readout
 from .flows import ConditionalFlow
@@ -54,6 +55,7 @@ class GuideOptions:
     ragged: Mapping[str, Ragged] = field(default_factory=dict)
     laplace: bool = True
     prefix: str = "auto"
+    refresh_every: int | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,8 @@ class GuidePlan:
     :param init_values: ``{param name: initial value}``.
     :param laplace_sites: local sites on a Laplace base (None: every local site when
         ``options.laplace``, as in plans pickled before the setup probe).
+    :param stored: the local sites whose bases are a state kept across steps (long-format
+        data with rows subsampled, :mod:`numpyro_pavi.base_state`), or None.
     """
 
     model: Callable
@@ -90,6 +94,7 @@ class GuidePlan:
     masked: frozenset
     init_values: Mapping[str, Any]
     laplace_sites: frozenset | None = None
+    stored: StoredSpec | None = None
 
     def param_name(self, name: str, what: str) -> str:
         """NumPyro's naming: ``{site or plate set}_{prefix}_{what}``."""
@@ -357,6 +362,7 @@ def build_plan(
         masked=frozenset(masked),
         init_values=init_values,
         laplace_sites=laplace_sites,
+        stored=stored_spec(structure, laplace_sites, options.refresh_every),
     )
 
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro.distributions.transforms import biject_to
 
+from . import base_state as _state
 from . import data as _data
 from .encoders import readout
 from .laplace import NEWTON_STEPS, log_joint, newton_base, reference_trace
@@ -276,6 +277,8 @@ def sample_latents(
     path_gradient: bool = False,
     element_keys: bool = False,
     with_reports: bool = False,
+    laplace_state: _state.LaplaceState | None = None,
+    with_state: bool = False,
 ):
     """Top-down sample of every latent site on the given plate elements.
 
@@ -293,12 +296,19 @@ def sample_latents(
         other elements are sampled with it: chunked full-plate summaries then equal
         unchunked ones (see :mod:`numpyro_pavi.summaries`).
     :param with_reports: also return ``{site: NewtonReport}`` of the Laplace bases.
+    :param laplace_state: the stored bases (:mod:`numpyro_pavi.base_state`) of a plan with
+        ``plan.stored``; None: computed from scratch at this call's globals.
+    :param with_state: training: advance the state (refresh it every ``plan.stored.period``
+        calls, with the mode's derivative with respect to the globals) and return it last.
+        Without, a given state is used as it is and a missing one is computed without
+        derivatives (posteriors).
     :return: constrained site-layout values, canonical unconstrained values ``(*grid, d)``
         and per-element ``log q (*grid)`` (support log-det included), then the reports
-        with ``with_reports``.
+        with ``with_reports``, then the new state with ``with_state``.
     """
     enc = encodings(plan, params, indices, trace, sizes, bound)
     values, unc, centers, logqs, reports = {}, {}, {}, {}, {}
+    theta = None  # the globals' vector, once the first site with a stored base is reached
     keys = jax.random.split(rng_key, len(plan.structure.latent))
     for site_key, (name, site) in zip(keys, plan.structure.latent.items()):
         grid = tuple(int(indices[p].shape[0]) for p in site.plates)
@@ -307,7 +317,13 @@ def sample_latents(
         else:
             noise = jax.random.normal(site_key, grid + (site.dim,))
         base = None
-        if plan.on_laplace(site):
+        if plan.stored is not None and name in plan.stored.sites:
+            if theta is None:
+                theta = _state.global_vector(plan.structure, plan.stored, unc)
+                laplace_state = _advance(plan, laplace_state, theta, model_args, with_state)
+            base = _state.stored_base(laplace_state, site, indices, theta)
+            reports[name] = laplace_state.report(name, tuple(indices[p] for p in site.plates))
+        elif plan.on_laplace(site):
             *base, reports[name] = laplace_base(plan, site, values, indices, model_args)
         x, logq, centers[name] = _sample_site(
             plan, site, params, enc, unc, centers, noise, chunk_size, path_gradient, base
@@ -315,4 +331,30 @@ def sample_latents(
         value, logdet = site.constrain(x)
         unc[name], values[name] = x, value
         logqs[name] = masked_density(site, logq - logdet, None if trace is None else trace.get(name), grid)
-    return (values, unc, logqs, reports) if with_reports else (values, unc, logqs)
+    out = (values, unc, logqs) + ((reports,) if with_reports else ())
+    return out + (laplace_state,) if with_state else out
+
+
+def _advance(plan: GuidePlan, state, theta: jax.Array, model_args, training: bool):
+    """The stored bases this call samples from (see :func:`sample_latents`)."""
+    if model_args is None:
+        raise ValueError(
+            "Stored Laplace bases need the model's arguments: pass them "
+            "(e.g. guide.sample_posterior(key, params, *args, **kwargs))."
+        )
+    spec, structure = plan.stored, plan.structure
+    if not training and state is not None:
+        return state
+    if state is None:
+        state = _state.init_state(structure, spec)
+    if not training:
+        cold = _state.COLD_SWEEPS
+        return _state.refresh(plan.model, structure, spec, state, theta, model_args, sweeps=cold, tangents=False)
+    sweeps = jnp.where(state.count == 0, _state.COLD_SWEEPS, _state.WARM_SWEEPS)
+    state = jax.lax.cond(
+        state.count % spec.period == 0,
+        lambda s: _state.refresh(plan.model, structure, spec, s, theta, model_args, sweeps=sweeps),
+        lambda s: s,
+        state,
+    )
+    return state._replace(count=state.count + 1)
