@@ -116,7 +116,20 @@ def exact(s, l, y, S: int, L: int, dense_max: int = 6000, num_sd_levels: int = 4
             col, info = spl.cg(P, e, M=M, rtol=1e-8, maxiter=5000)
             sd[j] = np.sqrt(col[j])
     split = lambda v: {"mu": v[:1], "a": v[1 : 1 + S], "b": v[1 + S :]}  # noqa: E731
-    return split(mean), split(sd)
+    # log p(y) = -N/2 log(2 pi sd_y^2) - y'y / (2 sd_y^2) + (log|D| - log|P| + b'P^{-1}b) / 2
+    # with D the prior precision, P the posterior one and b = X'y / sd_y^2
+    if n <= dense_max:
+        logdet_p = np.linalg.slogdet(P)[1]
+    else:
+        lu = spl.splu(P.tocsc())
+        logdet_p = float(np.sum(np.log(np.abs(lu.U.diagonal()))))
+    logdet_d = S * np.log(SD_A**-2) + L * np.log(SD_B**-2)
+    log_evidence = (
+        -0.5 * len(y) * np.log(2 * np.pi * SD_Y**2)
+        - 0.5 * float(np.sum(np.asarray(y, float) ** 2)) * iy
+        + 0.5 * (logdet_d - logdet_p + float(rhs @ mean))
+    )
+    return split(mean), split(sd), log_evidence
 
 
 def conditional_sds(s, l, S: int, L: int) -> dict:
@@ -152,10 +165,10 @@ def score(samples: dict, mean: dict, sd: dict) -> dict:
     }
 
 
-def fit(name: str, data, S: int, L: int, batch: int, steps: int, lr: float, draws: int, seed: int, block: int = 100):
+def fit(name: str, data, S: int, L: int, batch, steps: int, lr: float, draws: int, seed: int, block: int = 100, decay: float = 1.0):
     s, l, y = (jnp.asarray(v) for v in data)
     guide = GUIDES[name](model)
-    svi = SVI(model, guide, _common.adam(lr), Trace_ELBO())
+    svi = SVI(model, guide, _common.adam(lr, decay), Trace_ELBO())
     t0 = time.perf_counter()
     state = svi.init(jax.random.PRNGKey(seed), s, l, y, S, L, batch)
     jax.block_until_ready(state)
@@ -205,6 +218,11 @@ def main(argv=None):
     p.add_argument("--draws", type=int, default=1000)
     p.add_argument("--guides", default="AutoPAVI,AutoNormal")
     p.add_argument("--dense-max", type=int, default=6000)
+    p.add_argument(
+        "--full-batch-autonormal",
+        default="",
+        help="full-batch AutoNormal runs as lr:decay_per_step pairs, e.g. 0.01:1,0.1:0.997",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="300 x 110 levels, 7,000 rows, 300 steps")
     p.add_argument("--out", default=None)
@@ -213,28 +231,35 @@ def main(argv=None):
         args.S, args.L, args.N, args.batch, args.steps, args.draws = 300, 110, 7000, 256, 300, 300
     t_start = time.perf_counter()
     data, _ = simulate(args.S, args.L, args.N, args.seed)
-    mean, sd = exact(*data, args.S, args.L, dense_max=args.dense_max)
+    mean, sd, log_evidence = exact(*data, args.S, args.L, dense_max=args.dense_max)
+    num_latent = 1 + args.S + args.L
     cond = conditional_sds(data[0], data[1], args.S, args.L)
     ratio = np.concatenate([cond["a"] / sd["a"], cond["b"] / sd["b"]])
     ratio = ratio[np.isfinite(ratio)]
     print(f"conditional/marginal sd: median {np.median(ratio):.3f}, p10 {np.quantile(ratio, 0.1):.3f}", flush=True)
     rows = {}
-    for name in _common.parse_list(args.guides, str):
-        post, cost = fit(name, data, args.S, args.L, args.batch, args.steps, args.lr, args.draws, args.seed)
-        rows[name] = {**cost, **score(post, mean, sd)}
-        r = rows[name]
+    runs = [(name, name, args.batch, args.lr, 1.0) for name in _common.parse_list(args.guides, str)]
+    for pair in _common.parse_list(args.full_batch_autonormal, str):
+        lr, decay = (float(v) for v in pair.split(":"))
+        runs.append((f"AutoNormal full batch {lr:g}x{decay:g}", "AutoNormal", None, lr, decay))
+    for label, name, batch, lr, decay in runs:
+        post, cost = fit(name, data, args.S, args.L, batch, args.steps, lr, args.draws, args.seed, decay=decay)
+        rows[label] = {**cost, **score(post, mean, sd)}
+        r = rows[label]
+        r["elbo_gap_per_latent"] = (log_evidence + r["full_data_loss"]) / num_latent
         print(
-            f"{name:26s} step {r['step_ms']:.3f} ms  init {r['init_s']:.1f}+{r['compile_s']:.1f} s  "
+            f"{label:26s} gap/latent {r['elbo_gap_per_latent']:.4f}  step {r['step_ms']:.3f} ms  init {r['init_s']:.1f}+{r['compile_s']:.1f} s  "
             f"loss {r['loss_last100']:.1f} full {r['full_data_loss']:.1f}  median z {r['median_z']:.3f} p90 {r['p90_z']:.3f} "
             f"max {r['max_z']:.2f}  sd ratio {r['median_sd_ratio']:.3f} [{r['p10_sd_ratio']:.3f}, {r['p90_sd_ratio']:.3f}]  "
             f"draws {r['draws_s']:.2f} s",
             flush=True,
         )
+    print(f"log evidence {log_evidence:.2f}, {num_latent} latents", flush=True)
     if "AutoNormal" in rows:
         for name, r in rows.items():
             r["step_vs_autonormal"] = r["step_ms"] / rows["AutoNormal"]["step_ms"]
     if args.out:
-        _common.write_json(args.out, _common.record("crossed_long", __file__, argv, args, _common.machine_info(), t_start, conditional_over_marginal_sd_median=float(np.median(ratio)), guides=rows))
+        _common.write_json(args.out, _common.record("crossed_long", __file__, argv, args, _common.machine_info(), t_start, conditional_over_marginal_sd_median=float(np.median(ratio)), log_evidence=log_evidence, guides=rows))
     return rows
 
 

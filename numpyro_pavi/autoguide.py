@@ -225,6 +225,24 @@ class AutoPAVI(AutoGuide):
         sets with no data inside them get no encoding (``laplace=False``: free ones).
         Posteriors run on the model's arguments (the training ones when none are given);
         new data gives new groups their posterior without retraining.
+
+        Long-format data whose *rows* are subsampled (``numpyro.plate("ratings", N,
+        subsample_size=B)``, the local sites on full plates of their own, crossed or not,
+        none nested in another, the global sites first) get *stored* bases instead
+        (:mod:`numpyro_pavi.base_state`): the joint mode of all local sites given the
+        globals, from all rows, its derivative in the globals and each element's precision,
+        kept between steps as non-learned state (a ``numpyro.mutable`` site named
+        ``laplace_{prefix}_state``, carried by ``SVI`` with ``Trace_ELBO`` or
+        ``TraceMeanField_ELBO``) and refreshed every ``refresh_every`` steps; a step expands
+        the stored mode to first order in its sampled globals and does not run the model
+        for the bases. Pass the state to the posterior methods with the params,
+        ``{**svi.get_params(state), **state.mutable_state}``; without it they compute the
+        bases from scratch at every draw. ``Trace_ELBO(num_particles > 1)`` drops mutable
+        state (NumPyro warns): the bases are then computed from scratch at every step,
+        correct and slower. ELBOs without mutable state (``RenyiELBO``,
+        ``TraceGraph_ELBO``) refuse such a guide in ``SVI``: use ``laplace=False`` there.
+    :param int refresh_every: steps between refreshes of the stored bases (default: once per
+        pass over the subsampled rows, ``ceil(N / B)``).
     :param bool forward_mode_differentiation: as in NumPyro's guides: use forward-mode
         differentiation when the model is set up (initialization), for models that
         reverse mode cannot differentiate (e.g. ``jax.lax.while_loop``). Pass the same flag

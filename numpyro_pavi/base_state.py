@@ -49,7 +49,7 @@ __all__ = ["LaplaceState", "StoredSpec", "init_state", "refresh", "stored_base",
 MAX_GLOBAL_DIM = 64
 #: Most Gauss-Seidel sweeps of a refresh from the stored state, and of the first one (from
 #: the prior means); warm refreshes carry the convergence over from one to the next.
-WARM_SWEEPS = 4
+WARM_SWEEPS = 2
 COLD_SWEEPS = 200
 #: A refresh stops sweeping once no element's mode (or derivative) moved by more than this
 #: many of its sds in a sweep.
