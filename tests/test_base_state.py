@@ -77,7 +77,7 @@ def test_spec_finds_long_format_sites(data):
     spec = guide.plan.stored
     assert spec.sites == ("a", "b") and spec.globals == ("mu",) and spec.period == 6
 
-    # full batch, no Laplace bases, or groups subsampled: the per-step bases stay
+    # full batch, no Laplace bases, or nested sites: the per-step bases stay
     for make, batch in ((lambda m: AutoPAVI(m), None), (lambda m: AutoPAVI(m, laplace=False), 100)):
         other = make(long_model)
         with numpyro.handlers.seed(rng_seed=0):
