@@ -130,6 +130,7 @@ def test_refresh_is_the_exact_joint_mode_and_derivative(data):
     np.testing.assert_allclose(grad[0], deriv[:S].sum(), rtol=3e-3)
 
 
+@pytest.mark.slow
 def test_state_is_kept_and_warm_equals_cold(fitted, data):
     """SVI carries the state (refreshed once per pass over the rows) and the warm state of a
     converged fit is the joint mode a refresh from scratch finds at the same globals."""
@@ -168,6 +169,7 @@ def test_rows_subsampled_fit_matches_exact_posterior(data):
     assert 0.93 < np.median(ratio) < 1.07, np.median(ratio)
 
 
+@pytest.mark.slow
 def test_checkpoint_resume_carries_the_state(tmp_path, data):
     """The stored bases are part of the SVI state: a run killed after 7 steps and resumed
     from its checkpoint ends bit-identical to 14 uninterrupted steps (a refresh included)."""
