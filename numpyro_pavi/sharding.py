@@ -32,15 +32,18 @@ global arrays::
     state = replicate(svi.init(key, x_host, B), mesh)
     state, loss = update(state, shard_data(x_rows_of_this_process, mesh), B)
 
-Start every process with the same ``PYTHONHASHSEED``: with different hash seeds the
-processes were seen to compile programs that disagree (each one then reports the loss of
-its own rows, in 5 of 10 two-process runs); with the same seed they agreed in every run.
-``tests/test_sharding.py`` runs this with two processes of two CPU devices each (gloo
-collectives, ``PYTHONHASHSEED=0``) and gets the losses of one process with one device.
+Start every process with the same ``PYTHONHASHSEED``: NumPyro's ``Trace_ELBO`` orders
+its terms by a ``set`` of site names, so with different hash seeds the processes compile
+different programs (each one then reports the loss of its own rows: 2 of 6 two-process
+runs with distinct seeds, 2 of 4 with the seed unset); :func:`replicate` checks it
+(:func:`check_hash_seeds`) and raises naming the fix. ``tests/test_sharding.py`` runs two
+processes of two CPU devices each (gloo collectives, ``PYTHONHASHSEED=0``) and gets the
+losses of one process with one device, and with distinct seeds gets the error.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 
 import jax
@@ -48,7 +51,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from numpyro.primitives import Messenger
 
-__all__ = ["data_mesh", "replicate", "shard_data", "shard_plates"]
+__all__ = ["check_hash_seeds", "data_mesh", "replicate", "shard_data", "shard_plates"]
 
 
 def data_mesh(devices: Sequence | None = None, axis: str = "data") -> Mesh:
@@ -96,8 +99,35 @@ def replicate(tree, mesh: Mesh):
     several (``jax.distributed``), jitted programs take global arrays only, and each process
     must hold the same values (the same ``svi.init`` key and data).
     """
+    check_hash_seeds()
     sharding = NamedSharding(mesh, PartitionSpec())
     return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), tree)
+
+
+def check_hash_seeds() -> None:
+    """Raise unless every process of a ``jax.distributed`` run hashes strings alike.
+
+    NumPyro's ``Trace_ELBO`` adds its per-site terms in the order of a ``set`` of site
+    names, which follows Python's string hashes: processes started with different (or
+    unset) ``PYTHONHASHSEED`` trace different programs, and the collectives then combine
+    programs that do not match (two processes reported each its own loss in 2 of 6 runs
+    with distinct seeds and 2 of 4 with the seed unset). One process: nothing to check.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    mine = np.int32(hash("numpyro-pavi hash-seed probe") & 0x7FFFFFFF)
+    every = np.asarray(multihost_utils.process_allgather(mine)).ravel()
+    if len(set(every.tolist())) > 1:
+        seed = os.environ.get("PYTHONHASHSEED", "unset")
+        raise RuntimeError(
+            f"The {jax.process_count()} processes of this run hash strings differently (this one's "
+            f"PYTHONHASHSEED is {seed}): NumPyro's Trace_ELBO sums its terms in the order of a set of "
+            "site names, so each process would compile a different program and the collectives "
+            "would mix them. Start every process with the same hash seed, e.g. "
+            "PYTHONHASHSEED=0 python train.py."
+        )
 
 
 class shard_plates(Messenger):

@@ -94,14 +94,14 @@ def test_two_processes_match_one_device(tmp_path):
     losses of one process on one device."""
     worker = os.path.join(REPO, "tests", "multihost_worker.py")
 
-    def start(pid, nproc, devices, port):
+    def start(pid, nproc, devices, port, seed="0"):
         env = {
             **os.environ,
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
             "JAX_PLATFORMS": "cpu",
-            "PYTHONHASHSEED": "0",
+            "PYTHONHASHSEED": seed,
         }
-        out = tmp_path / f"out_{nproc}_{pid}.json"
+        out = tmp_path / f"out_{nproc}_{pid}_{seed}.json"
         cmd = [sys.executable, worker, str(pid), str(nproc), str(port), str(out)]
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), out
 
@@ -115,3 +115,10 @@ def test_two_processes_match_one_device(tmp_path):
     # one global program; each process reads its own replica of the loss
     np.testing.assert_allclose(p0["losses"], p1["losses"], rtol=1e-6)
     np.testing.assert_allclose(p0["losses"], single["losses"], rtol=1e-5)
+
+    # distinct hash seeds would trace different programs: replicate() refuses, naming the fix
+    port = _free_port()
+    runs = [start(0, 2, 2, port, seed="1"), start(1, 2, 2, port, seed="2")]
+    for proc, _ in runs:
+        log, _ = proc.communicate(timeout=600)
+        assert proc.returncode != 0 and "PYTHONHASHSEED=0 python" in log, log[-3000:]
