@@ -165,7 +165,10 @@ def score(samples: dict, mean: dict, sd: dict) -> dict:
     }
 
 
-def fit(name: str, data, S: int, L: int, batch, steps: int, lr: float, draws: int, seed: int, block: int = 100, decay: float = 1.0):
+def fit(
+    name: str, data, S: int, L: int, batch, steps: int, lr: float, draws: int, seed: int,
+    block: int = 100, decay: float = 1.0, summarize: bool = False,
+):  # fmt: skip
     s, l, y = (jnp.asarray(v) for v in data)
     guide = GUIDES[name](model)
     svi = SVI(model, guide, _common.adam(lr, decay), Trace_ELBO())
@@ -203,7 +206,14 @@ def fit(name: str, data, S: int, L: int, batch, steps: int, lr: float, draws: in
     jax.block_until_ready(sampler(jax.random.PRNGKey(seed + 3)))
     per_draw_ms = 1e3 * (time.perf_counter() - t0) / draws
     losses = np.asarray(jnp.stack(losses))
+    summary = {}
+    if summarize and isinstance(guide, AutoPAVI):
+        # streamed per plate (students, then lecturers), from the stored bases
+        t0 = time.perf_counter()
+        summ = guide.posterior_summary(jax.random.PRNGKey(seed + 4), params, s, l, y, S, L, None, num_samples=draws, chunk_size=1024)
+        summary = {"summary_s": time.perf_counter() - t0, "summary_peak_rss_mb": _common.peak_rss_mb(), "summary": summ}
     return post, {
+        **summary,
         "init_s": init_s,
         "compile_s": compile_s,
         "step_ms": 1e3 * float(np.median(block_times)),
@@ -233,6 +243,7 @@ def main(argv=None):
         help="full-batch AutoNormal runs as lr:decay_per_step pairs, e.g. 0.01:1,0.1:0.997",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--summary", action="store_true", help="also time AutoPAVI's streamed posterior_summary")
     p.add_argument("--quick", action="store_true", help="300 x 110 levels, 7,000 rows, 300 steps")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -252,9 +263,16 @@ def main(argv=None):
         lr, decay = (float(v) for v in pair.split(":"))
         runs.append((f"AutoNormal full batch {lr:g}x{decay:g}", "AutoNormal", None, lr, decay))
     for label, name, batch, lr, decay in runs:
-        post, cost = fit(name, data, args.S, args.L, batch, args.steps, lr, args.draws, args.seed, decay=decay)
+        post, cost = fit(name, data, args.S, args.L, batch, args.steps, lr, args.draws, args.seed, decay=decay, summarize=args.summary)
+        summ = cost.pop("summary", None)
         rows[label] = {**cost, **score(post, mean, sd)}
         r = rows[label]
+        if summ is not None:
+            stats = {k: {"mean": summ[k]["mean"].reshape(1, -1), "sd": summ[k]["sd"]} for k in ("mu", "a", "b")}
+            z = score({k: np.stack([v["mean"][0] - v["sd"].reshape(-1), v["mean"][0] + v["sd"].reshape(-1)]) for k, v in stats.items()}, mean, sd)
+            r["summary_median_z"], r["summary_median_sd_ratio"] = z["median_z"], z["median_sd_ratio"]
+            print(f"  posterior_summary: {r['summary_s']:.1f} s, peak RSS {r['summary_peak_rss_mb']:.0f} MB, "
+                  f"median z {r['summary_median_z']:.3f}, median sd ratio {r['summary_median_sd_ratio']:.3f}", flush=True)
         r["elbo_gap_per_latent"] = (log_evidence + r["full_data_loss"]) / num_latent
         print(
             f"{label:26s} gap/latent {r['elbo_gap_per_latent']:.4f}  step {r['step_ms']:.3f} ms  init {r['init_s']:.1f}+{r['compile_s']:.1f} s  "

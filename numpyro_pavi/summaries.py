@@ -2,12 +2,14 @@
 
 :func:`posterior_summary` gives the per-element mean, sd and quantiles of every latent site
 over the full plates without holding all draws in memory. It takes the elements of one plate
-(the *chunked plate*, which every local site must sit in) ``chunk_size`` at a time and, for
-each chunk, makes all ``num_samples`` draws of those elements (one compiled program, reused
-for every chunk), reduces them to summaries and, with a ``store``, writes the draws to a Zarr
-store that xarray and ArviZ open lazily. Memory holds one chunk's draws
-(``num_samples x chunk_size x`` latents per chunked-plate element), the summaries and the
-data; never ``num_samples`` x all latents.
+(the *chunked plate*) ``chunk_size`` at a time and, for each chunk, makes all ``num_samples``
+draws of those elements (one compiled program, reused for every chunk), reduces them to
+summaries and, with a ``store``, writes the draws to a Zarr store that xarray and ArviZ open
+lazily. Memory holds one chunk's draws (``num_samples x chunk_size x`` latents per
+chunked-plate element), the summaries and the data; never ``num_samples`` x all latents.
+When one plate holds every local site, one pass over it does; otherwise (crossed factors,
+users x items) one pass per plate of a cover of the local sites, the other plates at full
+size within each draw, each site summarized in the pass over one of its plates.
 
 :func:`posterior_moments` streams over draws instead: the mean and sd of every site over the
 full plates, folded batch by batch into running moments.
@@ -45,8 +47,34 @@ from .structure import LatentSite
 __all__ = ["posterior_moments", "posterior_summary"]
 
 
-def _chunked_plate(structure, plate: str | None) -> str | None:
-    """The plate to stream over: the given one, or the largest plate every local site is in."""
+def _passes(structure, plate: str | None) -> list[tuple[str | None, tuple[str, ...]]]:
+    """``[(chunked plate, sites it records), ...]``: one pass per plate of a cover of the
+    local sites. One plate holding every local site gives one pass (the given plate, or the
+    largest such); a crossed design (users x items) gives one pass per factor's plate, the
+    other plates at full size, each site recorded in the first pass over one of its plates.
+    Global sites are recorded in the first pass."""
+    chunked = _chunked_plate(structure, plate, cover_ok=plate is None)
+    glob = tuple(n for n, s in structure.latent.items() if not s.plates)
+    if chunked is not None or not any(s.plates for s in structure.latent.values()):
+        return [(chunked, tuple(structure.latent))]
+    left = [s for s in structure.latent.values() if s.plates]
+    passes = []
+    while left:
+        # the plate holding most of the sites not yet recorded (then the largest)
+        counts = {}
+        for s in left:
+            for p in s.plates:
+                counts[p] = counts.get(p, 0) + 1
+        best = max(sorted(counts), key=lambda p: (counts[p], structure.plates[p].size))
+        sites = tuple(s.name for s in left if best in s.plates)
+        passes.append((best, (glob if not passes else ()) + sites))
+        left = [s for s in left if best not in s.plates]
+    return passes
+
+
+def _chunked_plate(structure, plate: str | None, cover_ok: bool = False) -> str | None:
+    """The plate to stream over: the given one, or the largest plate every local site is in
+    (None with ``cover_ok`` when no plate holds them all)."""
     local = [s for s in structure.latent.values() if s.plates]
     if plate is not None:
         if plate not in structure.plates:
@@ -63,6 +91,8 @@ def _chunked_plate(structure, plate: str | None) -> str | None:
     if not local:
         return None
     shared = set.intersection(*(set(s.plates) for s in local))
+    if not shared and cover_ok:
+        return None
     if not shared:
         names = {s.name: s.plates for s in local}
         raise ValueError(
@@ -108,7 +138,9 @@ def posterior_summary(
         does for subsampled training (``with numpyro.plate(..., subsample_size=B) as idx``).
     :param num_samples: posterior draws per element (at least 2).
     :param quantiles: quantile levels in ``[0, 1]`` (may be empty).
-    :param plate: the chunked plate (default: the largest plate every local site is in).
+    :param plate: the chunked plate (default: the largest plate every local site is in;
+        where none holds them all, as in a crossed design, one pass per plate of a cover,
+        each with the other plates at full size).
     :param chunk_size: elements of the chunked plate per program run (the memory knob).
     :param store: a Zarr store or path: the draws and summaries are also written there
         (needs the ``zarr`` package, ``pip install numpyro-pavi[zarr]``).
@@ -125,7 +157,7 @@ def posterior_summary(
             raise ValueError(f"{name} must be an int >= {low}, got {n!r}.")
     levels = _check_levels(quantiles)
     structure = guide.structure
-    chunked = _chunked_plate(structure, plate)
+    passes = _passes(structure, plate)
     guide._check_params(params)
     args, kwargs = guide._posterior_args(args, kwargs)
     sizes, full_indices, full_trace, bound = guide._full_inputs(args, kwargs)
@@ -134,49 +166,71 @@ def posterior_summary(
     margs = (args, kwargs)
     keys = jax.random.split(rng_key, num_samples)
     qs = jnp.asarray(levels, jnp.float32)
+    stored = guide._stored_state(params, sizes)  # stored Laplace bases passed with the params
 
-    size = sizes[chunked] if chunked else 1
-    # two elements at least: a plate of one element would broadcast against any data
-    length = min(max(int(chunk_size), 2), size) if chunked else 1
+    # Several passes: a site's draw may read other plates' sampled values through a per-step
+    # Laplace base (a column's base given every row's effect, and a row's given every
+    # column's data); then each chunk's draws are full draws cut down to the chunk (exact,
+    # memory still one chunk of draws, time one full draw per chunk). Stored bases and
+    # flows alone read only the element's own plates, and chunk directly.
+    stored_sites = () if guide.plan.stored is None else guide.plan.stored.sites
+    separable = len(passes) == 1 or not any(
+        guide.plan.on_laplace(s) and s.name not in stored_sites for s in structure.latent.values()
+    )
 
-    def draws_of(params, idx):
-        indices = {**full_indices, chunked: idx} if chunked else full_indices
-        trace = guide._trace_full(indices, args, kwargs) if with_trace else None
+    def program(chunked, names):
+        """The compiled summary of sites ``names`` on a chunk of ``chunked``'s elements,
+        every other plate at full size; draws of the other sites are dropped as made."""
 
-        def one(key):
-            values, _, _ = sample_latents(
-                guide.plan, params, key, indices, trace, sizes, bound,
-                model_args=margs, chunk_size=guide.chunk_size, element_keys=True,
-            )  # fmt: skip
-            return values
+        def cut(name, value, idx):
+            site = structure.latent[name]
+            if separable or chunked not in site.plates:
+                return value
+            return jnp.take(value, idx, axis=_plate_axis(site, structure, chunked))
 
-        return jax.lax.map(one, keys)
+        def summarize(params, idx):
+            indices = {**full_indices, chunked: idx} if chunked and separable else full_indices
+            trace = guide._trace_full(indices, args, kwargs) if with_trace else None
 
-    def summarize(params, idx):
-        v = draws_of(params, idx)
-        stats = {
-            k: {"mean": jnp.mean(x, 0), "sd": jnp.std(x, 0, ddof=1), "quantiles": jnp.quantile(x, qs, axis=0)}
-            for k, x in v.items()
-        }
-        return stats, (v if store is not None else None)
+            def one(key):
+                values, _, _ = sample_latents(
+                    guide.plan, params, key, indices, trace, sizes, bound,
+                    model_args=margs, chunk_size=guide.chunk_size, element_keys=True, laplace_state=stored,
+                )  # fmt: skip
+                return {k: cut(k, values[k], idx) for k in names}
 
-    run = jax.jit(summarize)
-    first = jnp.arange(length)
-    try:
-        shapes = jax.eval_shape(run, params, first)[0]
-    except (TypeError, ValueError, IndexError) as err:
-        raise ValueError(
-            f"Sampling {length} of the {size} elements of plate '{chunked}' at a time failed: the model "
-            f"must index its data with the plate's indices (with numpyro.plate('{chunked}', N, "
-            f"subsample_size=...) as idx: ... data[idx]), as for subsampled training. Original error: {err}"
-        ) from err
+            v = jax.lax.map(one, keys)
+            stats = {
+                k: {"mean": jnp.mean(x, 0), "sd": jnp.std(x, 0, ddof=1), "quantiles": jnp.quantile(x, qs, axis=0)}
+                for k, x in v.items()
+            }
+            return stats, (v if store is not None else None)
 
-    full_shape = {}
-    for name, site in structure.latent.items():
-        shape = list(shapes[name]["mean"].shape)
-        if chunked and chunked in site.plates:
-            shape[_plate_axis(site, structure, chunked)] = size
-        full_shape[name] = tuple(shape)
+        return jax.jit(summarize)
+
+    plan = []  # (chunked, names, size, length, compiled program)
+    full_shape, where = {}, {}
+    for chunked, names in passes:
+        size = sizes[chunked] if chunked else 1
+        # two elements at least: a plate of one element would broadcast against any data
+        length = min(max(int(chunk_size), 2), size) if chunked else 1
+        run = program(chunked, names)
+        try:
+            shapes = jax.eval_shape(run, params, jnp.arange(length))[0]
+        except (TypeError, ValueError, IndexError) as err:
+            raise ValueError(
+                f"Sampling {length} of the {size} elements of plate '{chunked}' at a time failed: the model "
+                f"must index its data with the plate's indices (with numpyro.plate('{chunked}', N, "
+                f"subsample_size=...) as idx: ... data[idx]), as for subsampled training. Original error: {err}"
+            ) from err
+        for name in names:
+            site = structure.latent[name]
+            shape = list(shapes[name]["mean"].shape)
+            if chunked and chunked in site.plates:
+                shape[_plate_axis(site, structure, chunked)] = size
+                where[name] = (chunked, length)
+            full_shape[name] = tuple(shape)
+        plan.append((chunked, names, size, length, run))
     out = {
         name: {
             "mean": np.empty(shape, np.float32),
@@ -187,28 +241,30 @@ def posterior_summary(
     }
     arrays = None
     if store is not None:
-        arrays = _open_store(store, structure, sizes, full_shape, num_samples, levels, length, chunked)
+        arrays = _open_store(store, structure, sizes, full_shape, num_samples, levels, where)
 
-    starts = range(0, size, length)
-    if progress_bar:
-        from tqdm.auto import tqdm
+    for chunked, names, size, length, run in plan:
+        starts = range(0, size, length)
+        if progress_bar:
+            from tqdm.auto import tqdm
 
-        starts = tqdm(starts, desc=f"posterior summary ({chunked or 'globals'})", unit="chunk")
-    for start in starts:
-        stop = min(start + length, size)
-        idx = jnp.minimum(jnp.arange(start, start + length), size - 1)  # the last chunk repeats its last element
-        stats, draws = run(params, idx)
-        stats, draws = jax.device_get((stats, draws))
-        for name, site in structure.latent.items():
-            local = chunked is not None and chunked in site.plates
-            if not local and start > 0:
-                continue  # global sites: identical in every chunk (shared per-draw keys)
-            axis = _plate_axis(site, structure, chunked) if local else None
-            for what, value in stats[name].items():
-                lead = 1 if what == "quantiles" else 0
-                out[name][what][_at(axis, lead, start, stop)] = _take(value, axis, lead, stop - start)
-            if arrays is not None:
-                arrays[name][_at(axis, 2, start, stop)] = _take(draws[name], axis, 1, stop - start)[None]
+            starts = tqdm(starts, desc=f"posterior summary ({chunked or 'globals'})", unit="chunk")
+        for start in starts:
+            stop = min(start + length, size)
+            idx = jnp.minimum(jnp.arange(start, start + length), size - 1)  # the last chunk repeats its last element
+            stats, draws = run(params, idx)
+            stats, draws = jax.device_get((stats, draws))
+            for name in names:
+                site = structure.latent[name]
+                local = chunked is not None and chunked in site.plates
+                if not local and start > 0:
+                    continue  # global sites: identical in every chunk (shared per-draw keys)
+                axis = _plate_axis(site, structure, chunked) if local else None
+                for what, value in stats[name].items():
+                    lead = 1 if what == "quantiles" else 0
+                    out[name][what][_at(axis, lead, start, stop)] = _take(value, axis, lead, stop - start)
+                if arrays is not None:
+                    arrays[name][_at(axis, 2, start, stop)] = _take(draws[name], axis, 1, stop - start)[None]
     if arrays is not None:
         summary = arrays["__summary__"]
         for name, stats in out.items():
@@ -237,9 +293,7 @@ def _take(value: np.ndarray, axis: int | None, lead: int, n: int) -> np.ndarray:
     return np.take(value, np.arange(n), axis=axis + lead)
 
 
-def _open_store(
-    store, structure, sizes: dict, full_shape: dict, num_samples: int, levels: np.ndarray, length: int, chunked
-) -> dict:
+def _open_store(store, structure, sizes: dict, full_shape: dict, num_samples: int, levels: np.ndarray, where) -> dict:
     """Create the Zarr arrays (see the module docstring), chunked like the stream."""
     try:
         import zarr
@@ -255,7 +309,8 @@ def _open_store(
         plate_dims = {p: structure.plates[p].dim for p in site.plates}
         dims, _ = site_dims(name, shape, len(site.event_shape), plate_dims, sizes, squeeze=False)
         chunks = list(shape)
-        if chunked in site.plates:
+        if name in where:  # local: chunked like its pass's stream
+            chunked, length = where[name]
             chunks[_plate_axis(site, structure, chunked)] = length
         arrays[name] = posterior.create_array(
             name,

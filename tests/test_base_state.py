@@ -188,3 +188,19 @@ def test_checkpoint_resume_carries_the_state(tmp_path, data):
         np.testing.assert_array_equal(a, b)
     stored = ref.state.mutable_state[svi.guide._state_name]["state"]
     assert int(stored.count) == 15  # init and 14 steps: refreshes at 0, 6 and 12
+
+
+@pytest.mark.slow
+def test_streamed_summary_of_a_long_format_fit(fitted, data):
+    """posterior_summary streams students, then lecturers (crossed), from the stored bases
+    passed with the params: it matches sample_posterior's moments within Monte Carlo error."""
+    s, l, y = data
+    guide, svi, state = fitted
+    params = {**svi.get_params(state), **state.mutable_state}
+    summ = guide.posterior_summary(jax.random.PRNGKey(4), params, s, l, y, None, num_samples=1000, chunk_size=8)
+    draws = guide.sample_posterior(jax.random.PRNGKey(5), params, s, l, y, None, sample_shape=(1000,))
+    for site in ("a", "b"):
+        x = np.asarray(draws[site])
+        z = np.abs(summ[site]["mean"] - x.mean(0)) / x.std(0)
+        assert z.max() < 0.25, (site, z.max())
+        np.testing.assert_allclose(summ[site]["sd"], x.std(0), rtol=0.15)

@@ -154,3 +154,25 @@ def test_zero_quantiles_and_a_partial_model_argument(fitted):
     )
     assert got["g"]["quantiles"].shape == (0, 21, 1)
     assert np.all(np.isfinite(got["g"]["sd"]))
+
+
+def test_crossed_design_streams_one_plate_at_a_time():
+    """Rows x columns (no plate holds both effects): one pass per plate, chunks of 5, the
+    other plate at full size; the summary matches streamed moments of independent draws
+    within Monte Carlo error (1,000 draws each: a mean differs by 0.045 sd in se)."""
+    from numpyro_pavi.models import crossed, simulate_crossed
+    from numpyro_pavi.summaries import _passes
+
+    y = simulate_crossed(jax.random.PRNGKey(0), 12, 8)
+    guide = AutoPAVI(crossed)
+    result = SVI(crossed, guide, optax.adam(1e-2), Trace_ELBO()).run(jax.random.PRNGKey(1), 300, y, progress_bar=False)
+    assert _passes(guide.structure, None) == [("rows", ("r",)), ("cols", ("c",))]
+    s = guide.posterior_summary(jax.random.PRNGKey(2), result.params, y, num_samples=1000, chunk_size=5)
+    m = guide.posterior_moments(jax.random.PRNGKey(3), result.params, y, num_samples=1000, batch_size=250)
+    for site in ("r", "c"):
+        assert s[site]["mean"].shape == m[site]["mean"].shape
+        sd = np.asarray(m[site]["sd"])
+        z = np.abs(s[site]["mean"] - np.asarray(m[site]["mean"])) / sd
+        assert z.max() < 0.25, (site, z.max())
+        np.testing.assert_allclose(s[site]["sd"], sd, rtol=0.15)
+        assert np.all(s[site]["quantiles"][0] < s[site]["quantiles"][-1])
