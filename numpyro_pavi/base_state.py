@@ -181,9 +181,10 @@ def refresh(
 
     :param model: the user's model; ``model_args``: its ``(args, kwargs)``, with the data of
         every row (the observation plates are opened at all of their elements).
-    :param sweeps: Gauss-Seidel sweeps over the sites, each one Newton problem per site
-        (iterated until its elements converge, at most ``NEWTON_STEPS`` iterations).
-    :param tangents: also update ``jac`` (as many sweeps, on the tangents).
+    :param sweeps: most Gauss-Seidel sweeps over the sites, each one Newton problem per site
+        (iterated until its elements converge, at most ``NEWTON_STEPS`` iterations); they
+        stop once no element moved by more than ``SETTLED`` of its sd.
+    :param tangents: also update ``jac`` (at most as many sweeps, on the tangents).
     :return: the new state (every array held constant for gradients), ``count`` unchanged.
     """
     args, kwargs = model_args
