@@ -154,6 +154,11 @@ class GuidePlan:
                 f"plates {'/'.join(plate_set):<20} elements {size:<10} encoding: {kind}"
                 + (f" from {src}" if src else "")
             )
+        if self.stored is not None:
+            lines.append(
+                f"stored Laplace bases: {', '.join(self.stored.sites)} (joint mode from all rows, "
+                f"refreshed every {self.stored.period} steps; globals {', '.join(self.stored.globals) or '-'})"
+            )
         lines.append(f"total parameters: {self.num_params()}")
         return "\n".join(lines)
 

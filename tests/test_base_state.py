@@ -76,6 +76,7 @@ def test_spec_finds_long_format_sites(data):
         guide._setup_prototype(s, l, y, 100)
     spec = guide.plan.stored
     assert spec.sites == ("a", "b") and spec.globals == ("mu",) and spec.period == 6
+    assert "stored Laplace bases: a, b" in guide.describe()
 
     # full batch, no Laplace bases, or nested sites: the per-step bases stay
     for make, batch in ((lambda m: AutoPAVI(m), None), (lambda m: AutoPAVI(m, laplace=False), 100)):
