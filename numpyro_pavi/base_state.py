@@ -42,7 +42,7 @@ import numpy as np
 from .laplace import NEWTON_STEPS, NewtonReport, log_joint, newton_iterate
 from .structure import LatentSite, ModelStructure
 
-__all__ = ["LaplaceState", "StoredSpec", "init_state", "refresh", "stored_base", "stored_spec"]
+__all__ = ["LaplaceState", "StoredSpec", "global_vector", "init_state", "refresh", "stored_base", "stored_spec"]
 
 #: Most unconstrained coordinates of the global sites the stored modes are expanded in
 #: (the derivative ``J`` holds this many columns per element).
