@@ -549,7 +549,9 @@ class AutoPAVI(AutoGuide):
             raise ValueError(f"sample_shape must be a tuple of non-negative ints, got {sample_shape!r}.")
         return shape
 
-    def _check_params(self, params: dict) -> None:
+    def check_params(self, params: dict) -> None:
+        """Raise a ``ValueError`` (``RuntimeError`` before setup) unless ``params`` are this
+        guide's: every parameter present, with the shapes of its options and model."""
         if self.plan is None:
             raise RuntimeError("The guide is not set up yet: run SVI (or call the guide) once first.")
         init_values = self.plan.init_values
@@ -567,6 +569,8 @@ class AutoPAVI(AutoGuide):
                     f"params['{name}'] does not match this guide (shapes {got} vs {want}): were they "
                     "trained with other options (encoding_dim, hidden_dims, num_flows) or another model?"
                 )
+
+    _check_params = check_params
 
     def __getstate__(self):
         if self.plan is not None:

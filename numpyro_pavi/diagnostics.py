@@ -58,9 +58,19 @@ import numpy as np
 from numpyro import handlers
 from numpyro.infer.util import compute_log_probs
 
+from .calibration import LocalCalibration, SiteCalibration, local_calibration
 from .structure import plate_sizes, seeded_model
 
-__all__ = ["PSISResult", "full_plate_sizes", "khat_category", "psis_diagnostic", "psis_khat"]
+__all__ = [
+    "LocalCalibration",
+    "PSISResult",
+    "SiteCalibration",
+    "full_plate_sizes",
+    "khat_category",
+    "local_calibration",
+    "psis_diagnostic",
+    "psis_khat",
+]
 
 #: Thresholds of :func:`khat_category`.
 KHAT_GOOD: float = 0.5

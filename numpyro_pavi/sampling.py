@@ -279,6 +279,7 @@ def sample_latents(
     with_reports: bool = False,
     laplace_state: _state.LaplaceState | None = None,
     with_state: bool = False,
+    fixed: dict | None = None,
 ):
     """Top-down sample of every latent site on the given plate elements.
 
@@ -302,6 +303,9 @@ def sample_latents(
         calls, with the mode's derivative with respect to the globals) and return it last.
         Without, a given state is used as it is and a missing one is computed without
         derivatives (posteriors).
+    :param fixed: ``{site: canonical unconstrained value (*grid, d)}``: sites held at these
+        values instead of sampled (their ``log q`` is 0), so the later sites are drawn from
+        the guide's conditional given them (local calibration holds the globals this way).
     :return: constrained site-layout values, canonical unconstrained values ``(*grid, d)``
         and per-element ``log q (*grid)`` (support log-det included), then the reports
         with ``with_reports``, then the new state with ``with_state``.
@@ -328,11 +332,25 @@ def sample_latents(
         x, logq, centers[name] = _sample_site(
             plan, site, params, enc, unc, centers, noise, chunk_size, path_gradient, base
         )
+        if fixed is not None and name in fixed:
+            x, logq, centers[name] = _held(fixed[name], base, centers[name], grid)
         value, logdet = site.constrain(x)
         unc[name], values[name] = x, value
         logqs[name] = masked_density(site, logq - logdet, None if trace is None else trace.get(name), grid)
     out = (values, unc, logqs) + ((reports,) if with_reports else ())
     return out + (laplace_state,) if with_state else out
+
+
+def _held(x: jax.Array, base, center, grid: tuple):
+    """A site held at ``x`` (see ``fixed`` in :func:`sample_latents`): its value, a zero
+    ``log q`` and the center its children read its deviation from. On a Laplace base a
+    child reads ``u = L^T (x - m)``, so the center is ``x - u``; otherwise the center does
+    not depend on the sample."""
+    if base is not None and center is not None:
+        m, chol = base
+        u = jnp.einsum("...ji,...j->...i", chol, x - m)
+        center = x - u
+    return x, jnp.zeros(grid), center
 
 
 def _advance(plan: GuidePlan, state, theta: jax.Array, model_args, training: bool):

@@ -187,3 +187,13 @@ def test_help(name, capsys):
         mod.main(["--help"])
     assert exc.value.code == 0
     assert "--quick" in capsys.readouterr().out
+
+
+def test_calibration_quick(tmp_path):
+    mod = _load("calibration")
+    out = tmp_path / "cal.json"
+    mod.main(["--quick", "--out", str(out)])
+    data = json.loads(out.read_text())
+    (row,) = data["calibration"]
+    assert row["flagged"] == [] and row["n"] == 2000 and row["p_uniform"] > 0.01
+    _check_finite({k: v for k, v in row.items() if k != "flagged"})
