@@ -187,8 +187,9 @@ class AutoPAVI(AutoGuide):
     :param str flow_type: ``"autoregressive"`` or ``"coupling"``. Formerly ``flow_layer``.
     :param tuple hidden_dims: hidden widths of every conditioner network. Formerly ``hidden``.
     :param str prefix: prefix of all param names.
-    :param callable init_loc_fn: per-site initialization (:ref:`init_strategy`); a site's
-        flow starts centred on the average of its elements' initial unconstrained values.
+    :param callable init_loc_fn: per-site initialization (one of NumPyro's
+        ``numpyro.infer.initialization`` strategies); a site's flow starts centred on the
+        average of its elements' initial unconstrained values.
     :param float init_scale: initial scale of every flow in unconstrained space.
     :param callable create_plates: as in :class:`~numpyro.infer.autoguide.AutoGuide`.
     :param int chunk_size: plate elements per chunk when sampling over full plates in

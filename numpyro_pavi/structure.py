@@ -347,8 +347,9 @@ def seeded_model(model, rng_key, data: Mapping[str, Any] | None = None, *, init:
     has no sampler: a uniform draw in ``(-2, 2)`` of its unconstrained space, as NumPyro's
     ``init_to_uniform`` gives. Every trace this package takes of a user model goes through it.
 
-    :param init: an init strategy (:ref:`init_strategy`) giving every other latent site
-        its initial value, so one trace serves as the guide's prototype.
+    :param init: an init strategy (one of NumPyro's ``numpyro.infer.initialization``
+        strategies) giving every other latent site its initial value, so one trace serves
+        as the guide's prototype.
     :param full_plates: give every plate not in ``data`` all its indices (a subsampled
         plate is then traced over its full size, whatever the model's arguments make it).
     """
