@@ -1,7 +1,7 @@
 """Posterior accuracy against NUTS at constant (or, with ``--decay``, decaying) learning rates,
 for AutoPAVI and AutoNormal.
 
-For each model (``numpyro_pavi.glmms``, simulated or real data: see ``stress.MODELS``) a NUTS
+For each model (``numpyro_pavi.examples.glmms``, simulated or real data: see ``stress.MODELS``) a NUTS
 reference is drawn once; then each guide is
 trained with constant-rate Adam for ``--steps`` steps per rate. Reported per guide and rate:
 the mean loss of the last 100 steps, the worst 100-step running mean after ``--burn-in``

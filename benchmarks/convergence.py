@@ -1,9 +1,9 @@
 """Time to a target ELBO on the Gaussian random-effects model: AutoNormal vs PAVI.
 
-Model: :func:`numpyro_pavi.models.random_effects` (``mu ~ N(0, .5^2 I_K)``, ``mu_g ~ N(mu,
+Model: :func:`numpyro_pavi.examples.models.random_effects` (``mu ~ N(0, .5^2 I_K)``, ``mu_g ~ N(mu,
 .5^2 I_K)`` for ``N`` groups, ``x_gm ~ N(mu_g, .1^2 I_K)`` for ``M`` observations per group),
 whose exact log-evidence ``log p(x)`` is known
-(:func:`numpyro_pavi.exact.random_effects_posterior`). For every ``N`` in ``--sizes`` one
+(:func:`numpyro_pavi.examples.exact.random_effects_posterior`). For every ``N`` in ``--sizes`` one
 data set is simulated and every method is trained on it in this process:
 
 * ``normal_full``: ``AutoNormal``, full batch (every step sees all ``N`` groups). Its Adam
@@ -62,8 +62,8 @@ from numpyro.infer.autoguide import AutoNormal
 from numpyro.infer.initialization import init_to_median
 
 from numpyro_pavi import AutoPAVI
-from numpyro_pavi.exact import random_effects_posterior
-from numpyro_pavi.models import random_effects, simulate_random_effects
+from numpyro_pavi.examples.exact import random_effects_posterior
+from numpyro_pavi.examples.models import random_effects, simulate_random_effects
 
 METHODS = ("normal_full", "normal_sub", "pavi_f", "pavi_e")
 LABELS = {

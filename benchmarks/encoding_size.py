@@ -33,8 +33,8 @@ import numpy as np
 from numpyro.infer.initialization import init_to_median
 
 from numpyro_pavi import AutoPAVI
-from numpyro_pavi.exact import random_effects_posterior
-from numpyro_pavi.models import random_effects, simulate_random_effects
+from numpyro_pavi.examples.exact import random_effects_posterior
+from numpyro_pavi.examples.models import random_effects, simulate_random_effects
 
 ENCODINGS = {"pavi_f": "free", "pavi_e": "set"}
 

@@ -1,6 +1,6 @@
 """Data-parallel AutoPAVI training: time per step and throughput against the number of devices.
 
-Model: :func:`numpyro_pavi.models.random_effects` (``G`` groups of ``M`` observations, ``K``
+Model: :func:`numpyro_pavi.examples.models.random_effects` (``G`` groups of ``M`` observations, ``K``
 dims), ``B = --batch`` groups per step. For every device count ``n`` in ``--devices`` (default:
 1, 2, 4, ... up to ``len(jax.devices())``), the recipe of :mod:`numpyro_pavi.sharding` runs in
 this process: a one-axis mesh over the first ``n`` devices, the model wrapped in
@@ -46,7 +46,7 @@ import optax
 from numpyro.infer import SVI, Trace_ELBO
 
 from numpyro_pavi import AutoPAVI
-from numpyro_pavi.models import random_effects, simulate_random_effects
+from numpyro_pavi.examples.models import random_effects, simulate_random_effects
 from numpyro_pavi.sharding import data_mesh, shard_data, shard_plates
 
 

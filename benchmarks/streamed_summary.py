@@ -1,8 +1,8 @@
 """Streamed full-plate posterior summaries at scale, checked against the exact posterior.
 
-Model: :func:`numpyro_pavi.models.random_effects` (``G`` groups of ``M`` observations in
+Model: :func:`numpyro_pavi.examples.models.random_effects` (``G`` groups of ``M`` observations in
 ``K`` dims, ``G K + K`` latents), whose posterior is known exactly
-(:func:`numpyro_pavi.exact.random_effects_posterior`). One ``AutoPAVI`` (default options) is
+(:func:`numpyro_pavi.examples.exact.random_effects_posterior`). One ``AutoPAVI`` (default options) is
 trained for ``--steps`` constant-rate Adam steps on ``--batch`` groups per step, then
 ``guide.posterior_summary`` streams ``--num-samples`` draws of every latent in chunks of
 ``--chunk`` groups into per-group means, sds and 5/50/95% quantiles.
@@ -36,8 +36,8 @@ from numpyro.infer import SVI, Trace_ELBO
 from scipy.stats import norm
 
 from numpyro_pavi import AutoPAVI
-from numpyro_pavi.exact import random_effects_posterior
-from numpyro_pavi.models import random_effects, simulate_random_effects
+from numpyro_pavi.examples.exact import random_effects_posterior
+from numpyro_pavi.examples.models import random_effects, simulate_random_effects
 
 
 def model(x, subsample_size=None):

@@ -1,6 +1,6 @@
 """Stress matrix: does a fit that reaches its optimum stay there at constant learning rates?
 
-Models (``numpyro_pavi.glmms`` and ``numpyro_pavi.models``): a crossed Bernoulli GLMM (316
+Models (``numpyro_pavi.examples.glmms`` and ``numpyro_pavi.examples.models``): a crossed Bernoulli GLMM (316
 subjects x 24 items), a Poisson GLMM with an observation-level random effect, correlated
 random slopes with an LKJ prior, and the Gaussian random-effects model (subsampled, 32 of
 200 groups per step: its minibatch loss is judged through a 16-particle full-data loss every

@@ -55,7 +55,7 @@ This notebook
 2. swaps in `AutoPAVI` (one line),
 3. exports the posterior to ArviZ (`numpyro_pavi.arviz.to_inference_data`) for summaries and plots,
 4. checks both guides against the **exact** posterior, which this linear-Gaussian model has in
-   closed form (`numpyro_pavi.exact`)."""
+   closed form (`numpyro_pavi.examples.exact`)."""
     ),
     params(
         """NUM_GROUPS = 50  # groups in the simulated data set
@@ -78,13 +78,13 @@ from numpyro.infer.autoguide import AutoNormal
 
 from numpyro_pavi import AutoPAVI
 from numpyro_pavi.arviz import to_inference_data
-from numpyro_pavi.exact import random_effects_posterior
-from numpyro_pavi.models import random_effects, simulate_random_effects"""
+from numpyro_pavi.examples.exact import random_effects_posterior
+from numpyro_pavi.examples.models import random_effects, simulate_random_effects"""
     ),
     md(
         """## The model
 
-`numpyro_pavi.models.random_effects` is an ordinary NumPyro model with two nested plates:
+`numpyro_pavi.examples.models.random_effects` is an ordinary NumPyro model with two nested plates:
 
 ```python
 def random_effects(x, *, s0=0.5, s1=0.5, s2=0.1, subsample_size=None):
@@ -277,8 +277,8 @@ from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoNormal
 
 from numpyro_pavi import AutoPAVI
-from numpyro_pavi.exact import random_effects_posterior
-from numpyro_pavi.models import random_effects, simulate_random_effects"""
+from numpyro_pavi.examples.exact import random_effects_posterior
+from numpyro_pavi.examples.models import random_effects, simulate_random_effects"""
     ),
     code(
         """x = simulate_random_effects(jax.random.PRNGKey(SEED), NUM_GROUPS, NUM_OBS)
@@ -417,8 +417,8 @@ import pandas as pd
 from numpyro.infer import SVI, Trace_ELBO
 
 from numpyro_pavi import AutoPAVI
-from numpyro_pavi.exact import random_effects_posterior
-from numpyro_pavi.models import random_effects, simulate_random_effects"""
+from numpyro_pavi.examples.exact import random_effects_posterior
+from numpyro_pavi.examples.models import random_effects, simulate_random_effects"""
     ),
     code(
         """x_all = simulate_random_effects(jax.random.PRNGKey(SEED), NUM_GROUPS + NUM_NEW, NUM_OBS)
@@ -763,7 +763,7 @@ checks on a well-trained and on a deliberately under-trained `AutoPAVI`:
 2. **Loss history**.
 3. **Posterior predictive checks** with `numpyro.infer.Predictive` and `az.plot_ppc`.
 
-The model is `numpyro_pavi.models.random_effects`, written out here with a switch to simulate
+The model is `numpyro_pavi.examples.models.random_effects`, written out here with a switch to simulate
 `x` for the predictive checks; its exact posterior lets us confirm what the diagnostics say."""
     ),
     params(
@@ -790,12 +790,12 @@ from numpyro.infer import SVI, Predictive, Trace_ELBO
 from numpyro_pavi import AutoPAVI
 from numpyro_pavi.arviz import to_inference_data
 from numpyro_pavi.diagnostics import psis_khat
-from numpyro_pavi.exact import random_effects_posterior
-from numpyro_pavi.models import simulate_random_effects"""
+from numpyro_pavi.examples.exact import random_effects_posterior
+from numpyro_pavi.examples.models import simulate_random_effects"""
     ),
     code(
         """def model(x, *, s0=0.5, s1=0.5, s2=0.1, simulate=False):
-    \"\"\"numpyro_pavi.models.random_effects; with simulate=True, x only gives the shapes and is drawn.\"\"\"
+    \"\"\"numpyro_pavi.examples.models.random_effects; with simulate=True, x only gives the shapes and is drawn.\"\"\"
     G, M, K = x.shape
     mu = numpyro.sample("mu", dist.Normal(jnp.zeros(K), s0).to_event(1))
     with numpyro.plate("groups", G, dim=-2):

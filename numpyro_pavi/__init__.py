@@ -9,7 +9,7 @@ from .laplace import LaplaceWarning
 from .monitor import DivergenceWarning, KeepBest, best_params, check_losses
 from .structure import ModelStructure, model_structure
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AutoPAVI",

@@ -7,7 +7,7 @@ fitted guide. Dimension naming (for every group):
 * other dims (a site's intrinsic batch dims and its event dims) are named
   ``{site}_dim_{i}``, ``i`` counting those dims of the site from the left, from 0;
 * intrinsic batch dims of size 1 are broadcasting leftovers (``mu_g`` of
-  :func:`numpyro_pavi.models.random_effects` has shape ``(G, 1, K)`` only because the
+  :func:`numpyro_pavi.examples.models.random_effects` has shape ``(G, 1, K)`` only because the
   ``obs`` plate sits at ``dim=-1``) and are dropped when ``squeeze=True`` (the default).
 
 So ``mu_g`` becomes ``posterior["mu_g"]`` with dims ``("chain", "draw", "groups",

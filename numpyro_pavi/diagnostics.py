@@ -39,7 +39,7 @@ summed over their other plates and event dims, and the second over the latent si
 * For nested plates (``sessions`` inside ``subjects``) element ``n`` of the inner plate
   aggregates that element over all elements of the outer plates.
 * Observations that reach a plate's elements only through an index array (as in
-  :func:`numpyro_pavi.models.ragged_groups`, where ``y`` sits in an ``obs`` plate and picks
+  :func:`numpyro_pavi.examples.models.ragged_groups`, where ``y`` sits in an ``obs`` plate and picks
   its group with ``a[group]``) are not in the group plate, so they do not enter that plate's
   local weights: the groups' k-hat then compares ``q`` with the prior only. Such a model's
   ``obs`` plate holds no latent sites and gets no local k-hat either.

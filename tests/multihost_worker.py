@@ -16,7 +16,7 @@ import optax
 from numpyro.infer import SVI, Trace_ELBO
 
 from numpyro_pavi import AutoPAVI
-from numpyro_pavi.models import random_effects, simulate_random_effects
+from numpyro_pavi.examples.models import random_effects, simulate_random_effects
 from numpyro_pavi.sharding import data_mesh, replicate, shard_data, shard_plates
 
 BATCH = 16

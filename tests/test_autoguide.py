@@ -25,7 +25,8 @@ from numpyro import handlers
 from numpyro.infer import SVI, Predictive, Trace_ELBO
 from numpyro.infer.autoguide import AutoGuideList, AutoNormal
 
-from numpyro_pavi import AutoPAVI, models
+from numpyro_pavi import AutoPAVI
+from numpyro_pavi.examples import models
 
 G, M, K, B, D = 10, 2, 2, 4, 2
 X = models.simulate_random_effects(jax.random.PRNGKey(0), G, M, K)
@@ -232,7 +233,7 @@ def test_inside_auto_guide_list(guide_list):
 _INIT_SCRIPT = """
 import hashlib, jax, numpy as np, numpyro
 from numpyro_pavi import AutoPAVI
-from numpyro_pavi.models import crossed
+from numpyro_pavi.examples.models import crossed
 y = np.arange(12.0).reshape(4, 3) / 10
 guide = AutoPAVI(crossed, laplace=False)
 numpyro.handlers.seed(guide, 0)(y)

@@ -16,7 +16,7 @@ from numpyro.infer import SVI, Trace_ELBO
 
 from numpyro_pavi import AutoPAVI
 from numpyro_pavi.diagnostics import LocalCalibration, local_calibration
-from numpyro_pavi.models import random_effects, simulate_random_effects
+from numpyro_pavi.examples.models import random_effects, simulate_random_effects
 
 X = simulate_random_effects(jax.random.PRNGKey(0), 60, 4, 1)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from numpyro_pavi import demo
+from numpyro_pavi.examples import demo
 
 
 @pytest.mark.slow

@@ -26,8 +26,8 @@ from numpyro.infer.util import log_density
 from numpyro_pavi import AutoPAVI
 from numpyro_pavi.arviz import site_dims, to_inference_data
 from numpyro_pavi.diagnostics import PSISResult, khat_category, psis_diagnostic, psis_khat
-from numpyro_pavi.exact import random_effects_posterior
-from numpyro_pavi.models import (
+from numpyro_pavi.examples.exact import random_effects_posterior
+from numpyro_pavi.examples.models import (
     nested_three_level,
     random_effects,
     simulate_nested_three_level,

@@ -12,7 +12,14 @@ import pytest
 import numpyro_pavi
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = sorted(m.name for m in pkgutil.iter_modules(numpyro_pavi.__path__) if not m.name.startswith("_"))
+#: old paths of the modules that moved to numpyro_pavi.examples (deprecation shims)
+SHIMS = {"models", "glmms", "exact", "demo"}
+MODULES = sorted(
+    m.name.removeprefix("numpyro_pavi.")
+    for m in pkgutil.walk_packages(numpyro_pavi.__path__, "numpyro_pavi.")
+    if not m.name.rsplit(".", 1)[-1].startswith("_") and m.name.removeprefix("numpyro_pavi.") not in SHIMS
+)
+CORE = [m for m in MODULES if not m.startswith("examples")]
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -33,6 +40,27 @@ def test_every_module_is_in_the_api_reference():
     api = (ROOT / "docs" / "api.md").read_text()
     absent = [m for m in MODULES if f".. automodule:: numpyro_pavi.{m}\n" not in api]
     assert not absent, f"add {absent} to docs/api.md"
+
+
+def test_core_holds_no_example_model_or_loader():
+    """The core modules import nothing from the examples (models, simulators, loaders)."""
+    for name in CORE:
+        source = (ROOT / "numpyro_pavi" / f"{name}.py").read_text()
+        assert "from .examples" not in source and "numpyro_pavi.examples import" not in source, name
+
+
+@pytest.mark.parametrize("name", sorted(SHIMS))
+def test_old_example_paths_still_import_with_a_warning(name):
+    import sys
+    import warnings
+
+    sys.modules.pop(f"numpyro_pavi.{name}", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = importlib.import_module(f"numpyro_pavi.{name}")
+    new = importlib.import_module(f"numpyro_pavi.examples.{name}")
+    assert any(issubclass(w.category, DeprecationWarning) and "examples" in str(w.message) for w in caught)
+    assert all(getattr(old, n) is getattr(new, n) for n in new.__all__)
 
 
 def test_readme_is_a_front_page():

@@ -15,7 +15,8 @@ from numpyro import handlers
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoNormal
 
-from numpyro_pavi import AutoPAVI, models
+from numpyro_pavi import AutoPAVI
+from numpyro_pavi.examples import models
 
 SMALL = {"encoding_dim": 2, "hidden_dims": (4,)}
 

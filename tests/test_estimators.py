@@ -18,7 +18,7 @@ from numpyro.infer import SVI, Trace_ELBO
 
 from numpyro_pavi import AutoPAVI
 from numpyro_pavi.flows import _softplus_inv
-from numpyro_pavi.models import random_effects, simulate_random_effects
+from numpyro_pavi.examples.models import random_effects, simulate_random_effects
 
 # slow tier: statistical: gradient estimators over many draws
 pytestmark = pytest.mark.slow
@@ -103,7 +103,7 @@ _SCRIPT = textwrap.dedent(
     import hashlib, jax, numpy as np, optax
     from numpyro.infer import SVI, Trace_ELBO
     from numpyro_pavi import AutoPAVI
-    from numpyro_pavi.models import random_effects, simulate_random_effects
+    from numpyro_pavi.examples.models import random_effects, simulate_random_effects
     x = simulate_random_effects(jax.random.PRNGKey(0), 6, 3, 1)
     guide = AutoPAVI(random_effects, encoding="hybrid", hidden_dims=(4,))
     svi = SVI(random_effects, guide, optax.adam(1e-2), Trace_ELBO())

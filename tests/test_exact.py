@@ -21,7 +21,8 @@ import pytest
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoNormal
 
-from numpyro_pavi import AutoPAVI, Ragged, exact, models
+from numpyro_pavi import AutoPAVI, Ragged
+from numpyro_pavi.examples import exact, models
 
 # slow tier: statistical: fits against exact posteriors with Monte Carlo tolerances
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Cross-checks of the reference models (numpyro_pavi.models) and exact answers (numpyro_pavi.exact).
+"""Cross-checks of the reference models (numpyro_pavi.examples.models) and exact answers (numpyro_pavi.examples.exact).
 
 Three independent routes must agree:
 
@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from numpyro import handlers
 from numpyro.infer.util import log_density
 
-from numpyro_pavi import exact, models
+from numpyro_pavi.examples import exact, models
 
 
 @pytest.fixture

@@ -16,7 +16,8 @@ import optax
 import pytest
 from numpyro.infer import SVI, Trace_ELBO
 
-from numpyro_pavi import AutoPAVI, exact, models
+from numpyro_pavi import AutoPAVI
+from numpyro_pavi.examples import exact, models
 from numpyro_pavi.laplace import NEWTON_STEPS, log_joint, newton_base
 
 NUM_DRAWS = 2000

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from numpyro import handlers
 
-from numpyro_pavi import AutoPAVI, models
+from numpyro_pavi import AutoPAVI
+from numpyro_pavi.examples import models
 from numpyro_pavi.encoders import SetEncoder
 from numpyro_pavi.plan import GuidePlan, build_plan, with_encoder_width
 from numpyro_pavi.sampling import sample_latents

@@ -12,7 +12,7 @@ import numpy as np
 import numpyro
 import pytest
 
-from numpyro_pavi.models import random_effects
+from numpyro_pavi.examples.models import random_effects
 from numpyro_pavi.sharding import data_mesh, shard_data, shard_plates
 
 # slow tier: several simulated devices and two processes

@@ -18,7 +18,7 @@ from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoNormal
 
 from numpyro_pavi import AutoPAVI, check_losses
-from numpyro_pavi.glmms import crossed_bernoulli, simulate_crossed_bernoulli
+from numpyro_pavi.examples.glmms import crossed_bernoulli, simulate_crossed_bernoulli
 
 # slow tier: statistical: long fits at constant rates
 pytestmark = pytest.mark.slow

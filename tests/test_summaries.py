@@ -11,7 +11,7 @@ import pytest
 from numpyro.infer import SVI, Trace_ELBO
 
 from numpyro_pavi import AutoPAVI
-from numpyro_pavi.models import nested_three_level, simulate_nested_three_level
+from numpyro_pavi.examples.models import nested_three_level, simulate_nested_three_level
 
 LEVELS = (0.1, 0.5, 0.9)
 
@@ -160,7 +160,7 @@ def test_crossed_design_streams_one_plate_at_a_time():
     """Rows x columns (no plate holds both effects): one pass per plate, chunks of 5, the
     other plate at full size; the summary matches streamed moments of independent draws
     within Monte Carlo error (1,000 draws each: a mean differs by 0.045 sd in se)."""
-    from numpyro_pavi.models import crossed, simulate_crossed
+    from numpyro_pavi.examples.models import crossed, simulate_crossed
     from numpyro_pavi.summaries import _passes
 
     y = simulate_crossed(jax.random.PRNGKey(0), 12, 8)

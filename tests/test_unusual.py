@@ -22,7 +22,8 @@ from numpyro.contrib.control_flow import scan
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoGuideList
 
-from numpyro_pavi import AutoPAVI, models
+from numpyro_pavi import AutoPAVI
+from numpyro_pavi.examples import models
 from numpyro_pavi.checkpoint import fit, load_checkpoint
 
 X = jnp.array([1.3, 0.2, -0.4, 2.1, 0.9, 1.5])
@@ -77,7 +78,8 @@ _RESUME = textwrap.dedent(
     import sys
     import jax, numpy as np, optax
     from numpyro.infer import SVI, Trace_ELBO
-    from numpyro_pavi import AutoPAVI, models
+    from numpyro_pavi import AutoPAVI
+from numpyro_pavi.examples import models
     from numpyro_pavi.checkpoint import fit
 
     x = models.simulate_random_effects(jax.random.PRNGKey(0), 6, 3, 1)
