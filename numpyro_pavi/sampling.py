@@ -22,7 +22,7 @@ from numpyro.distributions.transforms import biject_to
 from . import base_state as _state
 from . import data as _data
 from .encoders import readout
-from .laplace import NEWTON_STEPS, log_joint, newton_base, reference_trace
+from .laplace import NEWTON_STEPS, finite_cotangent, log_joint, newton_base, reference_trace
 from .plan import GuidePlan, encoder_key, encoder_levels
 from .structure import LatentSite
 
@@ -244,6 +244,7 @@ def laplace_base(plan: GuidePlan, site: LatentSite, values: dict, indices: dict,
         lp = log_joint(plan.model, {**plates, **known, **vals}, args, kwargs, per_element_of=site.name)
         return lp + logdet
 
+    values = {k: finite_cotangent(v) for k, v in values.items()}
     frozen = jax.lax.stop_gradient(values)
     # the start: the group's prior means given the values before it, in canonical layout;
     # kept differentiable as the base of elements whose iterations do not converge
