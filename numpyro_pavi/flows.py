@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
     "ConditionalAffine",
@@ -122,7 +123,10 @@ class ConditionalAffine:
         at raw 0 is set in ``forward``)."""
         loc = jnp.zeros(self.dim) if loc is None else jnp.reshape(jnp.asarray(loc), (self.dim,))
         bias = jnp.concatenate([loc, jnp.zeros(self.dim)])
-        params = {"net": init_resnet(key, self.context_dim, 2 * self.dim, self.hidden, bias, skip)}
+        # with no context the hidden path is a constant the bias already is: its weights would
+        # never get a gradient (a global's flow had 96 such parameters of 98)
+        hidden = self.hidden if self.context_dim else ()
+        params = {"net": init_resnet(key, self.context_dim, 2 * self.dim, hidden, bias, skip)}
         if 0 < self.bilinear < self.context_dim:
             params["bilinear"] = jnp.zeros((self.bilinear, self.context_dim - self.bilinear, 2 * self.dim))
         return params
@@ -148,14 +152,23 @@ class ConditionalAffine:
 
 
 def _made_masks(dim: int, hidden: tuple[int, ...]):
-    """MADE masks for degrees 1..d: output i only sees inputs of degree < i."""
-    degrees_in = jnp.arange(1, dim + 1)
+    """MADE masks for degrees 1..d: output i only sees inputs of degree < i. Static (NumPy):
+    the weights store only the entries a mask lets through (see :func:`_masked`)."""
+    degrees_in = np.arange(1, dim + 1)
     masks, prev = [], degrees_in
     for h in hidden:
-        deg = jnp.arange(h) % max(dim - 1, 1) + 1
-        masks.append((deg[None, :] >= prev[:, None]).astype(jnp.float32))
+        deg = np.arange(h) % max(dim - 1, 1) + 1
+        masks.append(deg[None, :] >= prev[:, None])
         prev = deg
-    return masks, (degrees_in[None, :] > prev[:, None]).astype(jnp.float32)
+    out = degrees_in[None, :] > prev[:, None]
+    return masks, np.concatenate([out, out], 1)  # shift and log-scale columns
+
+
+def _masked(flat: jax.Array, mask: np.ndarray) -> jax.Array:
+    """The weight matrix of ``mask``'s shape from its stored entries ``flat`` (row-major over
+    the entries the mask lets through; zeros elsewhere). Stored whole, the masked-out entries
+    were parameters that never get a gradient (half of a 2-d site's MADE weights)."""
+    return jnp.zeros(mask.shape, flat.dtype).at[np.nonzero(mask)].set(flat)
 
 
 @dataclass(frozen=True)
@@ -174,31 +187,31 @@ class ConditionalAutoregressive:
     reverse: bool = False
 
     def init(self, key, **_) -> dict:
+        """Weights ``w`` hold only the entries their MADE mask lets through (flat)."""
+        masks, out_mask = _made_masks(self.dim, self.hidden)
         keys = jax.random.split(key, len(self.hidden) + 1)
         layers, width = [], self.dim
-        for i, (k, h) in enumerate(zip(keys, self.hidden)):
+        for i, (k, h, m) in enumerate(zip(keys, self.hidden, masks)):
             kz, kc = jax.random.split(k)
-            layer = {"w": _glorot(kz, width, h), "b": jnp.zeros(h)}
+            layer = {"w": _glorot(kz, width, h)[np.nonzero(m)], "b": jnp.zeros(h)}
             if i == 0:
                 layer["wc"] = _glorot(kc, self.context_dim, h)
             layers.append(layer)
             width = h
-        return {"hidden": layers, "out": {"w": jnp.zeros((width, 2 * self.dim)), "b": jnp.zeros(2 * self.dim)}}
+        return {"hidden": layers, "out": {"w": jnp.zeros(int(out_mask.sum())), "b": jnp.zeros(2 * self.dim)}}
 
     def _shift_log_scale(self, params: dict, z: jax.Array, c: jax.Array):
         """Conditioner outputs for (non-reversed) input ``z``: output i sees ``z_<i`` only."""
         masks, out_mask = _made_masks(self.dim, self.hidden)
         h = z
         for i, (layer, m) in enumerate(zip(params["hidden"], masks)):
-            pre = h @ (layer["w"] * m) + layer["b"]
+            pre = h @ _masked(layer["w"], m) + layer["b"]
             if i == 0:
                 pre = pre + c @ layer["wc"]
             h = jnp.tanh(pre)
         h = h / h.shape[-1]  # maximal-update output scaling, see resnet
-        w = params["out"]["w"]
-        shift = h @ (w[:, : self.dim] * out_mask) + params["out"]["b"][: self.dim]
-        raw = h @ (w[:, self.dim :] * out_mask) + params["out"]["b"][self.dim :]
-        return shift, _bounded_log_scale(raw)
+        out = h @ _masked(params["out"]["w"], out_mask) + params["out"]["b"]
+        return out[..., : self.dim], _bounded_log_scale(out[..., self.dim :])
 
     def forward(self, params: dict, z: jax.Array, c: jax.Array):
         """``z (..., d), c (..., C) -> x (..., d), log|det dx/dz| (...)``."""

@@ -100,6 +100,16 @@ class GuidePlan:
         """NumPyro's naming: ``{site or plate set}_{prefix}_{what}``."""
         return f"{name}_{self.options.prefix}_{what}"
 
+    def encoding_width(self, plates: tuple[str, ...]) -> int:
+        """Width of the encodings of plate set ``plates``: ``encoding_dim``, or 0 where its
+        elements get none (``no_encoding``). Plans pickled before 0.2 sized those flows for an
+        all-zero encoding of ``encoding_dim``: their width is read off the flows."""
+        if plates not in self.no_encoding:
+            return self.options.encoding_dim
+        site = next(s for s in self.structure.latent.values() if s.plates == plates)
+        parents = sum(self.structure.latent[p].dim for p in site.conditions_on)
+        return self.flows[site.name].context_dim - parents
+
     @staticmethod
     def plate_set_name(plates: tuple[str, ...]) -> str:
         return "__".join(plates)
@@ -234,7 +244,7 @@ def _data_statistics(structure: ModelStructure, options: GuideOptions, model, tr
     return features, stats, masked
 
 
-def _encoding_skip(structure: ModelStructure, site: LatentSite, options: GuideOptions, laplace: bool) -> np.ndarray:
+def _encoding_skip(structure: ModelStructure, site: LatentSite, encoding_dim: int, laplace: bool) -> np.ndarray:
     """Initial skip ``(C, 2d)``: the element's encoding starts as a direct offset.
 
     Encoding coordinates ``[0, d)`` add to the element's shift and ``[d, 2d)`` to its raw
@@ -242,7 +252,7 @@ def _encoding_skip(structure: ModelStructure, site: LatentSite, options: GuideOp
     guide, instead of waiting for a shared projection to be learned; later coordinates
     and the non-linear path are free to learn anything else.
     """
-    d, D = site.dim, options.encoding_dim
+    d, D = site.dim, encoding_dim
     skip = np.zeros((context_dim(structure, site, D), 2 * d), np.float32)
     # on a Laplace base each element already starts at its own location and scale: an
     # encoding added directly would only move it away (by whole sds) until unlearned
@@ -323,25 +333,6 @@ def build_plan(
     features, stats, masked = _data_statistics(structure, options, model, trace, args, kwargs)
     keys = jax.random.split(rng_key, len(structure.latent) + len(structure.plates) + 1)
     laplace_sites = _laplace_sites(model, structure, options, trace, args, kwargs)
-    flows, init_values = {}, {}
-    for k, (name, site) in zip(keys, structure.latent.items()):
-        laplace = name in laplace_sites
-        flow = ConditionalFlow(
-            site.dim,
-            context_dim(structure, site, options.encoding_dim),
-            num_layers=options.num_flows,
-            layer=options.flow_type,
-            hidden=options.hidden_dims,
-            # on a Laplace base the flow acts on standardized values: it starts as N(0, I)
-            init_scale=1.0 if laplace else options.init_scale,
-            bilinear=options.encoding_dim if site.plates else 0,
-        )
-        flows[name] = flow
-        loc = jnp.mean(jnp.reshape(site.to_canonical(init_locs[name]), (-1, site.dim)), 0)
-        if laplace:
-            loc = jnp.zeros_like(loc)
-        skip = _encoding_skip(structure, site, options, laplace)
-        init_values[f"{name}_{options.prefix}_flow"] = flow.init(k, loc=loc, skip=skip)
     sources = encoding_sources(structure, options)
     # with Laplace bases the likelihood already informs every element: where no data sits
     # inside a plate set, "auto" gives no encoding rather than per-element ones
@@ -352,6 +343,28 @@ def build_plan(
         and not src
         and all(s.name in laplace_sites for s in structure.latent.values() if s.plates == plate_set)
     )
+    flows, init_values = {}, {}
+    for k, (name, site) in zip(keys, structure.latent.items()):
+        laplace = name in laplace_sites
+        # sized after no_encoding is known: an encoding that is always zero would only give
+        # the flow weights that never get a gradient
+        width = 0 if site.plates in no_encoding else options.encoding_dim
+        flow = ConditionalFlow(
+            site.dim,
+            context_dim(structure, site, width),
+            num_layers=options.num_flows,
+            layer=options.flow_type,
+            hidden=options.hidden_dims,
+            # on a Laplace base the flow acts on standardized values: it starts as N(0, I)
+            init_scale=1.0 if laplace else options.init_scale,
+            bilinear=width if site.plates else 0,
+        )
+        flows[name] = flow
+        loc = jnp.mean(jnp.reshape(site.to_canonical(init_locs[name]), (-1, site.dim)), 0)
+        if laplace:
+            loc = jnp.zeros_like(loc)
+        skip = _encoding_skip(structure, site, width, laplace)
+        init_values[f"{name}_{options.prefix}_flow"] = flow.init(k, loc=loc, skip=skip)
     for k, (plate_set, src) in zip(keys[len(structure.latent) :], sources.items()):
         _init_encoding(no_encoding, k, plate_set, src, features, structure, options, init_values)
     return GuidePlan(

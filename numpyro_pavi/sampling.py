@@ -123,7 +123,7 @@ def encodings(plan: GuidePlan, params: dict, indices: dict, trace, sizes: dict, 
     for plate_set, sources in plan.sources.items():
         if plate_set in plan.no_encoding:
             out[plate_set] = jnp.zeros(
-                tuple(int(indices[p].shape[0]) for p in plate_set) + (plan.options.encoding_dim,)
+                tuple(int(indices[p].shape[0]) for p in plate_set) + (plan.encoding_width(plate_set),)
             )
             continue
         enc = _set_encoding(plan, params, plate_set, trace, indices, sizes, bound) if sources else None
