@@ -34,7 +34,7 @@ from .encoders import SetEncoder
 from .laplace import LaplaceWarning
 from .plan import GuideOptions, GuidePlan, build_plan, with_encoder_width
 from .base_state import init_state
-from .sampling import sample_latents
+from .sampling import PlateInputs, sample_latents
 from .structure import ModelStructure, model_structure, plate_sizes, seeded_model
 
 __all__ = ["AutoPAVI"]
@@ -535,8 +535,10 @@ class AutoPAVI(AutoGuide):
         sizes = sizes or {name: info.size for name, info in self.structure.plates.items()}
         return {name: jnp.arange(size) for name, size in sizes.items()}
 
-    def _check_call(self, rng_key, params, sample_shape=()) -> tuple:
-        """Argument checks shared by the posterior methods; returns ``sample_shape`` as a tuple."""
+    def check_call(self, rng_key, params, sample_shape=()) -> tuple:
+        """Argument checks shared by the posterior methods (``TypeError`` for a swapped or
+        wrong key or params, ``ValueError`` for a bad ``sample_shape``); returns
+        ``sample_shape`` as a tuple."""
         if not isinstance(params, Mapping):
             swapped = isinstance(rng_key, Mapping)
             raise TypeError(
@@ -572,6 +574,12 @@ class AutoPAVI(AutoGuide):
                 )
 
     _check_params = check_params
+    _check_call = check_call
+
+    def trace_model(self, data: dict, *args, full_plates: bool = True, **kwargs) -> dict:
+        """A trace of the model, blocked (no outer handler sees it), over its full plates
+        (``full_plates``) with ``data`` (site or plate name -> value) substituted."""
+        return self._trace_full(data, args, kwargs, full_plates=full_plates)
 
     def __getstate__(self):
         if self.plan is not None:
@@ -588,12 +596,20 @@ class AutoPAVI(AutoGuide):
         train = getattr(self, "_train_args", None)
         return train if (self.plan.reads_data() and train is not None) else (args, kwargs)
 
-    def _full_inputs(self, args, kwargs):
-        """Full plate sizes, indices, a full-plate trace and the bound arguments.
+    def plate_inputs(self, *args, **kwargs) -> PlateInputs:
+        """The :class:`~numpyro_pavi.sampling.PlateInputs` of a posterior call with these model
+        arguments (none: the training ones where the guide reads data): every plate at its
+        full size, a trace of the model over them, the bound arguments.
 
         With the set encoder, ``args`` may hold new data (more or other groups): the plate
-        sizes are read from it. Free encodings only exist for the training elements.
+        sizes are read from it. Free encodings only exist for the training elements
+        (``ValueError`` for new ones), and their training data may not change.
         """
+        args, kwargs = self._posterior_args(args, kwargs)
+        return PlateInputs(*self._full_inputs(args, kwargs), (args, kwargs))
+
+    def _full_inputs(self, args, kwargs):
+        """``(sizes, indices, trace, bound)`` of :meth:`plate_inputs`."""
         if self.plan is None:
             raise RuntimeError("The guide is not set up yet: run SVI (or call the guide) once first.")
         sizes = {name: info.size for name, info in self.structure.plates.items()}
@@ -680,17 +696,16 @@ class AutoPAVI(AutoGuide):
         trace = self._trace_full(data, args, kwargs, full_plates=bool(args or kwargs))
         return {k: s["value"] for k, s in trace.items() if s["type"] == "deterministic"}
 
-    def _full_plate_sampler(self, params, args, kwargs, *, with_log_prob=False, deterministic=True) -> Callable:
+    def full_plate_sampler(self, params, *args, with_log_prob=False, deterministic=True, **kwargs) -> Callable:
         """``key -> draw``: one posterior draw over the full plates, the sampler shared by
         :meth:`sample_posterior`, :meth:`sample_with_log_prob`, :meth:`posterior_moments` and
         (through them) the diagnostics and the ArviZ export. A draw is ``{site: value}``
         (latent and, with ``deterministic``, deterministic sites), or ``(values, log_q)``."""
         self._check_params(params)
-        args, kwargs = self._posterior_args(args, kwargs)
-        sizes, indices, trace, bound = self._full_inputs(args, kwargs)
+        sizes, indices, trace, bound, (args, kwargs) = self.plate_inputs(*args, **kwargs)
         deterministic = deterministic and any(s["type"] == "deterministic" for s in self.prototype_trace.values())
 
-        state = self._stored_state(params, sizes)
+        state = self.stored_state(params, sizes)
 
         def one(key):
             values, _, logqs = sample_latents(
@@ -717,7 +732,7 @@ class AutoPAVI(AutoGuide):
     def _state_name(self) -> str:
         return self.plan.param_name("laplace", "state")
 
-    def _stored_state(self, params, sizes: dict):
+    def stored_state(self, params, sizes: dict):
         """The stored bases passed in ``params`` (``{**svi.get_params(state),
         **state.mutable_state}``) when they fit these plate sizes, else None (posteriors then
         compute them from scratch at each draw's globals)."""
@@ -751,8 +766,7 @@ class AutoPAVI(AutoGuide):
         self._check_params(params)
         if not any(self.plan.on_laplace(s) for s in self.structure.latent.values()):
             return {}
-        args, kwargs = self._posterior_args(args, kwargs)
-        sizes, indices, trace, bound = self._full_inputs(args, kwargs)
+        sizes, indices, trace, bound, (args, kwargs) = self.plate_inputs(*args, **kwargs)
         key = jax.random.PRNGKey(0) if rng_key is None else rng_key
 
         def one(k):
@@ -803,7 +817,7 @@ class AutoPAVI(AutoGuide):
         :return: ``{site: array of shape sample_shape + full site shape}``.
         """
         sample_shape = self._check_call(rng_key, params, sample_shape)
-        return self._draws(self._full_plate_sampler(params, args, kwargs), rng_key, sample_shape)
+        return self._draws(self.full_plate_sampler(params, *args, **kwargs), rng_key, sample_shape)
 
     def sample_with_log_prob(self, rng_key, params, *args, sample_shape=(), **kwargs):
         """Full-plate samples with their log density under the guide.
@@ -813,7 +827,7 @@ class AutoPAVI(AutoGuide):
             log densities of shape ``sample_shape + plate sizes`` (outermost plate first).
         """
         sample_shape = self._check_call(rng_key, params, sample_shape)
-        one = self._full_plate_sampler(params, args, kwargs, with_log_prob=True)
+        one = self.full_plate_sampler(params, *args, with_log_prob=True, **kwargs)
         return self._draws(one, rng_key, sample_shape or (1,), squeeze=not sample_shape)
 
     @staticmethod

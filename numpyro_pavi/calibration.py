@@ -252,8 +252,8 @@ def local_calibration(
     guide.check_params(params)
     plan = guide.plan
     structure = plan.structure
-    if not (args or kwargs):
-        args, kwargs = getattr(guide, "_train_args", None) or ((), {})
+    # the training arguments when none are given; the guide's checks of new data
+    args, kwargs = guide.plate_inputs(*args, **kwargs).model_args
     holding = [p for p in structure.plates if any(p in s.plates for s in structure.latent.values())]
     if plates is None:
         plates = holding

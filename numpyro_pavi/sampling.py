@@ -13,6 +13,7 @@ changes nothing.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,28 @@ from .laplace import NEWTON_STEPS, finite_cotangent, log_joint, newton_base, ref
 from .plan import GuidePlan, encoder_key, encoder_levels
 from .structure import LatentSite
 
-__all__ = ["element_noise", "encodings", "sample_latents"]
+__all__ = ["PlateInputs", "element_noise", "encodings", "sample_latents"]
+
+
+class PlateInputs(NamedTuple):
+    """What a posterior call samples on, resolved once by
+    :meth:`~numpyro_pavi.AutoPAVI.plate_inputs` and read by the sampler, the summaries, the
+    diagnostics and the ArviZ export.
+
+    :ivar sizes: ``{plate: full size}`` (new data may change them).
+    :ivar indices: ``{plate: element indices}`` (every element of every plate).
+    :ivar trace: a model trace over those elements (the encoders' data), or None when the
+        guide reads no data.
+    :ivar bound: the model's arguments by name (ragged plates), else ``{}``.
+    :ivar model_args: ``(args, kwargs)`` of the model (the training ones when a posterior
+        method got none and the guide reads data).
+    """
+
+    sizes: dict
+    indices: dict
+    trace: dict | None
+    bound: dict
+    model_args: tuple
 
 
 def element_noise(key: jax.Array, indices: list, dim: int) -> jax.Array:

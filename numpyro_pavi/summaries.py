@@ -151,22 +151,21 @@ def posterior_summary(
     """
     if getattr(guide, "structure", None) is None:
         raise RuntimeError("The guide is not set up yet: run SVI (or call the guide) once first.")
-    guide._check_call(rng_key, params)
+    guide.check_call(rng_key, params)
     for name, n, low in (("num_samples", num_samples, 2), ("chunk_size", chunk_size, 1)):
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < low:
             raise ValueError(f"{name} must be an int >= {low}, got {n!r}.")
     levels = _check_levels(quantiles)
     structure = guide.structure
     passes = _passes(structure, plate)
-    guide._check_params(params)
-    args, kwargs = guide._posterior_args(args, kwargs)
-    sizes, full_indices, full_trace, bound = guide._full_inputs(args, kwargs)
+    guide.check_params(params)
+    sizes, full_indices, full_trace, bound, (args, kwargs) = guide.plate_inputs(*args, **kwargs)
     with_trace = full_trace is not None
     del full_trace  # only the chunks' traces are needed from here on
     margs = (args, kwargs)
     keys = jax.random.split(rng_key, num_samples)
     qs = jnp.asarray(levels, jnp.float32)
-    stored = guide._stored_state(params, sizes)  # stored Laplace bases passed with the params
+    stored = guide.stored_state(params, sizes)  # stored Laplace bases passed with the params
 
     # Several passes: a site's draw may read other plates' sampled values through a per-step
     # Laplace base (a column's base given every row's effect, and a row's given every
@@ -190,7 +189,7 @@ def posterior_summary(
 
         def summarize(params, idx):
             indices = {**full_indices, chunked: idx} if chunked and separable else full_indices
-            trace = guide._trace_full(indices, args, kwargs) if with_trace else None
+            trace = guide.trace_model(indices, *args, **kwargs) if with_trace else None
 
             def one(key):
                 values, _, _ = sample_latents(
@@ -357,7 +356,7 @@ def posterior_moments(
         if not isinstance(n, (int, np.integer)) or n < low:
             raise ValueError(f"{name} must be an int >= {low}, got {n!r}.")
     batch_size = min(batch_size, num_samples)  # no padded draws beyond the ones asked for
-    one = guide._full_plate_sampler(params, args, kwargs)
+    one = guide.full_plate_sampler(params, *args, **kwargs)
     keys = jax.random.split(rng_key, num_samples)
 
     @jax.jit

@@ -63,5 +63,16 @@ def test_old_example_paths_still_import_with_a_warning(name):
     assert all(getattr(old, n) is getattr(new, n) for n in new.__all__)
 
 
+def test_no_module_calls_a_private_guide_method():
+    """Other modules go through the guide's public methods (plate_inputs, check_params, ...)."""
+    import re
+
+    for path in sorted((ROOT / "numpyro_pavi").rglob("*.py")):
+        if path.name == "autoguide.py":
+            continue
+        hits = re.findall(r"\bguide\._[a-z]\w*", path.read_text())
+        assert not hits, f"{path.relative_to(ROOT)} calls {sorted(set(hits))}"
+
+
 def test_readme_is_a_front_page():
     assert len((ROOT / "README.md").read_bytes()) <= 10_000
