@@ -1,10 +1,9 @@
 """The plate structure of a NumPyro model, read from one trace.
 
-:func:`model_structure` turns a trace of the model (plus, optionally, the prior dependencies
-from :func:`numpyro.infer.inspect.get_dependencies`) into an immutable
+:func:`model_structure` turns one trace of the model into an immutable
 :class:`ModelStructure`: the plates (name, dim, full size, subsample size), the latent sites
-in topological order (plates, event shape, support, unconstrained size, parents) and the
-observed sites. Everything the guide builds is derived from this description.
+in the model's order (plates, event shape, support, unconstrained size, the earlier sites
+their flows condition on) and the observed sites. Everything the guide builds is derived from this description.
 
 Layouts used throughout the package
 -----------------------------------

@@ -35,16 +35,6 @@ from numpyro.infer.util import log_density
 from numpyro_pavi.examples import exact, models
 
 
-@pytest.fixture
-def x64():
-    previous = jax.config.read("jax_enable_x64")
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", previous)
-
-
 def _log_joint(model, args, kwargs, values) -> float:
     lp, _ = log_density(model, args, kwargs, {k: jnp.asarray(v) for k, v in values.items()})
     return float(lp)

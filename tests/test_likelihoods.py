@@ -57,14 +57,6 @@ def _base_map(family, x, y, slope=False):
     return jax.jit(f)
 
 
-@pytest.fixture
-def x64():
-    previous = jax.config.read("jax_enable_x64")
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
-
-
 @pytest.mark.parametrize("family", list(likelihoods.FAMILIES))
 def test_base_derivative_is_exact(family, x64):
     x, y = likelihoods.simulate(family, groups=6, per_group=5, seed=1)
