@@ -710,9 +710,9 @@ plt.show()"""
     ),
     md(
         """NumPyro's `vsbc_diagnostic` answers a wider question (the globals too) by refitting the
-guide on every simulated data set: 10 simulations of 300 steps here, where the check asks for
+guide on every simulated data set: 8 simulations of 200 steps here, where the check asks for
 about 100 of 1,000. `reaction=None` makes `sleep_model` simulate, so VSBC fills in the data
-itself. Its KS p-values come from 10 simulations per coordinate; `local_calibration` ranked
+itself. Its KS p-values come from 8 simulations per coordinate; `local_calibration` ranked
 1,000 simulated subjects."""
     ),
     code(
@@ -729,11 +729,11 @@ vsbc = vsbc_diagnostic(
     subject,
     num_subjects=NUM_SUBJECTS,
     observed_sites=["reaction"],
-    num_simulations=10,
-    num_svi_steps=300,
+    num_simulations=8,
+    num_svi_steps=200,
     num_samples=100,
 )
-print(f"vsbc_diagnostic: {time.perf_counter() - start:.1f} s for 10 refits")
+print(f"vsbc_diagnostic: {time.perf_counter() - start:.1f} s for 8 refits")
 for name in ("intercept", "slope", "sigma"):
     print(f"  {name}: KS p-value {float(np.ravel(vsbc.ks_pvalues[name])[0]):.3f}")
 print(f"  ab (subjects x 2): median KS p-value {np.median(np.asarray(vsbc.ks_pvalues['ab'])):.3f}")"""

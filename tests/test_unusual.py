@@ -79,7 +79,7 @@ _RESUME = textwrap.dedent(
     import jax, numpy as np, optax
     from numpyro.infer import SVI, Trace_ELBO
     from numpyro_pavi import AutoPAVI
-from numpyro_pavi.examples import models
+    from numpyro_pavi.examples import models
     from numpyro_pavi.checkpoint import fit
 
     x = models.simulate_random_effects(jax.random.PRNGKey(0), 6, 3, 1)
