@@ -156,6 +156,7 @@ def test_zero_quantiles_and_a_partial_model_argument(fitted):
     assert np.all(np.isfinite(got["g"]["sd"]))
 
 
+@pytest.mark.slow
 def test_crossed_design_streams_one_plate_at_a_time():
     """Rows x columns (no plate holds both effects): one pass per plate, chunks of 5, the
     other plate at full size; the summary matches streamed moments of independent draws
