@@ -45,9 +45,8 @@ from numpyro import handlers
 from numpyro.distributions.transforms import biject_to
 from numpyro.primitives import Messenger
 
-from . import data as _data
 from .sampling import sample_latents
-from .structure import _is_factor, plate_sizes, seeded_model
+from .structure import _is_factor, seeded_model
 
 __all__ = ["LocalCalibration", "SiteCalibration", "local_calibration"]
 
@@ -252,8 +251,10 @@ def local_calibration(
     guide.check_params(params)
     plan = guide.plan
     structure = plan.structure
-    # the training arguments when none are given; the guide's checks of new data
-    args, kwargs = guide.plate_inputs(*args, **kwargs).model_args
+    # the training arguments when none are given, the guide's checks of the data, and the
+    # full-plate trace, sizes, indices and bound arguments every replicate samples on
+    inputs = guide.plate_inputs(*args, **kwargs)
+    args, kwargs = inputs.model_args
     holding = [p for p in structure.plates if any(p in s.plates for s in structure.latent.values())]
     if plates is None:
         plates = holding
@@ -279,12 +280,9 @@ def local_calibration(
         with handlers.block():
             return handlers.trace(seeded_model(model, k, data, full_plates=True)).get_trace(*args, **kwargs)
 
-    train = full_trace(plan.model, {}, 0)
-    _data.check_observed_finite(train)
-    sizes = {name: info.size for name, info in structure.plates.items()}
-    sizes.update({n: s for n, s in plate_sizes(train).items() if n in sizes})
-    indices = {name: jnp.arange(size) for name, size in sizes.items()}
-    bound = _data.bind_arguments(guide.model, args, kwargs) if guide.ragged else {}
+    sizes, indices, train, bound = inputs.sizes, inputs.indices, inputs.trace, inputs.bound
+    if train is None:  # a model without arguments: its observed values are its defaults
+        train = full_trace(plan.model, {}, 0)
     observed = [n for n, s in train.items() if s["type"] == "sample" and s["is_observed"] and not _is_factor(s)]
     model_args = (args, kwargs)
 
