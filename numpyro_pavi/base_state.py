@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .laplace import NEWTON_STEPS, NewtonReport, log_joint, newton_iterate
+from .laplace import NEWTON_STEPS, NewtonReport, _grad_and_blocks, _precision_chol, log_joint, newton_iterate
 from .structure import LatentSite, ModelStructure
 
 __all__ = ["LaplaceState", "StoredSpec", "global_vector", "init_state", "refresh", "stored_base", "stored_spec"]
@@ -51,6 +51,9 @@ MAX_GLOBAL_DIM = 64
 #: the prior means); warm refreshes carry the convergence over from one to the next.
 WARM_SWEEPS = 2
 COLD_SWEEPS = 200
+#: Largest change of a stored base's log width between refreshes (the first-order
+#: expansion in the globals is clipped there).
+MAX_LOG_WIDTH_CHANGE = 3.0
 #: A refresh stops sweeping once no element's mode (or derivative) moved by more than this
 #: many of its sds in a sweep.
 SETTLED = 1e-4
@@ -76,6 +79,8 @@ class LaplaceState(NamedTuple):
     :ivar mode: ``{site: (*sizes, d)}`` the joint mode (canonical unconstrained values).
     :ivar chol: ``{site: (*sizes, d, d)}`` Cholesky factors of each element's precision there.
     :ivar jac: ``{site: (*sizes, d, k)}`` derivative of the mode with respect to ``anchor``.
+    :ivar dchol: ``{site: (*sizes, d, d, k)}`` derivative of ``chol`` with respect to
+        ``anchor`` (the mode moving along ``jac``).
     :ivar decrement: ``{site: (*sizes)}`` Newton decrement at the last refresh.
     :ivar concave: ``{site: (*sizes)}`` whether the curvature there was negative definite.
     :ivar anchor: ``(k,)`` the globals' unconstrained values at the last refresh.
@@ -85,6 +90,7 @@ class LaplaceState(NamedTuple):
     mode: dict
     chol: dict
     jac: dict
+    dchol: dict
     decrement: dict
     concave: dict
     anchor: jax.Array
@@ -142,16 +148,17 @@ def init_state(structure: ModelStructure, spec: StoredSpec) -> LaplaceState:
     first call refreshes from scratch)."""
     latent = structure.latent
     k = _global_dim([latent[g] for g in spec.globals])
-    mode, chol, jac, dec, conc = {}, {}, {}, {}, {}
+    mode, chol, jac, dchol, dec, conc = {}, {}, {}, {}, {}, {}
     for name in spec.sites:
         site = latent[name]
         shape, d = _sizes(structure, site), site.dim
         mode[name] = jnp.zeros(shape + (d,))
         chol[name] = jnp.broadcast_to(jnp.eye(d), shape + (d, d))
         jac[name] = jnp.zeros(shape + (d, k))
+        dchol[name] = jnp.zeros(shape + (d, d, k))
         dec[name] = jnp.full(shape, jnp.inf)
         conc[name] = jnp.zeros(shape, bool)
-    return LaplaceState(mode, chol, jac, dec, conc, jnp.zeros((k,)), jnp.zeros((), jnp.int32))
+    return LaplaceState(mode, chol, jac, dchol, dec, conc, jnp.zeros((k,)), jnp.zeros((), jnp.int32))
 
 
 def global_vector(structure: ModelStructure, spec: StoredSpec, unc: Mapping) -> jax.Array:
@@ -235,8 +242,38 @@ def refresh(
 
         if k:
             jac = _until_settled(tangent_sweep, dict(jac), sweeps, lambda j: (j, chols))
-    new = LaplaceState(modes, chols, jac, decs, concs, theta, state.count)
+        chols, dchol = _precisions(logp, sites, modes, theta, jac)
+    else:
+        dchol = state.dchol
+    new = LaplaceState(modes, chols, jac, dchol, decs, concs, theta, state.count)
     return jax.lax.stop_gradient(new)
+
+
+def _precisions(logp, sites, modes: dict, theta: jax.Array, jac: dict):
+    """Each site's precision factor at the joint mode, ``{site: (*sizes, d, d)}``, and its
+    derivative with respect to the globals, the mode moving along ``jac``,
+    ``{site: (*sizes, d, d, k)}`` (one forward-mode pass per global coordinate).
+
+    Without it a stored base's width is frozen at the anchor's globals, and the gradient
+    misses how the width follows them: on epil, whose observation-level effects are as wide
+    as their prior scale allows, the fit ended 10 nats worse than with per-step bases."""
+
+    def chols_at(modes, th):
+        out = {}
+        for s in sites:
+            _, h = _grad_and_blocks(lambda z, name=s.name: logp(name, z, modes, th), modes[s.name])
+            out[s.name] = _precision_chol(h)
+        return out
+
+    k = theta.shape[0]
+    if not k:
+        chols = chols_at(modes, theta)
+        return chols, {n: c[..., None] * 0.0 for n, c in chols.items()}
+    dmodes = {n: jnp.moveaxis(jac[n], -1, 0) for n in jac}
+    chols, dchols = jax.vmap(
+        lambda dm, dt: jax.jvp(chols_at, (modes, theta), (dm, dt)), out_axes=(None, 0)
+    )(dmodes, jnp.eye(k, dtype=theta.dtype))
+    return chols, {n: jnp.moveaxis(d, 0, -1) for n, d in dchols.items()}
 
 
 def _until_settled(sweep, carry, max_sweeps, scaled):
@@ -279,5 +316,15 @@ def stored_base(state: LaplaceState, site: LatentSite, indices: Mapping, theta: 
     :return: ``m (*grid, d)`` and ``L (*grid, d, d)``.
     """
     at = jnp.ix_(*(indices[p] for p in site.plates))
-    mode, jac, chol = state.mode[site.name][at], state.jac[site.name][at], state.chol[site.name][at]
-    return mode + jac @ (theta - state.anchor), chol
+    name = site.name
+    mode, jac, chol, dchol = state.mode[name][at], state.jac[name][at], state.chol[name][at], state.dchol[name][at]
+    delta = theta - state.anchor
+    lin = dchol @ delta  # (*grid, d, d)
+    # first order in the globals, the diagonal through exp so the factor stays positive
+    # however far a draw lies from the anchor (same value and derivative at the anchor)
+    d = chol.shape[-1]
+    diag = jnp.diagonal(chol, axis1=-2, axis2=-1)
+    rate = jnp.clip(jnp.diagonal(lin, axis1=-2, axis2=-1) / diag, -MAX_LOG_WIDTH_CHANGE, MAX_LOG_WIDTH_CHANGE)
+    eye = jnp.eye(d, dtype=chol.dtype)
+    chol = (chol + lin) * (1.0 - eye) + eye * (diag * jnp.exp(rate))[..., None, :]
+    return mode + jac @ delta, chol

@@ -191,15 +191,58 @@ def _precision_chol(h: jax.Array, with_concave: bool = False):
     """
     p = -0.5 * (h + jnp.swapaxes(h, -1, -2))
     d = p.shape[-1]
-    low = jnp.linalg.eigvalsh(jax.lax.stop_gradient(p))[..., 0]
+    low = _smallest_eigenvalue(jax.lax.stop_gradient(p))
     lift = jnp.maximum(MIN_PRECISION - low, 0.0)
-    chol = jnp.linalg.cholesky(p + lift[..., None, None] * jnp.eye(d))
+    chol = _cholesky(p + lift[..., None, None] * jnp.eye(d))
     return (chol, low > 0) if with_concave else chol
 
 
+# Scalar and 2 x 2 elements (random intercepts; an intercept with a slope) take closed forms:
+# LAPACK's batched eigensolver and Cholesky run one small call per element on a CPU, which
+# made them a large share of a step on small models.
+def _smallest_eigenvalue(p: jax.Array) -> jax.Array:
+    """Smallest eigenvalue of symmetric ``p (*grid, d, d)``."""
+    d = p.shape[-1]
+    if d == 1:
+        return p[..., 0, 0]
+    if d == 2:
+        a, b, c = p[..., 0, 0], p[..., 1, 0], p[..., 1, 1]
+        return 0.5 * (a + c) - jnp.sqrt(0.25 * (a - c) ** 2 + b**2)
+    return jnp.linalg.eigvalsh(p)[..., 0]
+
+
+def _cholesky(p: jax.Array) -> jax.Array:
+    """Lower Cholesky factor of positive definite ``p (*grid, d, d)``."""
+    d = p.shape[-1]
+    if d == 1:
+        return jnp.sqrt(p)
+    if d == 2:
+        l11 = jnp.sqrt(p[..., 0, 0])
+        l21 = p[..., 1, 0] / l11
+        l22 = jnp.sqrt(jnp.maximum(p[..., 1, 1] - l21**2, 0.0))
+        zero = jnp.zeros_like(l11)
+        return jnp.stack([jnp.stack([l11, zero], -1), jnp.stack([l21, l22], -1)], -2)
+    return jnp.linalg.cholesky(p)
+
+
+def solve_lower(chol: jax.Array, v: jax.Array, transpose: bool = False) -> jax.Array:
+    """``L^{-1} v`` (or ``L^{-T} v``) for lower triangular ``L (*grid, d, d)``, ``v (*grid, d)``."""
+    d = chol.shape[-1]
+    if d == 1:
+        return v / chol[..., 0]
+    if d == 2:
+        l11, l21, l22 = chol[..., 0, 0], chol[..., 1, 0], chol[..., 1, 1]
+        if transpose:  # L^T = [[l11, l21], [0, l22]]
+            x2 = v[..., 1] / l22
+            return jnp.stack([(v[..., 0] - l21 * x2) / l11, x2], -1)
+        x1 = v[..., 0] / l11
+        return jnp.stack([x1, (v[..., 1] - l21 * x1) / l22], -1)
+    return jax.scipy.linalg.solve_triangular(chol, v[..., None], lower=True, trans=1 if transpose else 0)[..., 0]
+
+
 def _newton_step(g: jax.Array, chol: jax.Array) -> jax.Array:
-    """The Newton step ``P^{-1} g``."""
-    return jax.scipy.linalg.cho_solve((chol, True), g[..., None])[..., 0]
+    """The Newton step ``P^{-1} g = L^{-T} L^{-1} g``."""
+    return solve_lower(chol, solve_lower(chol, g), transpose=True)
 
 
 def _length(s: jax.Array, chol: jax.Array) -> jax.Array:

@@ -364,7 +364,8 @@ def build_plan(
         if laplace:
             loc = jnp.zeros_like(loc)
         skip = _encoding_skip(structure, site, width, laplace)
-        init_values[f"{name}_{options.prefix}_flow"] = flow.init(k, loc=loc, skip=skip)
+        # compiled: eagerly, each of the flow's initializers' ops compiles on first use
+        init_values[f"{name}_{options.prefix}_flow"] = jax.jit(flow.init)(k, loc=loc, skip=skip)
     for k, (plate_set, src) in zip(keys[len(structure.latent) :], sources.items()):
         _init_encoding(no_encoding, k, plate_set, src, features, structure, options, init_values)
     return GuidePlan(
@@ -409,7 +410,8 @@ def probe_laplace(
 
         start = reference_trace(model, {**plates, **before}, args, kwargs)[site.name]["value"]
         z0 = site.to_canonical(biject_to(site.support).inv(start))
-        converged = newton_iterate(logp, z0)[2].converged()
+        # compiled as one program: run eagerly, every op of the loop compiles on first use
+        converged = jax.jit(lambda z, logp=logp: newton_iterate(logp, z)[2].converged())(z0)
         out[site.name] = float(_data.scored_mean(site, converged, trace.get(site.name)))
     return out
 

@@ -23,7 +23,7 @@ from numpyro.distributions.transforms import biject_to
 from . import base_state as _state
 from . import data as _data
 from .encoders import readout
-from .laplace import NEWTON_STEPS, finite_cotangent, log_joint, newton_base, reference_trace
+from .laplace import NEWTON_STEPS, finite_cotangent, log_joint, newton_base, reference_trace, solve_lower
 from .plan import GuidePlan, encoder_key, encoder_levels
 from .structure import LatentSite
 
@@ -209,7 +209,7 @@ def _sample_site(plan: GuidePlan, site, params, enc, unc, centers, noise, chunk_
         # x = m + L^{-T} u, so log q(x) = log q(u) + log|det L|; m and L are functions of
         # the sampled parents only (no variational parameter), so they keep their gradients
         u = x
-        x = m + jax.scipy.linalg.solve_triangular(chol, u[..., None], lower=True, trans=1)[..., 0]
+        x = m + solve_lower(chol, u, transpose=True)
         logdet = jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), -1)
         return jnp.concatenate([x, u], -1), logq + logdet
 
@@ -347,7 +347,12 @@ def sample_latents(
         if plan.stored is not None and name in plan.stored.sites:
             if theta is None:
                 theta = _state.global_vector(plan.structure, plan.stored, unc)
-                laplace_state = _advance(plan, laplace_state, theta, model_args, with_state)
+                # training refreshes at the globals' center (their flows at zero noise), not
+                # at this step's draw: the first-order expansion is then taken where the
+                # draws are, not up to a few sds to one side of them
+                center = {g: unc[g] if centers.get(g) is None else centers[g] for g in plan.stored.globals}
+                anchor = _state.global_vector(plan.structure, plan.stored, center)
+                laplace_state = _advance(plan, laplace_state, theta, anchor, model_args, with_state)
             base = _state.stored_base(laplace_state, site, indices, theta)
             reports[name] = laplace_state.report(name, tuple(indices[p] for p in site.plates))
         elif plan.on_laplace(site):
@@ -376,8 +381,10 @@ def _held(x: jax.Array, base, center, grid: tuple):
     return x, jnp.zeros(grid), center
 
 
-def _advance(plan: GuidePlan, state, theta: jax.Array, model_args, training: bool):
-    """The stored bases this call samples from (see :func:`sample_latents`)."""
+def _advance(plan: GuidePlan, state, theta: jax.Array, anchor: jax.Array, model_args, training: bool):
+    """The stored bases this call samples from (see :func:`sample_latents`): in training,
+    the state refreshed at ``anchor`` every ``plan.stored.period`` calls; for a posterior
+    without a state, the exact conditional mode at this draw's globals ``theta``."""
     if model_args is None:
         raise ValueError(
             "Stored Laplace bases need the model's arguments: pass them "
@@ -394,7 +401,7 @@ def _advance(plan: GuidePlan, state, theta: jax.Array, model_args, training: boo
     sweeps = jnp.where(state.count == 0, _state.COLD_SWEEPS, _state.WARM_SWEEPS)
     state = jax.lax.cond(
         state.count % spec.period == 0,
-        lambda s: _state.refresh(plan.model, structure, spec, s, theta, model_args, sweeps=sweeps),
+        lambda s: _state.refresh(plan.model, structure, spec, s, anchor, model_args, sweeps=sweeps),
         lambda s: s,
         state,
     )

@@ -207,3 +207,46 @@ def test_streamed_summary_of_a_long_format_fit(fitted, data):
         z = np.abs(summ[site]["mean"] - x.mean(0)) / x.std(0)
         assert z.max() < 0.25, (site, z.max())
         np.testing.assert_allclose(summ[site]["sd"], x.std(0), rtol=0.15)
+
+
+def scale_model(s, l, y, batch=None):
+    """``long_model`` with the students' sd a latent ``tau``: their precision depends on a global."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    tau = numpyro.sample("tau", dist.HalfNormal(1.0))
+    with numpyro.plate("students", S):
+        a = numpyro.sample("a", dist.Normal(0.0, tau))
+    with numpyro.plate("lecturers", L):
+        b = numpyro.sample("b", dist.Normal(0.0, SD_B))
+    with numpyro.plate("ratings", y.shape[0], subsample_size=batch) as r:
+        numpyro.sample("y", dist.Normal(mu + a[s[r]] + b[l[r]], SD_Y), obs=y[r])
+
+
+def test_stored_width_follows_the_globals(data):
+    """A stored base's precision factor carries its derivative in the globals: here a
+    student's precision is ``1/tau^2 + n/sd_y^2`` (``n`` its rows), exactly; at another
+    ``tau`` the stored base's factor is that expansion, and its gradient the exact one."""
+    s, l, y = data
+    guide = AutoPAVI(scale_model)
+    with numpyro.handlers.seed(rng_seed=0):
+        guide._setup_prototype(s, l, y, 100)
+    spec, structure = guide.plan.stored, guide.structure
+    assert spec.globals == ("mu", "tau")
+    theta = jnp.array([0.3, np.log(0.6)])
+    state = refresh(scale_model, structure, spec, init_state(structure, spec), theta, ((s, l, y, 100), {}), sweeps=400)
+    n = np.bincount(np.asarray(s), minlength=S)
+
+    def exact_chol(log_tau):
+        return np.sqrt(np.exp(-2 * log_tau) + n / SD_Y**2)
+
+    np.testing.assert_allclose(state.chol["a"][:, 0, 0], exact_chol(np.log(0.6)), rtol=1e-4)
+    deriv = -np.exp(-2 * np.log(0.6)) / exact_chol(np.log(0.6))
+    np.testing.assert_allclose(state.dchol["a"][:, 0, 0, 1], deriv, rtol=1e-3)
+    np.testing.assert_allclose(state.dchol["a"][:, 0, 0, 0], 0.0, atol=1e-5)  # mu: no effect on widths
+    idx = {"students": jnp.arange(S), "lecturers": jnp.arange(L)}
+    site = structure.latent["a"]
+    for step in (0.05, -0.2):
+        _, chol = stored_base(state, site, idx, theta + jnp.array([0.0, step]))
+        # first order, the diagonal through exp: off by the second-order term only
+        np.testing.assert_allclose(chol[:, 0, 0], exact_chol(np.log(0.6) + step), rtol=3 * step**2)
+    grad = jax.grad(lambda th: stored_base(state, site, idx, th)[1].sum())(theta)
+    np.testing.assert_allclose(grad[1], deriv.sum(), rtol=1e-3)

@@ -167,6 +167,20 @@ def test_model_calls_quick(tmp_path):
     assert rows["AutoPAVI(laplace=False)"]["sample_posterior_model_calls"] == 1
 
 
+@pytest.mark.slow
+def test_step_cost_quick(tmp_path):
+    """Every guide's step, init and draw costs are measured and finite, ratios against
+    AutoNormal's in the same run."""
+    mod = _load("step_cost")
+    out = tmp_path / "s.json"
+    mod.main(["--quick", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["guide"] for r in rows] == list(mod.GUIDES)
+    for r in rows:
+        assert all(r[k] > 0 for k in ("init_s", "compile_s", "step_ms", "draw_ms")), r
+    _check_finite(rows)
+
+
 @pytest.mark.parametrize(
     "name",
     [
@@ -179,6 +193,7 @@ def test_model_calls_quick(tmp_path):
         "multidevice",
         "streamed_summary",
         "model_calls",
+        "step_cost",
     ],
 )
 def test_help(name, capsys):

