@@ -194,6 +194,7 @@ def test_step_cost_quick(tmp_path):
         "streamed_summary",
         "model_calls",
         "step_cost",
+        "draw_rate",
     ],
 )
 def test_help(name, capsys):
