@@ -728,6 +728,7 @@ class AutoPAVI(AutoGuide):
                 model_args=(args, kwargs),
                 chunk_size=self.chunk_size,
                 laplace_state=state,
+                differentiate=False,
             )
             if with_log_prob:
                 return values, logqs

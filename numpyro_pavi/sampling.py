@@ -236,7 +236,7 @@ def _sample_site(plan: GuidePlan, site, params, enc, unc, centers, noise, chunk_
     return jnp.reshape(x, out_shape), jnp.reshape(logq, grid), center
 
 
-def laplace_base(plan: GuidePlan, site: LatentSite, values: dict, indices: dict, model_args):
+def laplace_base(plan: GuidePlan, site: LatentSite, values: dict, indices: dict, model_args, differentiate: bool = True):
     """``(m, L, report)`` of ``site`` on the current elements, given the sampled ``values``
     of the sites before it (see :mod:`numpyro_pavi.laplace`); ``report`` is the
     :class:`~numpyro_pavi.laplace.NewtonReport` of its Newton problem.
@@ -273,7 +273,13 @@ def laplace_base(plan: GuidePlan, site: LatentSite, values: dict, indices: dict,
     trace = reference_trace(plan.model, {**plates, **values}, args, kwargs)
     prior = jnp.concatenate([g.to_canonical(biject_to(g.support).inv(trace[g.name]["value"])) for g in group], -1)
     m, chol, report = newton_base(
-        lambda z: logp(z, values), lambda z: logp(z, frozen), prior, NEWTON_STEPS, fallback=prior, report=True
+        lambda z: logp(z, values),
+        lambda z: logp(z, frozen),
+        prior,
+        NEWTON_STEPS,
+        fallback=prior,
+        report=True,
+        differentiate=differentiate,
     )
     if len(group) == 1:
         return m, chol, report
@@ -303,6 +309,7 @@ def sample_latents(
     laplace_state: _state.LaplaceState | None = None,
     with_state: bool = False,
     fixed: dict | None = None,
+    differentiate: bool = True,
 ):
     """Top-down sample of every latent site on the given plate elements.
 
@@ -329,6 +336,8 @@ def sample_latents(
     :param fixed: ``{site: canonical unconstrained value (*grid, d)}``: sites held at these
         values instead of sampled (their ``log q`` is 0), so the later sites are drawn from
         the guide's conditional given them (local calibration holds the globals this way).
+    :param differentiate: False where no gradient is taken (posterior draws): the per-step
+        Laplace bases skip the passes that only serve their derivative.
     :return: constrained site-layout values, canonical unconstrained values ``(*grid, d)``
         and per-element ``log q (*grid)`` (support log-det included), then the reports
         with ``with_reports``, then the new state with ``with_state``.
@@ -356,7 +365,7 @@ def sample_latents(
             base = _state.stored_base(laplace_state, site, indices, theta)
             reports[name] = laplace_state.report(name, tuple(indices[p] for p in site.plates))
         elif plan.on_laplace(site):
-            *base, reports[name] = laplace_base(plan, site, values, indices, model_args)
+            *base, reports[name] = laplace_base(plan, site, values, indices, model_args, differentiate)
         x, logq, centers[name] = _sample_site(
             plan, site, params, enc, unc, centers, noise, chunk_size, path_gradient, base
         )

@@ -195,6 +195,7 @@ def posterior_summary(
                 values, _, _ = sample_latents(
                     guide.plan, params, key, indices, trace, sizes, bound,
                     model_args=margs, chunk_size=guide.chunk_size, element_keys=True, laplace_state=stored,
+                    differentiate=False,
                 )  # fmt: skip
                 return {k: cut(k, values[k], idx) for k in names}
 

@@ -159,11 +159,12 @@ def test_model_calls_quick(tmp_path):
         assert row["retraces_in_20_steps"] == 0, name
     for name in ("AutoPAVI(laplace=False)", "AutoPAVI(encoding='free', laplace=False)"):
         assert rows[name]["svi_init_model_calls"] == 2 and rows[name]["step_traces"] == 2, rows[name]
-    # one local site (b): four more traces per step (the prior location, the Newton loop's
-    # body, the gradient at the last iterate, the curvature at the base) and, at setup, two
-    # for the convergence probe (the prior location, the loop's body)
+    # one local site (b): six more traces per step (the prior location, the Newton loop's
+    # body three times: its first two iterations run outside the loop, the gradient at the
+    # last iterate, the curvature at the base) and, at setup, four for the convergence probe
+    # (the prior location, the loop's body three times)
     laplace = rows["AutoPAVI()"]
-    assert laplace["svi_init_model_calls"] == 8 and laplace["step_traces"] == 6, laplace
+    assert laplace["svi_init_model_calls"] == 12 and laplace["step_traces"] == 8, laplace
     assert rows["AutoPAVI(laplace=False)"]["sample_posterior_model_calls"] == 1
 
 
