@@ -1,8 +1,9 @@
 """Cost of a training step, of ``svi.init`` and of a first result, guide against guide.
 
 For each small full-batch model (issue 27's list: the crossed Bernoulli, epil, sleepstudy, a
-model with 8 groups, the binomial random-intercept model of the likelihood matrix) and each
-guide, in one process:
+model with 8 groups, the binomial random-intercept model of the likelihood matrix; and, with
+``--models random_effects_1e5``, the random-effects model at 1e5 groups, 128 per step, where
+the data pass dominates) and each guide, in one process:
 
 * ``init s``: ``svi.init`` (tracing, parameter set-up, Laplace set-up where there is one);
 * ``compile s``: lowering and compiling a ``lax.scan`` of ``--block`` steps;
@@ -37,7 +38,7 @@ from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoNormal
 
 from numpyro_pavi import AutoPAVI
-from numpyro_pavi.examples import glmms
+from numpyro_pavi.examples import glmms, models
 
 GUIDES = {
     "AutoNormal": lambda m: AutoNormal(m),
@@ -89,13 +90,23 @@ def _real(loader):
     return make
 
 
+def _random_effects_data(G: int = 100_000, B: int = 128):
+    x = models.simulate_random_effects(jax.random.PRNGKey(0), G, 10, 2)
+    return (x,), {"subsample_size": B}
+
+
 MODELS = {
     "crossed_bernoulli": (glmms.crossed_bernoulli, lambda: (glmms.simulate_crossed_bernoulli(0)[0], {})),
     "epil": (glmms.poisson_glmm, _real(glmms.epil)),
     "sleepstudy": (glmms.correlated_slopes, _real(glmms.sleepstudy)),
     "eight_groups": (eight_groups, _eight_groups_data),
     "binomial_intercept": (binomial_intercept, _binomial_data),
+    # where the data pass dominates: issue 27's random-effects benchmark, 1e5 groups, 128 per step
+    "random_effects_1e5": (models.random_effects, _random_effects_data),
 }
+#: draws per timed ``sample_posterior`` where the full plates are large
+DRAWS = {"random_effects_1e5": 10}
+DEFAULT_MODELS = "crossed_bernoulli,epil,sleepstudy,eight_groups,binomial_intercept"
 
 
 def measure(model, guide_fn, args, kwargs, block: int, blocks: int, draws: int) -> dict:
@@ -120,7 +131,8 @@ def measure(model, guide_fn, args, kwargs, block: int, blocks: int, draws: int) 
         per_step.append((time.perf_counter() - t0) / block)
     step = float(np.median(per_step))
     params = svi.get_params(state)
-    sample = jax.jit(lambda k: guide.sample_posterior(k, params, *args, sample_shape=(draws,), **kwargs))
+    full = {k: v for k, v in kwargs.items() if k != "subsample_size"}  # draws over the full plates
+    sample = jax.jit(lambda k: guide.sample_posterior(k, params, *args, sample_shape=(draws,), **full))
     t0 = time.perf_counter()
     jax.block_until_ready(sample(jax.random.PRNGKey(1)))
     t_draw_compile = time.perf_counter() - t0
@@ -159,7 +171,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--models", default=DEFAULT_MODELS, help=f"comma list among {', '.join(MODELS)}")
     p.add_argument("--guides", default=",".join(GUIDES))
     p.add_argument("--block", type=int, default=200, help="steps per compiled block")
     p.add_argument("--blocks", type=int, default=5)
@@ -178,7 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         args, kwargs = data
         for g in a.guides.split(","):
-            r = {"model": name, "guide": g, **measure(model, GUIDES[g], args, kwargs, a.block, a.blocks, a.draws)}
+            draws = min(a.draws, DRAWS.get(name, a.draws))
+            r = {"model": name, "guide": g, **measure(model, GUIDES[g], args, kwargs, a.block, a.blocks, draws)}
             print(r, flush=True)
             rows.append(r)
     print(table(rows))

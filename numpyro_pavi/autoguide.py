@@ -220,7 +220,7 @@ class AutoPAVI(AutoGuide):
         with no declaration, at the price of ``1 + d`` passes through the model per Newton
         iteration (they stop when every element has converged: one for a Gaussian
         likelihood, at most ``NEWTON_STEPS``) plus about ``3 + d`` for the differentiated
-        base, per local site and step. A site whose Newton problems mostly fail to converge
+        base, per local site and step (posterior draws skip the latter). A site whose Newton problems mostly fail to converge
         at setup (a non-smooth likelihood) loses its base, with a
         :class:`~numpyro_pavi.LaplaceWarning`; see :meth:`check_bases`. With ``encoding="auto"``, plate
         sets with no data inside them get no encoding (``laplace=False``: free ones).
