@@ -21,10 +21,13 @@ SD_A, SD_B, SD_Y = 0.5, 0.7, 0.8
 S, L, N = 30, 20, 600
 
 
-def long_model(s, l, y, batch=None):
+def long_model(s, l, y, batch=None, latent_sd=False):
+    """Crossed intercepts in long format; with ``latent_sd`` the students' sd is a latent
+    ``tau``, so their precision depends on a global."""
     mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    sd_a = numpyro.sample("tau", dist.HalfNormal(1.0)) if latent_sd else SD_A
     with numpyro.plate("students", S):
-        a = numpyro.sample("a", dist.Normal(0.0, SD_A))
+        a = numpyro.sample("a", dist.Normal(0.0, sd_a))
     with numpyro.plate("lecturers", L):
         b = numpyro.sample("b", dist.Normal(0.0, SD_B))
     with numpyro.plate("ratings", y.shape[0], subsample_size=batch) as r:
@@ -210,15 +213,7 @@ def test_streamed_summary_of_a_long_format_fit(fitted, data):
 
 
 def scale_model(s, l, y, batch=None):
-    """``long_model`` with the students' sd a latent ``tau``: their precision depends on a global."""
-    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
-    tau = numpyro.sample("tau", dist.HalfNormal(1.0))
-    with numpyro.plate("students", S):
-        a = numpyro.sample("a", dist.Normal(0.0, tau))
-    with numpyro.plate("lecturers", L):
-        b = numpyro.sample("b", dist.Normal(0.0, SD_B))
-    with numpyro.plate("ratings", y.shape[0], subsample_size=batch) as r:
-        numpyro.sample("y", dist.Normal(mu + a[s[r]] + b[l[r]], SD_Y), obs=y[r])
+    return long_model(s, l, y, batch, latent_sd=True)
 
 
 def test_stored_width_follows_the_globals(data):
