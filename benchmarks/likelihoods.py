@@ -100,7 +100,9 @@ def nuts(family, slope, x, y, warmup, samples, seed=0):
 
 
 def fit(guide, family, slope, x, y, lr, steps, key=0):
-    """``(params, losses, seconds, Laplace warnings)``: constant Adam, one compiled scan."""
+    """``(params, losses, seconds, Laplace warnings, check_bases report)``: constant Adam, one
+    compiled scan; the report (AutoPAVI only, 40 posterior draws) includes the share of
+    element-draws with a higher mode next to their base's."""
     svi = SVI(model, guide, optax.adam(lr), Trace_ELBO())
     kw = dict(family=family, slope=slope)
     with warnings.catch_warnings(record=True) as caught:
@@ -112,10 +114,9 @@ def fit(guide, family, slope, x, y, lr, steps, key=0):
         state, losses = run(state)
         losses = np.asarray(jax.block_until_ready(losses))
         secs = time.perf_counter() - t0
-        if isinstance(guide, AutoPAVI):
-            guide.check_bases(svi.get_params(state), x, y, **kw)
-    noted = sorted({str(w.message).split(".")[0] for w in caught if "Laplace" in str(w.message)})
-    return svi.get_params(state), losses, secs, noted
+        bases = guide.check_bases(svi.get_params(state), x, y, num_samples=40, **kw) if isinstance(guide, AutoPAVI) else {}
+    noted = sorted({str(w.message).split(".")[0].split(":")[0] for w in caught if "Laplace" in str(w.message)})
+    return svi.get_params(state), losses, secs, noted, bases
 
 
 def score(ref: dict, draws: dict) -> dict:
@@ -143,7 +144,7 @@ def one_family(family, slope, args) -> dict:
     row = {"family": family, "slope": slope, "nuts_s": time.perf_counter() - t0}
     for label, make in (("AutoPAVI", AutoPAVI), ("AutoNormal", AutoNormal)):
         guide = make(model)
-        params, losses, secs, noted = fit(guide, family, slope, x, y, args.lr, args.steps)
+        params, losses, secs, noted, bases = fit(guide, family, slope, x, y, args.lr, args.steps)
         draws = guide.sample_posterior(
             jax.random.PRNGKey(1), params, x, y, family=family, slope=slope, sample_shape=(args.draws,)
         )
@@ -154,6 +155,7 @@ def one_family(family, slope, args) -> dict:
             "train_s": secs,
             "ms_per_step": 1e3 * secs / args.steps,
             "warnings": noted,
+            "bases": bases,
             **s,
         }
     pavi, normal = row["AutoPAVI"], row["AutoNormal"]
@@ -166,19 +168,21 @@ def one_family(family, slope, args) -> dict:
 def table(rows) -> str:
     head = (
         "| likelihood | slope | PAVI loss | AutoNormal loss | excess | PAVI median z | PAVI max global z"
-        " | AutoNormal median z | AutoNormal max global z | ms/step PAVI / AN | pass | warnings |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|"
+        " | AutoNormal median z | AutoNormal max global z | ms/step PAVI / AN | pass | multimodal % | warnings |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     num = lambda v: float("nan") if v is None else v  # non-finite values are stored as null
     for r in rows:
-        p, n = ({k: num(v) if k != "warnings" else v for k, v in r[g].items()} for g in ("AutoPAVI", "AutoNormal"))
+        p, n = ({k: v if k in ("warnings", "bases") else num(v) for k, v in r[g].items()} for g in ("AutoPAVI", "AutoNormal"))
+        shares = [b.get("multimodal") for b in p.get("bases", {}).values()]
+        multi = "/".join("-" if v is None or v != v else f"{100 * v:.1f}" for v in shares) or "-"
         r = {**r, "loss_excess_rel": num(r["loss_excess_rel"])}
         lines.append(
             f"| {r['family']} | {'yes' if r['slope'] else 'no'} | {p['loss_last100']:.2f} | {n['loss_last100']:.2f}"
             f" | {100 * r['loss_excess_rel']:+.2f}% | {p['median']:.3f} | {p['max_global']:.3f}"
             f" | {n['median']:.3f} | {n['max_global']:.3f} | {p['ms_per_step']:.3f} / {n['ms_per_step']:.3f}"
-            f" | {'yes' if r['pass'] else '**no**'} | {'; '.join(p['warnings']) or '-'} |"
+            f" | {'yes' if r['pass'] else '**no**'} | {multi} | {'; '.join(p['warnings']) or '-'} |"
         )
     return "\n".join(lines)
 

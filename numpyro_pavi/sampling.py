@@ -23,7 +23,16 @@ from numpyro.distributions.transforms import biject_to
 from . import base_state as _state
 from . import data as _data
 from .encoders import readout
-from .laplace import NEWTON_STEPS, finite_cotangent, log_joint, newton_base, reference_trace, solve_lower
+from .laplace import (
+    NEWTON_STEPS,
+    _grad_and_blocks,
+    at_least,
+    finite_cotangent,
+    log_joint,
+    newton_base,
+    reference_trace,
+    solve_lower,
+)
 from .plan import GuidePlan, encoder_key, encoder_levels
 from .structure import LatentSite
 
@@ -236,7 +245,15 @@ def _sample_site(plan: GuidePlan, site, params, enc, unc, centers, noise, chunk_
     return jnp.reshape(x, out_shape), jnp.reshape(logq, grid), center
 
 
-def laplace_base(plan: GuidePlan, site: LatentSite, values: dict, indices: dict, model_args, differentiate: bool = True):
+def laplace_base(
+    plan: GuidePlan,
+    site: LatentSite,
+    values: dict,
+    indices: dict,
+    model_args,
+    differentiate: bool = True,
+    probe_modes: bool = False,
+):
     """``(m, L, report)`` of ``site`` on the current elements, given the sampled ``values``
     of the sites before it (see :mod:`numpyro_pavi.laplace`); ``report`` is the
     :class:`~numpyro_pavi.laplace.NewtonReport` of its Newton problem.
@@ -280,7 +297,21 @@ def laplace_base(plan: GuidePlan, site: LatentSite, values: dict, indices: dict,
         fallback=prior,
         report=True,
         differentiate=differentiate,
+        probe_modes=probe_modes,
     )
+
+    def log_prior(z):
+        # the group's own prior given its parents (no likelihood, no model pass)
+        lp = 0.0
+        for g, part in zip(group, jnp.split(z, cuts, axis=-1)):
+            value, ld = g.constrain(part)
+            lp = lp + jnp.sum(trace[g.name]["fn"].log_prob(value)) + jnp.sum(ld)
+        return lp
+
+    # never wider than the prior (see laplace.at_least): where the likelihood is convex at
+    # the base (a mixture's shoulder, an unconverged element) its curvature alone is not
+    _, prior_blocks = _grad_and_blocks(log_prior, m)
+    chol = at_least(chol, -0.5 * (prior_blocks + jnp.swapaxes(prior_blocks, -1, -2)))
     if len(group) == 1:
         return m, chol, report
     d, total = site.dim, m.shape[-1]
@@ -310,6 +341,7 @@ def sample_latents(
     with_state: bool = False,
     fixed: dict | None = None,
     differentiate: bool = True,
+    probe_modes: bool = False,
 ):
     """Top-down sample of every latent site on the given plate elements.
 
@@ -338,6 +370,8 @@ def sample_latents(
         the guide's conditional given them (local calibration holds the globals this way).
     :param differentiate: False where no gradient is taken (posterior draws): the per-step
         Laplace bases skip the passes that only serve their derivative.
+    :param probe_modes: the reports also say which elements have a higher mode next to
+        their base's (:func:`~numpyro_pavi.laplace.higher_modes`; diagnostics only).
     :return: constrained site-layout values, canonical unconstrained values ``(*grid, d)``
         and per-element ``log q (*grid)`` (support log-det included), then the reports
         with ``with_reports``, then the new state with ``with_state``.
@@ -365,7 +399,7 @@ def sample_latents(
             base = _state.stored_base(laplace_state, site, indices, theta)
             reports[name] = laplace_state.report(name, tuple(indices[p] for p in site.plates))
         elif plan.on_laplace(site):
-            *base, reports[name] = laplace_base(plan, site, values, indices, model_args, differentiate)
+            *base, reports[name] = laplace_base(plan, site, values, indices, model_args, differentiate, probe_modes)
         x, logq, centers[name] = _sample_site(
             plan, site, params, enc, unc, centers, noise, chunk_size, path_gradient, base
         )

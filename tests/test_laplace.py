@@ -298,3 +298,37 @@ def test_small_block_closed_forms_match_lapack(d):
 
     sym = lambda f: lambda q: f(0.5 * (q + jnp.swapaxes(q, -1, -2)))  # noqa: E731
     np.testing.assert_allclose(jax.grad(sym(ours))(p), jax.grad(sym(lapack))(p), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("d", [1, 2])
+def test_at_least_lifts_only_where_the_floor_binds_and_is_differentiable(d, x64):
+    """``at_least(L, F)``: ``L`` itself where ``lmin(P) >= lmin(F)``; elsewhere the factor of
+    ``P + (lmin(F) - lmin(P)) I``, whose smallest eigenvalue is then ``lmin(F)``; its
+    derivative matches central finite differences, including an isotropic floor (repeated
+    eigenvalues, where the closed form's square root has no finite derivative)."""
+    from numpyro_pavi.laplace import _cholesky, _smallest_eigenvalue, at_least
+
+    rng = np.random.default_rng(d)
+    a = rng.normal(size=(30, d, d))
+    p = jnp.asarray(a @ np.swapaxes(a, -1, -2) + 0.05 * np.eye(d))
+    level = float(np.median(np.linalg.eigvalsh(np.asarray(p))[:, 0]))  # binds for half of them
+    floor = jnp.broadcast_to(level * jnp.eye(d), p.shape)  # isotropic: repeated eigenvalues
+    out = at_least(_cholesky(p), floor)
+    binds = np.asarray(_smallest_eigenvalue(p)) < level
+    assert binds.any() and (~binds).any()
+    np.testing.assert_array_equal(np.asarray(out)[~binds], np.asarray(_cholesky(p))[~binds])
+    lifted = np.asarray(jnp.einsum("...ij,...kj->...ik", out, out))[binds]
+    np.testing.assert_allclose(np.linalg.eigvalsh(lifted)[:, 0], level, rtol=1e-8)
+
+    def f(t):  # a path through both regimes
+        q = p * t[0] + jnp.eye(d) * t[1]
+        return at_least(_cholesky(q), floor * t[2]).reshape(-1)
+
+    t0 = jnp.array([1.0, 0.3, 1.1])
+    jac = jax.jacfwd(f)(t0)
+    h = 1e-6
+    for i in range(3):
+        e = jnp.zeros(3).at[i].set(h)
+        fd = (f(t0 + e) - f(t0 - e)) / (2 * h)
+        np.testing.assert_allclose(np.asarray(jac[:, i]), np.asarray(fd), rtol=1e-5, atol=1e-6)
+        assert np.all(np.isfinite(np.asarray(jax.jacrev(f)(t0))))
