@@ -397,13 +397,15 @@ def newton_iterate(logp_frozen: Callable, z_init: jax.Array, max_steps: int = NE
 def _rise(logp_frozen: Callable, a: jax.Array, b: jax.Array) -> jax.Array:
     """Per element, ``log p(b) - log p(a)`` ``(*grid)``: the slope integrated along the
     segment (Gauss-Legendre), since the model gives per-element gradients, not values."""
-    nodes, weights = _GAUSS_LEGENDRE
+    nodes, weights = (jnp.asarray(v, a.dtype) for v in _GAUSS_LEGENDRE)
     delta = b - a
-    total = jnp.zeros(a.shape[:-1], a.dtype)
-    for t, w in zip(nodes, weights):
+
+    def node(total, tw):  # one traced gradient for all the nodes: a scan, not an unrolled loop
+        t, w = tw
         g = jax.grad(logp_frozen)(a + 0.5 * (t + 1.0) * delta)
-        total = total + 0.5 * w * jnp.sum(g * delta, -1)
-    return total
+        return total + 0.5 * w * jnp.sum(g * delta, -1), None
+
+    return jax.lax.scan(node, jnp.zeros(a.shape[:-1], a.dtype), (nodes, weights))[0]
 
 
 def higher_modes(
@@ -432,15 +434,23 @@ def higher_modes(
     d = z.shape[-1]
     eye = jnp.eye(d, dtype=z.dtype)
     ok = rep.converged()
-    start, found = z, jnp.zeros(z.shape[:-1], bool)
-    for r in PROBE_RADII_SDS:
-        for sign in (1.0, -1.0):
-            for j in range(d):
-                delta = solve_lower(chol, jnp.broadcast_to(sign * r * eye[j], z.shape), transpose=True)
-                g = jax.grad(logp_frozen)(z + delta)
-                away = ok & ~found & (jnp.sum(g * delta, -1) > 0)
-                start = jnp.where(away[..., None], z + delta, start)
-                found = found | away
+    # (probes, *grid, d), in order of radius: the first probe pointing away is the restart
+    deltas = jnp.stack(
+        [
+            solve_lower(chol, jnp.broadcast_to(sign * r * eye[j], z.shape), transpose=True)
+            for r in PROBE_RADII_SDS
+            for sign in (1.0, -1.0)
+            for j in range(d)
+        ]
+    )
+
+    def probe(carry, delta):  # one traced gradient for all the probes (compile time)
+        start, found = carry
+        g = jax.grad(logp_frozen)(z + delta)
+        away = ok & ~found & (jnp.sum(g * delta, -1) > 0)
+        return (jnp.where(away[..., None], z + delta, start), found | away), None
+
+    (start, found), _ = jax.lax.scan(probe, (z, jnp.zeros(z.shape[:-1], bool)), deltas)
 
     def restart(_):
         z1, _, rep1 = newton_iterate(logp_frozen, start, max_steps)
