@@ -72,6 +72,7 @@ def fitted(data):
     return train(data, 300)
 
 
+@pytest.mark.slow  # quick tier <= 8 min on 2 cores: runs in the slow tier
 def test_spec_finds_long_format_sites(data):
     s, l, y = data
     guide = AutoPAVI(long_model)
@@ -103,6 +104,7 @@ def test_spec_finds_long_format_sites(data):
     assert g.plan.stored is None
 
 
+@pytest.mark.slow  # quick tier <= 8 min on 2 cores: runs in the slow tier
 def test_refresh_is_the_exact_joint_mode_and_derivative(data):
     """From scratch, a refresh gives the joint conditional mode of (a, b) given mu from all
     rows, its derivative in mu and each element's conditional precision, to float32."""
@@ -216,6 +218,7 @@ def scale_model(s, l, y, batch=None):
     return long_model(s, l, y, batch, latent_sd=True)
 
 
+@pytest.mark.slow  # quick tier <= 8 min on 2 cores: runs in the slow tier
 def test_stored_width_follows_the_globals(data):
     """A stored base's precision factor carries its derivative in the globals: here a
     student's precision is ``1/tau^2 + n/sd_y^2`` (``n`` its rows), exactly; at another

@@ -73,6 +73,7 @@ def test_log_det_matches_slogdet_of_jacobian(case):
     np.testing.assert_allclose(logdet, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # quick tier <= 8 min on 2 cores: runs in the slow tier
 @SETTINGS
 @given(cases)
 def test_inverse_undoes_forward_on_extreme_inputs(case):

@@ -109,6 +109,7 @@ def test_non_smooth_likelihood_loses_its_base_with_a_warning():
     assert np.all(np.isfinite(np.asarray(result.losses)))
 
 
+@pytest.mark.slow  # quick tier <= 8 min on 2 cores: runs in the slow tier
 def test_training_and_check_bases_warn_where_elements_do_not_converge():
     """A site kept on its base whose elements stop converging (here: the Laplace likelihood
     with the setup decision overridden) warns once during training, naming the site, and
@@ -223,6 +224,7 @@ def test_higher_modes_flags_exactly_the_elements_on_a_lower_mode():
     np.testing.assert_array_equal(np.asarray(flagged), [False, True, False])
 
 
+@pytest.mark.slow  # quick tier <= 8 min on 2 cores: runs in the slow tier
 def test_check_bases_reports_multimodal_elements_and_warns():
     """Per group, one observation 0 of a two-component location mixture (weights 0.3 at
     ``u``, 0.7 at ``u + 4``, sds 0.5) under a wide prior ``u ~ N(0, 5)``: every element has

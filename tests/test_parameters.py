@@ -42,6 +42,7 @@ def _dead(model, args, kwargs, **options):
     return dead, sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(total))
 
 
+@pytest.mark.slow  # quick tier <= 8 min on 2 cores: runs in the slow tier
 def test_ragged_groups_default_guide_has_no_dead_parameter():
     y, group, covariate = simulate_ragged_groups(jax.random.PRNGKey(0), 30)
     dead, total = _dead(ragged_groups, (y, group, covariate), {"num_groups": 30})
