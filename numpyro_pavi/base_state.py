@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .laplace import NEWTON_STEPS, NewtonReport, _grad_and_blocks, _precision_chol, log_joint, newton_iterate
+from .laplace import NEWTON_STEPS, NewtonReport, grad_and_blocks, precision_chol, log_joint, newton_iterate
 from .structure import LatentSite, ModelStructure
 
 __all__ = ["LaplaceState", "StoredSpec", "global_vector", "init_state", "refresh", "stored_base", "stored_spec"]
@@ -261,8 +261,8 @@ def _precisions(logp, sites, modes: dict, theta: jax.Array, jac: dict):
     def chols_at(modes, th):
         out = {}
         for s in sites:
-            _, h = _grad_and_blocks(lambda z, name=s.name: logp(name, z, modes, th), modes[s.name])
-            out[s.name] = _precision_chol(h)
+            _, h = grad_and_blocks(lambda z, name=s.name: logp(name, z, modes, th), modes[s.name])
+            out[s.name] = precision_chol(h)
         return out
 
     k = theta.shape[0]

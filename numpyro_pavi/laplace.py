@@ -42,10 +42,13 @@ __all__ = [
     "NewtonReport",
     "at_least",
     "finite_cotangent",
+    "grad_and_blocks",
     "log_joint",
     "newton_base",
     "higher_modes",
     "newton_iterate",
+    "precision",
+    "precision_chol",
     "reference_trace",
     "reference_value",
 ]
@@ -180,7 +183,7 @@ def log_joint(
     return lp
 
 
-def _grad_and_blocks(logp: Callable, z: jax.Array):
+def grad_and_blocks(logp: Callable, z: jax.Array):
     """Gradient ``(*grid, d)`` and per-element Hessian blocks ``(*grid, d, d)`` of a log
     density that is a sum of independent per-element terms."""
     # one linearization of the gradient (one pass through the model) serves all d columns
@@ -190,15 +193,21 @@ def _grad_and_blocks(logp: Callable, z: jax.Array):
     return g, jnp.stack(cols, -1)
 
 
-def _precision_chol(h: jax.Array, with_concave: bool = False):
-    """Cholesky factor of ``-h``, symmetrized and lifted to at least ``MIN_PRECISION``.
+def precision(h: jax.Array) -> jax.Array:
+    """The precision ``-h``, symmetrized, of Hessian blocks ``h (*grid, d, d)`` (a Hessian
+    assembled from ``d`` Hessian-vector products is symmetric up to round-off only)."""
+    return -0.5 * (h + jnp.swapaxes(h, -1, -2))
+
+
+def precision_chol(h: jax.Array, with_concave: bool = False):
+    """Cholesky factor of :func:`precision` ``(h)``, lifted to at least ``MIN_PRECISION``.
 
     The lift is a multiple of the identity chosen from the smallest eigenvalue under
     ``stop_gradient``: eigenvector gradients divide by eigenvalue gaps, which vanish for
     repeated eigenvalues, while the Cholesky factor's gradients stay finite. With
     ``with_concave``, also whether ``h`` was negative definite (``(*grid)`` booleans).
     """
-    p = -0.5 * (h + jnp.swapaxes(h, -1, -2))
+    p = precision(h)
     d = p.shape[-1]
     low = _smallest_eigenvalue(jax.lax.stop_gradient(p))
     lift = jnp.maximum(MIN_PRECISION - low, 0.0)
@@ -339,8 +348,8 @@ def newton_iterate(logp_frozen: Callable, z_init: jax.Array, max_steps: int = NE
     """
 
     def evaluate(z):
-        g, h = _grad_and_blocks(logp_frozen, z)
-        chol, concave = _precision_chol(h, with_concave=True)
+        g, h = grad_and_blocks(logp_frozen, z)
+        chol, concave = precision_chol(h, with_concave=True)
         return g, concave, chol
 
     def report(g, concave, chol):
@@ -465,6 +474,7 @@ def newton_base(
     z_init: jax.Array,
     max_steps: int = NEWTON_STEPS,
     fallback: jax.Array | None = None,
+    floor: Callable | None = None,
     report: bool = False,
     differentiate: bool = True,
     probe_modes: bool = False,
@@ -486,6 +496,9 @@ def newton_base(
     :param max_steps: most Newton iterations before the differentiated step.
     :param fallback: ``(*grid, d)`` base of non-converged elements (default: ``z_init``,
         whose gradient is then zero).
+    :param floor: ``m (*grid, d) -> (*grid, d, d)``, a precision the base's may not be
+        looser than (:func:`at_least`): the element's prior precision given its parents,
+        so that a base is never wider than the prior. None: no floor.
     :param report: also return the :class:`NewtonReport`.
     :param differentiate: False for posterior draws, which need no gradient: the base is
         the last iterate (within ``STOP_TOL`` sds of the mode) and its curvature, two
@@ -503,6 +516,8 @@ def newton_base(
         m, chol = _differentiated_base(logp, z0, chol0, rep.converged(), fallback)
     else:
         m, chol = _held_base(logp_frozen, z0, chol0, rep.converged(), fallback)
+    if floor is not None:
+        chol = at_least(chol, floor(m))
     return (m, chol, rep) if report else (m, chol)
 
 
@@ -516,8 +531,8 @@ def _held_base(logp_frozen: Callable, z0, chol0, converged, fallback):
     fallback = jax.lax.stop_gradient(fallback)
 
     def with_fallback(_):
-        _, h = _grad_and_blocks(logp_frozen, fallback)
-        return jnp.where(ok[..., None], chol0, _precision_chol(h))
+        _, h = grad_and_blocks(logp_frozen, fallback)
+        return jnp.where(ok[..., None], chol0, precision_chol(h))
 
     chol = jax.lax.cond(jnp.all(converged), lambda _: chol0, with_fallback, None)
     return jnp.where(ok, z0, fallback), chol
@@ -547,5 +562,5 @@ def _differentiated_base(logp: Callable, z0, chol0, converged, fallback):
     value = z0 + jax.lax.stop_gradient(_clip(s, _length(s, chol0), MAX_STEP_SDS))
     m = value + s - jax.lax.stop_gradient(s)
     m = jnp.where(ok, jnp.where(ok, m, 0.0), fallback)
-    _, h = _grad_and_blocks(logp, m)
-    return m, _precision_chol(h)
+    _, h = grad_and_blocks(logp, m)
+    return m, precision_chol(h)

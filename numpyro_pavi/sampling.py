@@ -25,11 +25,12 @@ from . import data as _data
 from .encoders import readout
 from .laplace import (
     NEWTON_STEPS,
-    _grad_and_blocks,
+    grad_and_blocks,
     at_least,
     finite_cotangent,
     log_joint,
     newton_base,
+    precision,
     reference_trace,
     solve_lower,
 )
@@ -289,16 +290,6 @@ def laplace_base(
     # kept differentiable as the base of elements whose iterations do not converge
     trace = reference_trace(plan.model, {**plates, **values}, args, kwargs)
     prior = jnp.concatenate([g.to_canonical(biject_to(g.support).inv(trace[g.name]["value"])) for g in group], -1)
-    m, chol, report = newton_base(
-        lambda z: logp(z, values),
-        lambda z: logp(z, frozen),
-        prior,
-        NEWTON_STEPS,
-        fallback=prior,
-        report=True,
-        differentiate=differentiate,
-        probe_modes=probe_modes,
-    )
 
     def log_prior(z):
         # the group's own prior given its parents (no likelihood, no model pass)
@@ -308,16 +299,25 @@ def laplace_base(
             lp = lp + jnp.sum(trace[g.name]["fn"].log_prob(value)) + jnp.sum(ld)
         return lp
 
-    # never wider than the prior (see laplace.at_least): where the likelihood is convex at
-    # the base (a mixture's shoulder, an unconverged element) its curvature alone is not
-    _, prior_blocks = _grad_and_blocks(log_prior, m)
-    chol = at_least(chol, -0.5 * (prior_blocks + jnp.swapaxes(prior_blocks, -1, -2)))
+    m, chol, report = newton_base(
+        lambda z: logp(z, values),
+        lambda z: logp(z, frozen),
+        prior,
+        NEWTON_STEPS,
+        fallback=prior,
+        # never wider than the prior (see laplace.at_least): where the likelihood is convex
+        # at the base (a mixture's shoulder, an unconverged element) its curvature alone is not
+        floor=lambda m: precision(grad_and_blocks(log_prior, m)[1]),
+        report=True,
+        differentiate=differentiate,
+        probe_modes=probe_modes,
+    )
     if len(group) == 1:
         return m, chol, report
     d, total = site.dim, m.shape[-1]
     cov = jax.scipy.linalg.cho_solve((chol, True), jnp.broadcast_to(jnp.eye(total), chol.shape))[..., :d, :d]
-    prec = jnp.linalg.inv(cov)
-    return m[..., :d], jnp.linalg.cholesky(0.5 * (prec + jnp.swapaxes(prec, -1, -2))), report
+    # the inverse of a marginal covariance: precision() of its negative symmetrizes it
+    return m[..., :d], jnp.linalg.cholesky(precision(-jnp.linalg.inv(cov))), report
 
 
 # ---------------------------------------------------------------------------------------
