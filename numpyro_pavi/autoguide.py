@@ -223,7 +223,9 @@ class AutoPAVI(AutoGuide):
         base, per local site and step (posterior draws skip the latter). A site whose Newton problems mostly fail to converge
         at setup (a non-smooth likelihood) loses its base, with a
         :class:`~numpyro_pavi.LaplaceWarning`; see :meth:`check_bases`. With ``encoding="auto"``, plate
-        sets with no data inside them get no encoding (``laplace=False``: free ones).
+        sets with no data inside them get no learned encoding (``laplace=False``: free ones);
+        unless the likelihood is Gaussian in the site, their flows read each element's base
+        (mode and log precision) instead.
         Posteriors run on the model's arguments (the training ones when none are given);
         new data gives new groups their posterior without retraining.
 

@@ -27,7 +27,7 @@ from .base_state import StoredSpec, stored_spec
 from .data import Ragged
 from .encoders import SetEncoder, init_readout
 from .flows import ConditionalFlow
-from .laplace import LaplaceWarning, log_joint, newton_iterate, reference_trace
+from .laplace import LaplaceWarning, grad_and_blocks, log_joint, newton_iterate, reference_trace, solve_lower
 from .structure import LatentSite, ModelStructure
 
 __all__ = ["GuideOptions", "GuidePlan", "build_plan", "probe_laplace"]
@@ -80,6 +80,10 @@ class GuidePlan:
         ``options.laplace``, as in plans pickled before the setup probe).
     :param stored: the local sites whose bases are a state kept across steps (long-format
         data with rows subsampled, :mod:`numpyro_pavi.base_state`), or None.
+    :param base_context: sites of ``no_encoding`` plate sets with per-step bases, whose flow
+        reads each element's base, its mode and the log of its precision factor's diagonal
+        (``2 d`` values), where other flows read the element's encoding: the only
+        per-element information such an element has (empty in plans pickled before).
     """
 
     model: Callable
@@ -95,6 +99,7 @@ class GuidePlan:
     init_values: Mapping[str, Any]
     laplace_sites: frozenset | None = None
     stored: StoredSpec | None = None
+    base_context: frozenset = frozenset()
 
     def param_name(self, name: str, what: str) -> str:
         """NumPyro's naming: ``{site or plate set}_{prefix}_{what}``."""
@@ -108,7 +113,8 @@ class GuidePlan:
             return self.options.encoding_dim
         site = next(s for s in self.structure.latent.values() if s.plates == plates)
         parents = sum(self.structure.latent[p].dim for p in site.conditions_on)
-        return self.flows[site.name].context_dim - parents
+        own = 2 * site.dim if site.name in self.base_context else 0
+        return self.flows[site.name].context_dim - parents - own
 
     @staticmethod
     def plate_set_name(plates: tuple[str, ...]) -> str:
@@ -157,7 +163,9 @@ class GuidePlan:
             lines.append(f"{name:<16}{plates:<24}{site.dim:>4}{flow.context_dim:>9}  {desc:<28}{count:>10}")
         for plate_set, sources in self.sources.items():
             kind = "free" if not sources else ("hybrid" if self.options.encoding == "hybrid" else "set")
-            kind = "none (Laplace bases)" if plate_set in self.no_encoding else kind
+            if plate_set in self.no_encoding:
+                on_base = any(n in self.base_context for n, s in structure.latent.items() if s.plates == plate_set)
+                kind = "the Laplace base (mode, log precision)" if on_base else "none (Laplace bases)"
             src = ", ".join(f"{k}:{n}" for k, n in sources)
             size = "x".join(str(structure.plates[p].size) for p in plate_set)
             lines.append(
@@ -332,7 +340,7 @@ def build_plan(
     kwargs = dict(kwargs or {})
     features, stats, masked = _data_statistics(structure, options, model, trace, args, kwargs)
     keys = jax.random.split(rng_key, len(structure.latent) + len(structure.plates) + 1)
-    laplace_sites = _laplace_sites(model, structure, options, trace, args, kwargs)
+    laplace_sites, gaussian = _laplace_sites(model, structure, options, trace, args, kwargs)
     sources = encoding_sources(structure, options)
     # with Laplace bases the likelihood already informs every element: where no data sits
     # inside a plate set, "auto" gives no encoding rather than per-element ones
@@ -343,12 +351,25 @@ def build_plan(
         and not src
         and all(s.name in laplace_sites for s in structure.latent.values() if s.plates == plate_set)
     )
+    stored = stored_spec(structure, laplace_sites, options.refresh_every)
+    # without an encoding, a per-step base is all an element's flow could tell it apart by:
+    # read it (on issue 15's crossed Bernoulli the subject effects kept 0.05-0.06 sd of error
+    # with every variant of the bases until the flow could shape each element's skew). Not
+    # where the base is already exact (a likelihood Gaussian in the site: the inputs only
+    # added noise, sleepstudy 0.062 -> 0.079 sd) nor on stored bases (gap 0.0031 -> 0.0048
+    # nats/latent on crossed_long.py's Gaussian table)
+    base_context = frozenset(
+        name
+        for name, site in structure.latent.items()
+        if site.plates in no_encoding and name not in gaussian and (stored is None or name not in stored.sites)
+    )
     flows, init_values = {}, {}
     for k, (name, site) in zip(keys, structure.latent.items()):
         laplace = name in laplace_sites
         # sized after no_encoding is known: an encoding that is always zero would only give
         # the flow weights that never get a gradient
         width = 0 if site.plates in no_encoding else options.encoding_dim
+        width += 2 * site.dim if name in base_context else 0
         flow = ConditionalFlow(
             site.dim,
             context_dim(structure, site, width),
@@ -381,7 +402,8 @@ def build_plan(
         masked=frozenset(masked),
         init_values=init_values,
         laplace_sites=laplace_sites,
-        stored=stored_spec(structure, laplace_sites, options.refresh_every),
+        stored=stored,
+        base_context=base_context,
     )
 
 
@@ -394,6 +416,13 @@ def probe_laplace(
 
     :return: ``{local site: fraction in [0, 1]}``.
     """
+    return {name: share for name, (share, _) in _probe(model, structure, trace, args, kwargs).items()}
+
+
+def _probe(model, structure, trace, args, kwargs) -> dict[str, tuple[float, bool]]:
+    """``{local site: (converged share, quadratic)}`` (see :func:`probe_laplace`);
+    ``quadratic``: the log joint's curvature is the same, to round-off, at every converged
+    element's mode and one sd away (a likelihood Gaussian in the site: its base is exact)."""
     kwargs = dict(kwargs or {})
     names = list(structure.latent)
     plates = {p: trace[p]["value"] for p in structure.plates if p in trace}
@@ -408,27 +437,38 @@ def probe_laplace(
             lp = log_joint(model, {**plates, **before, site.name: value}, args, kwargs, per_element_of=site.name)
             return lp + jnp.sum(logdet)
 
+        def run(z, logp=logp):
+            z, chol, report = newton_iterate(logp, z)
+            ok = report.converged()
+            shift = solve_lower(chol, jnp.ones_like(z), transpose=True)
+            h0, h1 = (grad_and_blocks(logp, v)[1] for v in (z, z + shift))
+            same = jnp.all(jnp.abs(h1 - h0) <= 1e-3 * (jnp.abs(h0) + 1e-6), (-2, -1))
+            return ok, jnp.all(same | ~ok) & jnp.any(ok)
+
         start = reference_trace(model, {**plates, **before}, args, kwargs)[site.name]["value"]
         z0 = site.to_canonical(biject_to(site.support).inv(start))
         # compiled as one program: run eagerly, every op of the loop compiles on first use
-        converged = jax.jit(lambda z, logp=logp: newton_iterate(logp, z)[2].converged())(z0)
-        out[site.name] = float(_data.scored_mean(site, converged, trace.get(site.name)))
+        converged, quadratic = jax.jit(run)(z0)
+        out[site.name] = (float(_data.scored_mean(site, converged, trace.get(site.name))), bool(quadratic))
     return out
 
 
-def _laplace_sites(model, structure, options, trace, args, kwargs) -> frozenset:
+def _laplace_sites(model, structure, options, trace, args, kwargs) -> tuple[frozenset, frozenset]:
     """The local sites that keep a Laplace base: all of them, except those whose Newton
     problems mostly fail to converge at the setup values (:func:`probe_laplace`), with a
-    :class:`~numpyro_pavi.LaplaceWarning` naming each. Under tracing (no values to look
-    at) every local site keeps its base."""
+    :class:`~numpyro_pavi.LaplaceWarning` naming each; and those of them whose likelihood is
+    Gaussian in the site (:func:`_probe`). Under tracing (no values to look at) every local
+    site keeps its base and none counts as Gaussian."""
     local = frozenset(name for name, s in structure.latent.items() if s.plates)
     if not (options.laplace and local):
-        return frozenset()
+        return frozenset(), frozenset()
     values = [trace[n]["value"] for n in structure.latent] + jax.tree.leaves((args, kwargs))
     if any(isinstance(v, jax.core.Tracer) for v in values):
-        return local
-    kept = set(local)
-    for name, share in probe_laplace(model, structure, trace, args, kwargs).items():
+        return local, frozenset()
+    kept, gaussian = set(local), set()
+    for name, (share, quadratic) in _probe(model, structure, trace, args, kwargs).items():
+        if quadratic:
+            gaussian.add(name)
         if share < MIN_CONVERGED_AT_SETUP:
             kept.discard(name)
             warnings.warn(
@@ -441,7 +481,7 @@ def _laplace_sites(model, structure, options, trace, args, kwargs) -> frozenset:
                 LaplaceWarning,
                 stacklevel=5,
             )
-    return frozenset(kept)
+    return frozenset(kept), frozenset(gaussian & kept)
 
 
 def with_encoder_width(encoder: SetEncoder, encoding_dim: int) -> SetEncoder:

@@ -187,7 +187,9 @@ def _sample_site(plan: GuidePlan, site, params, enc, unc, centers, noise, chunk_
 
     With a Laplace ``base = (m, L)`` (``(*grid, d)``, ``(*grid, d, d)``), the flow's
     output ``u`` is placed as ``x = m + L^{-T} u``; children then see ``u`` as this
-    site's context (its standardized deviation), which depends on the sample only.
+    site's context (its standardized deviation), which depends on the sample only. A site
+    of ``plan.base_context`` also reads ``m`` and ``log diag L`` where others read their
+    encoding.
 
     :return: canonical ``x (*grid, d)``, ``log q (*grid)`` and, when the site has
         children, its center ``(*grid, d)`` (else None).
@@ -202,6 +204,8 @@ def _sample_site(plan: GuidePlan, site, params, enc, unc, centers, noise, chunk_
         multi = jnp.unravel_index(r, grid) if grid else ()
         pos = dict(zip(site.plates, multi))
         own = enc[site.plates][tuple(pos[p] for p in site.plates)] if site.plates else jnp.zeros(jnp.shape(r) + (0,))
+        if m is not None and site.name in plan.base_context:
+            own = jnp.concatenate([own, m, jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1))], -1)
         deltas = []
         for par, value, center in parents:
             at = tuple(pos[p] for p in par.plates)

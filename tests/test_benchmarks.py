@@ -214,3 +214,16 @@ def test_calibration_quick(tmp_path):
     (row,) = data["calibration"]
     assert row["flagged"] == [] and row["n"] == 2000 and row["p_uniform"] > 0.01
     _check_finite({k: v for k, v in row.items() if k != "flagged"})
+
+
+def test_crossed_scale_quick(tmp_path):
+    mod = _load("crossed_scale")
+    out = tmp_path / "s.json"
+    mod.main(["--quick", "--cache", str(tmp_path / "ref.npz"), "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert set(data["guides"]) == {"AutoPAVI", "AutoNormal"}
+    for g in data["guides"].values():
+        (ev,) = g["evals"]
+        assert ev["steps"] == 20 and ev["levels_scored"] == 9  # 8 sampled levels and mu
+    assert (tmp_path / "ref.npz").exists()
+    _check_finite(data["guides"])

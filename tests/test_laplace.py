@@ -332,3 +332,40 @@ def test_at_least_lifts_only_where_the_floor_binds_and_is_differentiable(d, x64)
         fd = (f(t0 + e) - f(t0 - e)) / (2 * h)
         np.testing.assert_allclose(np.asarray(jac[:, i]), np.asarray(fd), rtol=1e-5, atol=1e-6)
         assert np.all(np.isfinite(np.asarray(jax.jacrev(f)(t0))))
+
+
+@pytest.mark.slow  # 43 s: three compiled programs
+def test_flows_read_the_base_where_an_element_has_no_encoding():
+    """Long-format crossed effects have no data inside their plates, hence no encoding: under
+    a Bernoulli likelihood their flows read each element's base (mode, log precision) so
+    they can shape its skew; a Normal likelihood's base is exact, and its flows read none."""
+    from numpyro_pavi.examples import glmms
+
+    args, _ = glmms.simulate_crossed_bernoulli(0, num_subjects=12, num_items=4)
+    y = args[3]
+
+    def gaussian(subj, item, X, y, S, I):
+        with numpyro.plate("subjects", S):
+            u = numpyro.sample("u", dist.Normal(0.0, 1.0))
+        with numpyro.plate("items", I):
+            v = numpyro.sample("v", dist.Normal(0.0, 1.0))
+        with numpyro.plate("responses", y.shape[0]):
+            numpyro.sample("y", dist.Normal(u[subj] + v[item], 1.0), obs=y)
+
+    for model, on_base in ((glmms.crossed_bernoulli, {"u", "v"}), (gaussian, set())):
+        guide = AutoPAVI(model)
+        svi = SVI(model, guide, optax.adam(5e-3), Trace_ELBO())
+        state = svi.init(jax.random.PRNGKey(0), *args)
+        assert guide.plan.base_context == on_base
+        kind = "the Laplace base (mode, log precision)" if on_base else "none (Laplace bases)"
+        assert f"plates subjects             elements 12         encoding: {kind}" in guide.describe()
+        parents = sum(guide.structure.latent[p].dim for p in guide.structure.latent["u"].conditions_on)
+        assert guide.plan.flows["u"].context_dim == parents + (2 if on_base else 0)
+        if on_base:
+            # the base's inputs reach the loss: the flow's skip weights on them get a gradient
+            # (the element's own inputs come first in its context)
+            params = svi.get_params(state)
+            grads = jax.grad(lambda p: Trace_ELBO().loss(jax.random.PRNGKey(1), p, model, guide, *args))(params)
+            skip = grads["u_auto_flow"][0]["net"]["skip"]
+            assert skip.shape[0] == parents + 2 and np.all(np.isfinite(skip))
+            assert float(jnp.min(jnp.max(jnp.abs(skip[:2]), -1))) > 0
