@@ -227,3 +227,12 @@ def test_crossed_scale_quick(tmp_path):
         assert ev["steps"] == 20 and ev["levels_scored"] == 9  # 8 sampled levels and mu
     assert (tmp_path / "ref.npz").exists()
     _check_finite(data["guides"])
+
+
+def test_time_to_nuts_quick(tmp_path):
+    mod = _load("time_to_nuts")
+    out = tmp_path / "t.json"
+    mod.main(["--quick", "--out", str(out)])
+    (entry,) = json.loads(out.read_text())["results"].values()
+    assert entry["nuts_s"] > 0 and [e["steps"] for e in entry["evals"]] == [50, 100]
+    _check_finite(entry["evals"])
