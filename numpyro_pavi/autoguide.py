@@ -224,8 +224,9 @@ class AutoPAVI(AutoGuide):
         at setup (a non-smooth likelihood) loses its base, with a
         :class:`~numpyro_pavi.LaplaceWarning`; see :meth:`check_bases`. With ``encoding="auto"``, plate
         sets with no data inside them get no learned encoding (``laplace=False``: free ones);
-        unless the likelihood is Gaussian in the site, their flows read each element's base
-        (mode and log precision) instead.
+        unless the likelihood is Gaussian in the site (found at setup, so a setup traced
+        under ``jit`` gives every such site these inputs) or the bases are stored (below),
+        their flows read each element's base (its mode and ``log diag L``) instead.
         Posteriors run on the model's arguments (the training ones when none are given);
         new data gives new groups their posterior without retraining.
 

@@ -11,6 +11,8 @@ Sampling (:mod:`numpyro_pavi.sampling`) reads the plan and never changes it.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import warnings
 import zlib
 from collections.abc import Callable, Mapping
@@ -83,7 +85,10 @@ class GuidePlan:
     :param base_context: sites of ``no_encoding`` plate sets with per-step bases, whose flow
         reads each element's base, its mode and the log of its precision factor's diagonal
         (``2 d`` values), where other flows read the element's encoding: the only
-        per-element information such an element has (empty in plans pickled before).
+        per-element information such an element has. Not the sites whose Newton problem was
+        found quadratic at setup (a Gaussian likelihood: the base is exact), which a setup
+        under tracing cannot look at, so it gives every such site the inputs; empty in plans
+        pickled before.
     """
 
     model: Callable
@@ -165,7 +170,7 @@ class GuidePlan:
             kind = "free" if not sources else ("hybrid" if self.options.encoding == "hybrid" else "set")
             if plate_set in self.no_encoding:
                 on_base = any(n in self.base_context for n, s in structure.latent.items() if s.plates == plate_set)
-                kind = "the Laplace base (mode, log precision)" if on_base else "none (Laplace bases)"
+                kind = "the Laplace base (mode, log diag L)" if on_base else "none (Laplace bases)"
             src = ", ".join(f"{k}:{n}" for k, n in sources)
             size = "x".join(str(structure.plates[p].size) for p in plate_set)
             lines.append(
@@ -421,35 +426,49 @@ def probe_laplace(
 
 def _probe(model, structure, trace, args, kwargs) -> dict[str, tuple[float, bool]]:
     """``{local site: (converged share, quadratic)}`` (see :func:`probe_laplace`);
-    ``quadratic``: the log joint's curvature is the same, to round-off, at every converged
-    element's mode and one sd away (a likelihood Gaussian in the site: its base is exact)."""
+    ``quadratic``: the log joint of the site's Newton problem (the site and its later
+    siblings of the same plates, as in :func:`~numpyro_pavi.sampling.laplace_base`) has the
+    same curvature, to round-off, at every converged element's mode and one sd away along
+    ``L^{-T} 1``: a likelihood Gaussian in them, whose base is exact."""
     kwargs = dict(kwargs or {})
-    names = list(structure.latent)
+    latent = structure.latent
+    names = list(latent)
     plates = {p: trace[p]["value"] for p in structure.plates if p in trace}
     out = {}
-    for site in structure.latent.values():
+    for site in latent.values():
         if not site.plates:
             continue
         before = {n: trace[n]["value"] for n in names[: names.index(site.name)]}
+        later = names[names.index(site.name) + 1 :]
+        group = [site] + [latent[n] for n in later if latent[n].plates == site.plates]
+        cuts = np.cumsum([g.dim for g in group])[:-1].tolist()
 
-        def logp(z, site=site, before=before):
-            value, logdet = site.constrain(z)
-            lp = log_joint(model, {**plates, **before, site.name: value}, args, kwargs, per_element_of=site.name)
-            return lp + jnp.sum(logdet)
+        def logp(z, group, before=before, site=site, cuts=cuts):
+            vals, logdet = {}, 0.0
+            for g, part in zip(group, jnp.split(z, cuts, axis=-1) if len(group) > 1 else [z]):
+                vals[g.name], ld = g.constrain(part)
+                logdet = logdet + jnp.sum(ld)
+            lp = log_joint(model, {**plates, **before, **vals}, args, kwargs, per_element_of=site.name)
+            return lp + logdet
 
-        def run(z, logp=logp):
-            z, chol, report = newton_iterate(logp, z)
+        def quadratic(z, group):
+            f = functools.partial(logp, group=group)
+            z, chol, report = newton_iterate(f, z)
             ok = report.converged()
-            shift = solve_lower(chol, jnp.ones_like(z), transpose=True)
-            h0, h1 = (grad_and_blocks(logp, v)[1] for v in (z, z + shift))
+            shift = solve_lower(chol, jnp.full_like(z, 1.0 / math.sqrt(z.shape[-1])), transpose=True)
+            h0, h1 = (grad_and_blocks(f, v)[1] for v in (z, z + shift))
             same = jnp.all(jnp.abs(h1 - h0) <= 1e-3 * (jnp.abs(h0) + 1e-6), (-2, -1))
             return ok, jnp.all(same | ~ok) & jnp.any(ok)
 
-        start = reference_trace(model, {**plates, **before}, args, kwargs)[site.name]["value"]
-        z0 = site.to_canonical(biject_to(site.support).inv(start))
+        def run(z_site, z_group, group=group):
+            ok, alone = quadratic(z_site, [group[0]])
+            return ok, alone if len(group) == 1 else quadratic(z_group, group)[1]
+
+        ref = reference_trace(model, {**plates, **before}, args, kwargs)
+        starts = [g.to_canonical(biject_to(g.support).inv(ref[g.name]["value"])) for g in group]
         # compiled as one program: run eagerly, every op of the loop compiles on first use
-        converged, quadratic = jax.jit(run)(z0)
-        out[site.name] = (float(_data.scored_mean(site, converged, trace.get(site.name))), bool(quadratic))
+        converged, flat = jax.jit(run)(starts[0], jnp.concatenate(starts, -1))
+        out[site.name] = (float(_data.scored_mean(site, converged, trace.get(site.name))), bool(flat))
     return out
 
 

@@ -204,20 +204,23 @@ def _sample_site(plan: GuidePlan, site, params, enc, unc, centers, noise, chunk_
         multi = jnp.unravel_index(r, grid) if grid else ()
         pos = dict(zip(site.plates, multi))
         own = enc[site.plates][tuple(pos[p] for p in site.plates)] if site.plates else jnp.zeros(jnp.shape(r) + (0,))
+        # the base's inputs follow the encoding: functions of the sampled parents, not
+        # variational parameters, so the path-derivative score below keeps their gradient
+        base_in = []
         if m is not None and site.name in plan.base_context:
-            own = jnp.concatenate([own, m, jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1))], -1)
+            base_in = [m, jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1))]
         deltas = []
         for par, value, center in parents:
             at = tuple(pos[p] for p in par.plates)
             delta = value[at] - center[at] if with_parents else jnp.zeros_like(center[at])
             deltas.append(jnp.broadcast_to(delta, jnp.shape(r) + (par.dim,)))
-        x, logq = flow.sample_and_log_prob(fparams, z, jnp.concatenate([own, *deltas], -1))
+        x, logq = flow.sample_and_log_prob(fparams, z, jnp.concatenate([own, *base_in, *deltas], -1))
         if path_gradient and with_parents:
             # Sticking the landing: score the sample with the variational parameters held
-            # constant (flow weights and the encoding, free or set-encoded); the sample and
-            # the parents' samples in the context keep their path gradients.
+            # constant (flow weights and the encoding, free or set-encoded); the sample, the
+            # base's inputs and the parents' samples in the context keep their path gradients.
             frozen = jax.lax.stop_gradient
-            logq = flow.log_prob(frozen(fparams), x, jnp.concatenate([frozen(own), *deltas], -1))
+            logq = flow.log_prob(frozen(fparams), x, jnp.concatenate([frozen(own), *base_in, *deltas], -1))
         if m is None:
             return x, logq
         # x = m + L^{-T} u, so log q(x) = log q(u) + log|det L|; m and L are functions of

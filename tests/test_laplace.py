@@ -357,7 +357,7 @@ def test_flows_read_the_base_where_an_element_has_no_encoding():
         svi = SVI(model, guide, optax.adam(5e-3), Trace_ELBO())
         state = svi.init(jax.random.PRNGKey(0), *args)
         assert guide.plan.base_context == on_base
-        kind = "the Laplace base (mode, log precision)" if on_base else "none (Laplace bases)"
+        kind = "the Laplace base (mode, log diag L)" if on_base else "none (Laplace bases)"
         assert f"plates subjects             elements 12         encoding: {kind}" in guide.describe()
         parents = sum(guide.structure.latent[p].dim for p in guide.structure.latent["u"].conditions_on)
         assert guide.plan.flows["u"].context_dim == parents + (2 if on_base else 0)
