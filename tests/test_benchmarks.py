@@ -161,10 +161,11 @@ def test_model_calls_quick(tmp_path):
         assert rows[name]["svi_init_model_calls"] == 2 and rows[name]["step_traces"] == 2, rows[name]
     # one local site (b): six more traces per step (the prior location, the Newton loop's
     # body three times: its first two iterations run outside the loop, the gradient at the
-    # last iterate, the curvature at the base) and, at setup, four for the convergence probe
-    # (the prior location, the loop's body three times)
+    # last iterate, the curvature at the base) and, at setup, six for the convergence probe
+    # (the prior location, the loop's body three times, the curvature at the mode and one sd
+    # away: whether the likelihood is Gaussian in the site)
     laplace = rows["AutoPAVI()"]
-    assert laplace["svi_init_model_calls"] == 12 and laplace["step_traces"] == 8, laplace
+    assert laplace["svi_init_model_calls"] == 14 and laplace["step_traces"] == 8, laplace
     assert rows["AutoPAVI(laplace=False)"]["sample_posterior_model_calls"] == 1
 
 
