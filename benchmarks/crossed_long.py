@@ -154,12 +154,19 @@ GUIDES = {
 
 
 def score(samples: dict, mean: dict, sd: dict) -> dict:
+    """:func:`score_moments` of the draws' means and sds."""
+    flat = {k: np.asarray(samples[k]).reshape(samples[k].shape[0], -1) for k in ("mu", "a", "b")}
+    return score_moments({k: v.mean(0) for k, v in flat.items()}, {k: v.std(0) for k, v in flat.items()}, mean, sd)
+
+
+def score_moments(post_mean: dict, post_sd: dict, mean: dict, sd: dict) -> dict:
+    """|mean error| in exact sds and sd ratios over the latents whose exact sd is known."""
     errs, ratios = [], []
     for k in ("mu", "a", "b"):
-        x = np.asarray(samples[k]).reshape(samples[k].shape[0], -1)
+        m, s = np.asarray(post_mean[k]).reshape(-1), np.asarray(post_sd[k]).reshape(-1)
         ok = np.isfinite(sd[k])
-        errs.append(np.abs(x.mean(0) - mean[k])[ok] / sd[k][ok])
-        ratios.append(x.std(0)[ok] / sd[k][ok])
+        errs.append(np.abs(m - mean[k])[ok] / sd[k][ok])
+        ratios.append(s[ok] / sd[k][ok])
     e, r = np.concatenate(errs), np.concatenate(ratios)
     return {
         "median_z": float(np.median(e)),
