@@ -29,6 +29,7 @@ from numpyro.infer.autoguide import AutoGuide
 from numpyro.infer.initialization import init_to_median
 
 from . import data as _data
+from .compiling import run_once
 from .data import Ragged
 from .encoders import SetEncoder
 from .laplace import LaplaceWarning
@@ -521,12 +522,14 @@ class AutoPAVI(AutoGuide):
             )
 
         key = numpyro.prng_key()
+        state = None if stored is None else stored["state"]
         if not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((params, key))):
             # run eagerly (svi.init, a guide called outside jit): one compiled program
             # instead of hundreds of op-by-op dispatches, each compiled on first use (13 of
             # the 19 s that svi.init took on epil)
-            sample = jax.jit(sample)
-        values, _, logqs, reports, *new_state = sample(params, key, None if stored is None else stored["state"])
+            values, _, logqs, reports, *new_state = run_once(sample, params, key, state, data=(args, kwargs))
+        else:
+            values, _, logqs, reports, *new_state = sample(params, key, state)
         if stored is not None:
             stored["state"] = new_state[0]
         for name, report in reports.items():

@@ -25,6 +25,7 @@ import numpy as np
 from numpyro.distributions.transforms import biject_to
 
 from . import data as _data
+from .compiling import run_once
 from .base_state import StoredSpec, stored_spec
 from .data import Ragged
 from .encoders import SetEncoder, init_readout
@@ -368,7 +369,7 @@ def build_plan(
         for name, site in structure.latent.items()
         if site.plates in no_encoding and name not in gaussian and (stored is None or name not in stored.sites)
     )
-    flows, init_values = {}, {}
+    flows, init_values, flow_inputs = {}, {}, {}
     for k, (name, site) in zip(keys, structure.latent.items()):
         laplace = name in laplace_sites
         # sized after no_encoding is known: an encoding that is always zero would only give
@@ -390,8 +391,14 @@ def build_plan(
         if laplace:
             loc = jnp.zeros_like(loc)
         skip = _encoding_skip(structure, site, width, laplace)
-        # compiled: eagerly, each of the flow's initializers' ops compiles on first use
-        init_values[f"{name}_{options.prefix}_flow"] = jax.jit(flow.init)(k, loc=loc, skip=skip)
+        flow_inputs[f"{name}_{options.prefix}_flow"] = (k, loc, skip)
+    # one compiled program for all sites: eagerly, each initializer's ops would compile on
+    # first use; one program per site compiles the shared parts once per site
+    flow_params = run_once(
+        lambda inputs: [f.init(k, loc=loc, skip=skip) for f, (k, loc, skip) in zip(flows.values(), inputs)],
+        tuple(flow_inputs.values()),
+    )
+    init_values.update(zip(flow_inputs, flow_params))
     for k, (plate_set, src) in zip(keys[len(structure.latent) :], sources.items()):
         _init_encoding(no_encoding, k, plate_set, src, features, structure, options, init_values)
     return GuidePlan(
@@ -467,7 +474,7 @@ def _probe(model, structure, trace, args, kwargs) -> dict[str, tuple[float, bool
         ref = reference_trace(model, {**plates, **before}, args, kwargs)
         starts = [g.to_canonical(biject_to(g.support).inv(ref[g.name]["value"])) for g in group]
         # compiled as one program: run eagerly, every op of the loop compiles on first use
-        converged, flat = jax.jit(run)(starts[0], jnp.concatenate(starts, -1))
+        converged, flat = run_once(run, starts[0], jnp.concatenate(starts, -1), data=(plates, before, args, kwargs))
         out[site.name] = (float(_data.scored_mean(site, converged, trace.get(site.name))), bool(flat))
     return out
 
