@@ -40,6 +40,7 @@ from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoNormal
 
 from numpyro_pavi import AutoPAVI
+from numpyro_pavi.averaging import AverageParams, averaged_params
 
 #: MovieLens-27M: ratings, users, movies
 ROWS, USERS, ITEMS = 27_753_444, 266_980, 53_883
@@ -72,10 +73,14 @@ def score(post_mean: dict, post_sd: dict, mean: dict, sd: dict) -> dict:
     return {**per_site, **cl.score_moments(post_mean, post_sd, mean, sd), "levels_scored": levels}
 
 
-def run(name: str, data, S: int, L: int, batch: int, eval_at: list[int], lr: float, draws: int, seed: int, ref):
+def run(
+    name: str, data, S: int, L: int, batch: int, eval_at: list[int], lr: float, draws: int, seed: int, ref,
+    average: int = 0,
+):  # fmt: skip
     s, l, y = (jnp.asarray(v) for v in data)
     guide = AutoPAVI(cl.model) if name == "AutoPAVI" else AutoNormal(cl.model)
-    svi = SVI(cl.model, guide, _common.adam(lr, 1.0), Trace_ELBO())
+    optim = _common.adam(lr, 1.0)
+    svi = SVI(cl.model, guide, AverageParams(optim, average) if average else optim, Trace_ELBO())
     t0 = time.perf_counter()
     state = jax.block_until_ready(svi.init(jax.random.PRNGKey(seed), s, l, y, S, L, batch))
     init_s = time.perf_counter() - t0
@@ -97,15 +102,20 @@ def run(name: str, data, S: int, L: int, batch: int, eval_at: list[int], lr: flo
                 step_times.append((time.perf_counter() - t2) / block)
         clock += time.perf_counter() - t1
         t1 = time.perf_counter()
-        params = {**svi.get_params(state), **(state.mutable_state or {})}
-        if name == "AutoPAVI":
-            summ = guide.posterior_summary(jax.random.PRNGKey(seed + 1), params, s, l, y, S, L, None, num_samples=draws)
-            pm, ps = ({k: summ[k][w] for k in ("mu", "a", "b")} for w in ("mean", "sd"))
-        else:  # AutoNormal on real-valued sites: its locations and scales are the posterior's
-            pm = {k: params[f"{k}_auto_loc"] for k in ("mu", "a", "b")}
-            ps = {k: params[f"{k}_auto_scale"] for k in ("mu", "a", "b")}
+        def moments(params):
+            params = {**params, **(state.mutable_state or {})}
+            if name == "AutoPAVI":
+                key = jax.random.PRNGKey(seed + 1)
+                summ = guide.posterior_summary(key, params, s, l, y, S, L, None, num_samples=draws)
+                return ({k: summ[k][w] for k in ("mu", "a", "b")} for w in ("mean", "sd"))
+            # AutoNormal on real-valued sites: its locations and scales are the posterior's
+            return ({k: params[f"{k}_auto_{w}"] for k in ("mu", "a", "b")} for w in ("loc", "scale"))
+
+        pm, ps = moments(svi.get_params(state))
         summary_s = time.perf_counter() - t1
         row = {"steps": done, "wall_s": clock + summary_s, "summary_s": summary_s, **score(pm, ps, *ref)}
+        if average:
+            row["averaged"] = score(*moments(averaged_params(svi, state)), *ref)
         row["peak_rss_mb"] = _common.peak_rss_mb()
         out["evals"].append(row)
         print(
@@ -116,6 +126,13 @@ def run(name: str, data, S: int, L: int, batch: int, eval_at: list[int], lr: flo
             f"peak RSS {row['peak_rss_mb']:.0f} MB",
             flush=True,
         )
+        if average:
+            a = row["averaged"]
+            print(
+                f"{'':10s} averaged over {average} steps: median z {a['median_z']:.3f}  p90 {a['p90_z']:.3f}  max "
+                f"{a['max_z']:.2f}  sd ratio {a['median_sd_ratio']:.3f}  signed z mu {a['mu_median_signed_z']:+.2f}",
+                flush=True,
+            )
     # median over blocks of 100 compiled steps
     out["step_ms"] = 1e3 * float(np.median(step_times)) if step_times else float("nan")
     print(f"{name:10s} init {init_s:.1f} s, compile {compile_s:.1f} s, step {out['step_ms']:.2f} ms", flush=True)
@@ -132,6 +149,7 @@ def main(argv=None):
     p.add_argument("--sd-levels", type=int, default=32, help="levels whose exact sd is computed (CG solve each)")
     p.add_argument("--guides", default="AutoPAVI,AutoNormal")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--average", type=int, default=0, help="also score the params averaged over this many steps (AverageParams)")
     p.add_argument("--cache", default=None, help="npz of the exact reference (default: /tmp, keyed by size)")
     p.add_argument("--quick", action="store_true", help="smoke run: 0.2% of the sizes, 20 steps, 50 draws")
     p.add_argument("--out", default=None)
@@ -150,7 +168,7 @@ def main(argv=None):
     eval_at = sorted(_common.parse_list(args.eval_at, int))
     rows = {}
     for name in _common.parse_list(args.guides, str):
-        rows[name] = run(name, data, S, L, args.batch, eval_at, args.lr, args.draws, args.seed, ref)
+        rows[name] = run(name, data, S, L, args.batch, eval_at, args.lr, args.draws, args.seed, ref, args.average)
     if args.out:
         _common.write_json(
             args.out,

@@ -1,6 +1,7 @@
 """numpyro-pavi: Plate-Amortized Variational Inference (PAVI) as a NumPyro autoguide."""
 
 from .autoguide import AutoPAVI
+from .averaging import AverageParams, averaged_params
 from .checkpoint import Checkpoint, fit, load_checkpoint, save_checkpoint
 from .data import Ragged
 from .encoders import SetEncoder
@@ -13,6 +14,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "AutoPAVI",
+    "AverageParams",
     "Checkpoint",
     "ConditionalFlow",
     "DivergenceWarning",
@@ -21,6 +23,7 @@ __all__ = [
     "ModelStructure",
     "Ragged",
     "SetEncoder",
+    "averaged_params",
     "best_params",
     "check_losses",
     "fit",
