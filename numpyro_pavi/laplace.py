@@ -478,9 +478,12 @@ def newton_base(
     report: bool = False,
     differentiate: bool = True,
     probe_modes: bool = False,
+    quadratic: bool = False,
 ):
     """Element-wise Laplace base of one site: :func:`newton_iterate` from ``z_init``, then
-    the base at the last iterate with the mode's derivative (:func:`_differentiated_base`).
+    the base at the last iterate with the mode's derivative (:func:`_differentiated_base`);
+    or, for a log joint known to be quadratic in the site, one Newton step
+    (:func:`_one_step_base`).
 
     An element whose iterations did not converge (non-smooth likelihoods such as Laplace,
     whose curvature says nothing; several modes under a flat prior) has no mode whose
@@ -505,9 +508,19 @@ def newton_base(
         passes through the model fewer.
     :param probe_modes: fill the report's ``higher_mode`` (:func:`higher_modes`), for
         diagnostics: the base itself is unchanged.
+    :param quadratic: the log joint is quadratic in the site (a likelihood Gaussian in it,
+        found at setup: :func:`numpyro_pavi.plan.probe_laplace`), so one Newton step from
+        any start is its mode and the curvature is the same everywhere.
     :return: ``m (*grid, d)`` and the Cholesky factor ``L (*grid, d, d)`` of the precision
         (and the report).
     """
+    if quadratic:
+        m, chol, rep = _one_step_base(logp if differentiate else logp_frozen, z_init, fallback)
+        if probe_modes:  # a quadratic log joint has one mode
+            rep = rep._replace(higher_mode=jnp.zeros(rep.decrement.shape, bool))
+        if floor is not None:
+            chol = at_least(chol, floor(m))
+        return (m, chol, rep) if report else (m, chol)
     z0, chol0, rep = newton_iterate(logp_frozen, z_init, max_steps)
     if probe_modes:
         rep = rep._replace(higher_mode=jax.lax.stop_gradient(higher_modes(logp_frozen, z0, chol0, rep, max_steps)))
@@ -519,6 +532,23 @@ def newton_base(
     if floor is not None:
         chol = at_least(chol, floor(m))
     return (m, chol, rep) if report else (m, chol)
+
+
+def _one_step_base(logp: Callable, z_init, fallback):
+    """The base of a log joint quadratic in the site: one Newton step from the held start,
+    ``m = z + P^{-1} g`` with ``g`` and ``P`` differentiable in the parents, is the mode and
+    its derivative (exact for a quadratic, whatever the start), and ``P`` is the curvature
+    at ``m`` too. One pass through the model where the iterations and the differentiated
+    step take four (the start, the first step, the gradient and curvature at the end). An
+    element whose curvature is not negative definite (no mode) sits at ``fallback``. The
+    report's decrement is 0: the step is exact."""
+    z0 = jax.lax.stop_gradient(z_init)
+    g, h = grad_and_blocks(logp, z0)
+    chol, concave = precision_chol(h, with_concave=True)
+    m = z0 + _newton_step(g, chol)
+    fallback = jax.lax.stop_gradient(z_init) if fallback is None else fallback
+    m = jnp.where(concave[..., None], m, fallback)
+    return m, chol, NewtonReport(jnp.zeros(concave.shape, m.dtype), jax.lax.stop_gradient(concave))
 
 
 def _held_base(logp_frozen: Callable, z0, chol0, converged, fallback):

@@ -90,6 +90,10 @@ class GuidePlan:
         found quadratic at setup (a Gaussian likelihood: the base is exact), which a setup
         under tracing cannot look at, so it gives every such site the inputs; empty in plans
         pickled before.
+    :param quadratic: Laplace sites whose Newton problem was found quadratic at setup (a
+        likelihood Gaussian in the site, :func:`probe_laplace`): their base is one Newton
+        step (:func:`~numpyro_pavi.laplace.newton_base`, ``quadratic=True``). Empty under
+        tracing and in plans pickled before.
     """
 
     model: Callable
@@ -106,6 +110,7 @@ class GuidePlan:
     laplace_sites: frozenset | None = None
     stored: StoredSpec | None = None
     base_context: frozenset = frozenset()
+    quadratic: frozenset = frozenset()
 
     def param_name(self, name: str, what: str) -> str:
         """NumPyro's naming: ``{site or plate set}_{prefix}_{what}``."""
@@ -416,6 +421,7 @@ def build_plan(
         laplace_sites=laplace_sites,
         stored=stored,
         base_context=base_context,
+        quadratic=gaussian,
     )
 
 

@@ -318,6 +318,7 @@ def laplace_base(
         report=True,
         differentiate=differentiate,
         probe_modes=probe_modes,
+        quadratic=site.name in plan.quadratic,
     )
     if len(group) == 1:
         return m, chol, report

@@ -369,3 +369,43 @@ def test_flows_read_the_base_where_an_element_has_no_encoding():
             skip = grads["u_auto_flow"][0]["net"]["skip"]
             assert skip.shape[0] == parents + 2 and np.all(np.isfinite(skip))
             assert float(jnp.min(jnp.max(jnp.abs(skip[:2]), -1))) > 0
+
+
+@pytest.mark.slow  # 30 s: derivatives through both kinds of base
+def test_a_gaussian_likelihood_takes_one_newton_step_with_the_same_base_and_derivative():
+    """A site whose likelihood is Gaussian in it (found at setup) gets its base in one Newton
+    step: the same mode, precision and derivatives in the globals as the iterations give,
+    also where the precision depends on a global (the noise scale)."""
+    import dataclasses
+
+    from numpyro_pavi.sampling import laplace_base
+
+    def model(x, y):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+        with numpyro.plate("groups", x.shape[0]):
+            b = numpyro.sample("b", dist.Normal(mu, 0.5))
+            with numpyro.plate("obs", x.shape[1]):
+                numpyro.sample("y", dist.Normal(b * x.T, sigma), obs=y.T)
+
+    x, y = (jnp.asarray(v) for v in _simulate_slopes(np.random.default_rng(3), 6, 4))
+    guide = AutoPAVI(model)
+    SVI(model, guide, optax.adam(5e-3), Trace_ELBO()).init(jax.random.PRNGKey(0), x, y)
+    assert guide.plan.quadratic == {"b"}
+    iterated = dataclasses.replace(guide.plan, quadratic=frozenset())
+    site, indices = guide.structure.latent["b"], {"groups": jnp.arange(6), "obs": jnp.arange(4)}
+
+    def base(plan, globals_):
+        m, chol, _ = laplace_base(plan, site, {"mu": globals_[0], "sigma": globals_[1]}, indices, ((x, y), {}))
+        return jnp.concatenate([m.ravel(), chol.ravel()])
+
+    at = jnp.array([0.3, 0.7])
+    np.testing.assert_allclose(base(guide.plan, at), base(iterated, at), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.jacrev(base, 1)(guide.plan, at), jax.jacrev(base, 1)(iterated, at), rtol=1e-4, atol=1e-4)
+    # the Bernoulli crossed model is not quadratic: it keeps the iterations
+    from numpyro_pavi.examples import glmms
+
+    args, _ = glmms.simulate_crossed_bernoulli(0, num_subjects=6, num_items=3)
+    other = AutoPAVI(glmms.crossed_bernoulli)
+    SVI(glmms.crossed_bernoulli, other, optax.adam(5e-3), Trace_ELBO()).init(jax.random.PRNGKey(0), *args)
+    assert other.plan.quadratic == frozenset()
