@@ -73,12 +73,20 @@ class AverageParams(_NumPyroOptim):
 
     def eval_and_stable_update(self, fn: Callable, state, forward_mode_differentiation: bool = False):
         out, inner = self.optim.eval_and_stable_update(fn, state[0], forward_mode_differentiation)
-        return out, (inner, self._track(state[1], self.optim.get_params(inner)))
+        # a skipped (non-finite) step leaves the average as it was, as the parameters
+        tracked = self._track(state[1], self.optim.get_params(inner))
+        finite = jnp.isfinite(out[0])
+        return out, (inner, jax.tree.map(lambda new, old: jnp.where(finite, new, old), tracked, state[1]))
 
 
 def averaged_params(svi, svi_state) -> dict:
-    """Constrained averaged parameters of a run whose optimizer is :class:`AverageParams`
-    (the initial parameters before any step)."""
-    if not isinstance(svi.optim, AverageParams):
-        raise TypeError("averaged_params needs an SVI whose optimizer is numpyro_pavi.AverageParams(...).")
-    return svi.constrain_fn(svi_state.optim_state[1]["average"])
+    """Constrained averaged parameters of a run whose optimizer is :class:`AverageParams`,
+    or holds one inside wrappers of the same kind (``KeepBest(AverageParams(...))``); the
+    initial parameters before any step."""
+    optim, state = svi.optim, svi_state.optim_state
+    while not isinstance(optim, AverageParams):
+        if not hasattr(optim, "optim"):
+            raise TypeError("averaged_params needs an SVI whose optimizer is numpyro_pavi.AverageParams(...).")
+        # wrappers of this package keep (inner state, their own record)
+        optim, state = optim.optim, state[0]
+    return svi.constrain_fn(state[1]["average"])

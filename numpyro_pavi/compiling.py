@@ -4,7 +4,8 @@ the draw of the guide's first (eager) call.
 Each runs once per guide, so on small data its compilation, not its run, is what a user waits
 for: ``svi.init`` on epil spent 2.8 s compiling its first draw, 1.1 s the flows'
 initializers, 0.9 s the Laplace probe. Below :data:`SMALL_DATA` such programs are compiled
-with XLA's backend optimizations off (same results, a slower run), above it as usual.
+with XLA's backend optimizations off (results equal to round-off, a slower run), above it
+as usual.
 """
 
 from __future__ import annotations

@@ -47,6 +47,7 @@ __all__ = [
     "newton_base",
     "higher_modes",
     "newton_iterate",
+    "one_step_base",
     "precision",
     "precision_chol",
     "reference_trace",
@@ -483,7 +484,7 @@ def newton_base(
     """Element-wise Laplace base of one site: :func:`newton_iterate` from ``z_init``, then
     the base at the last iterate with the mode's derivative (:func:`_differentiated_base`);
     or, for a log joint known to be quadratic in the site, one Newton step
-    (:func:`_one_step_base`).
+    (:func:`one_step_base`).
 
     An element whose iterations did not converge (non-smooth likelihoods such as Laplace,
     whose curvature says nothing; several modes under a flat prior) has no mode whose
@@ -509,13 +510,13 @@ def newton_base(
     :param probe_modes: fill the report's ``higher_mode`` (:func:`higher_modes`), for
         diagnostics: the base itself is unchanged.
     :param quadratic: the log joint is quadratic in the site (a likelihood Gaussian in it,
-        found at setup: :func:`numpyro_pavi.plan.probe_laplace`), so one Newton step from
-        any start is its mode and the curvature is the same everywhere.
+        found at setup by the plan's probe, ``GuidePlan.quadratic``), so one Newton step
+        from any start is its mode and the curvature is the same everywhere.
     :return: ``m (*grid, d)`` and the Cholesky factor ``L (*grid, d, d)`` of the precision
         (and the report).
     """
     if quadratic:
-        m, chol, rep = _one_step_base(logp if differentiate else logp_frozen, z_init, fallback)
+        m, chol, rep = one_step_base(logp if differentiate else logp_frozen, z_init, fallback)
         if probe_modes:  # a quadratic log joint has one mode
             rep = rep._replace(higher_mode=jnp.zeros(rep.decrement.shape, bool))
         if floor is not None:
@@ -534,18 +535,31 @@ def newton_base(
     return (m, chol, rep) if report else (m, chol)
 
 
-def _one_step_base(logp: Callable, z_init, fallback):
+def one_step_base(logp: Callable, z_init: jax.Array, fallback: jax.Array | None = None):
     """The base of a log joint quadratic in the site: one Newton step from the held start,
     ``m = z + P^{-1} g`` with ``g`` and ``P`` differentiable in the parents, is the mode and
     its derivative (exact for a quadratic, whatever the start), and ``P`` is the curvature
     at ``m`` too. One pass through the model where the iterations and the differentiated
     step take four (the start, the first step, the gradient and curvature at the end). An
     element whose curvature is not negative definite (no mode) sits at ``fallback``. The
-    report's decrement is 0: the step is exact."""
+    step takes the precision as it is (the mode), the width its lift to ``MIN_PRECISION``
+    as the iterations' base does. The report's decrement is 0: the step is exact.
+
+    :param logp: ``z (*grid, d) -> scalar``, differentiable in the parents.
+    :param z_init: ``(*grid, d)`` start (held constant).
+    :param fallback: ``(*grid, d)`` base of elements without a mode (default: the start).
+    :return: ``m (*grid, d)``, the Cholesky factor ``L (*grid, d, d)`` and a
+        :class:`NewtonReport`.
+    """
     z0 = jax.lax.stop_gradient(z_init)
     g, h = grad_and_blocks(logp, z0)
-    chol, concave = precision_chol(h, with_concave=True)
-    m = z0 + _newton_step(g, chol)
+    p = precision(h)
+    low = _smallest_eigenvalue(jax.lax.stop_gradient(p))
+    concave = low > 0
+    lift = jnp.maximum(MIN_PRECISION - low, 0.0)[..., None, None] * jnp.eye(p.shape[-1], dtype=p.dtype)
+    chol = _cholesky(p + lift)
+    # an element wider than the lift (sd > 10): the unlifted precision gives its mode
+    m = z0 + _newton_step(g, _cholesky(p + jnp.where(concave[..., None, None], 0.0, lift)))
     fallback = jax.lax.stop_gradient(z_init) if fallback is None else fallback
     m = jnp.where(concave[..., None], m, fallback)
     return m, chol, NewtonReport(jnp.zeros(concave.shape, m.dtype), jax.lax.stop_gradient(concave))

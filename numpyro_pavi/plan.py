@@ -30,7 +30,15 @@ from .base_state import StoredSpec, stored_spec
 from .data import Ragged
 from .encoders import SetEncoder, init_readout
 from .flows import ConditionalFlow
-from .laplace import LaplaceWarning, grad_and_blocks, log_joint, newton_iterate, reference_trace, solve_lower
+from .laplace import (
+    LaplaceWarning,
+    one_step_base,
+    grad_and_blocks,
+    log_joint,
+    newton_iterate,
+    reference_trace,
+    solve_lower,
+)
 from .structure import LatentSite, ModelStructure
 
 __all__ = ["GuideOptions", "GuidePlan", "build_plan", "probe_laplace"]
@@ -91,7 +99,7 @@ class GuidePlan:
         under tracing cannot look at, so it gives every such site the inputs; empty in plans
         pickled before.
     :param quadratic: Laplace sites whose Newton problem was found quadratic at setup (a
-        likelihood Gaussian in the site, :func:`probe_laplace`): their base is one Newton
+        likelihood Gaussian in the site, ``_probe``): their base is one Newton
         step (:func:`~numpyro_pavi.laplace.newton_base`, ``quadratic=True``). Empty under
         tracing and in plans pickled before.
     """
@@ -425,6 +433,12 @@ def build_plan(
     )
 
 
+#: How far (in sds of the mode's curvature) one Newton step from the prior location may land
+#: from the iterated mode at setup for a site to count as quadratic (float32 round-off on a
+#: start 100 sds away is ~1e-4 sds).
+ONE_STEP_TOL_SDS = 1e-2
+
+
 def probe_laplace(
     model: Callable, structure: ModelStructure, trace: Mapping[str, dict], args: tuple = (), kwargs=None
 ) -> dict[str, float]:
@@ -442,7 +456,9 @@ def _probe(model, structure, trace, args, kwargs) -> dict[str, tuple[float, bool
     ``quadratic``: the log joint of the site's Newton problem (the site and its later
     siblings of the same plates, as in :func:`~numpyro_pavi.sampling.laplace_base`) has the
     same curvature, to round-off, at every converged element's mode and one sd away along
-    ``L^{-T} 1``: a likelihood Gaussian in them, whose base is exact."""
+    ``L^{-T} 1``, and one Newton step from the prior location lands within
+    :data:`ONE_STEP_TOL_SDS` of the mode: a likelihood Gaussian in them, whose base is
+    exact and one Newton step."""
     kwargs = dict(kwargs or {})
     latent = structure.latent
     names = list(latent)
@@ -464,13 +480,19 @@ def _probe(model, structure, trace, args, kwargs) -> dict[str, tuple[float, bool
             lp = log_joint(model, {**plates, **before, **vals}, args, kwargs, per_element_of=site.name)
             return lp + logdet
 
-        def quadratic(z, group):
+        def quadratic(start, group):
             f = functools.partial(logp, group=group)
-            z, chol, report = newton_iterate(f, z)
+            z, chol, report = newton_iterate(f, start)
             ok = report.converged()
             shift = solve_lower(chol, jnp.full_like(z, 1.0 / math.sqrt(z.shape[-1])), transpose=True)
             h0, h1 = (grad_and_blocks(f, v)[1] for v in (z, z + shift))
             same = jnp.all(jnp.abs(h1 - h0) <= 1e-3 * (jnp.abs(h0) + 1e-6), (-2, -1))
+            # and the one Newton step such a site will take lands on the mode from the start
+            # it will take it from: a smooth likelihood with a lot of data (Poisson counts of
+            # 1e7) has a nearly constant curvature near its mode, not out at the prior mean
+            one_step = one_step_base(f, start, None)[0]
+            miss = jnp.linalg.norm(jnp.einsum("...ji,...j->...i", chol, one_step - z), axis=-1)  # |L^T s|: sds
+            same = same & (miss <= ONE_STEP_TOL_SDS)
             return ok, jnp.all(same | ~ok) & jnp.any(ok)
 
         def run(z_site, z_group, group=group):

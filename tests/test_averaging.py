@@ -88,3 +88,18 @@ def test_average_survives_a_checkpoint_and_resumes_exactly(tmp_path):
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
     assert int(resumed.state.optim_state[1]["count"]) == 20
+
+
+def test_a_skipped_step_leaves_the_average_and_wrappers_nest():
+    opt = AverageParams(optax.adam(0.05), window=4)
+    state = opt.init({"x": jnp.array(1.0)})
+    out, state = opt.eval_and_update(lambda p: ((p["x"] - 3.0) ** 2, None), state)
+    before = state[1]
+    out, state = opt.eval_and_stable_update(lambda p: (jnp.nan * p["x"], None), state)
+    assert int(state[1]["count"]) == int(before["count"]) == 1
+    np.testing.assert_array_equal(state[1]["average"]["x"], before["average"]["x"])
+    # KeepBest around AverageParams: the average is still found
+    svi = SVI(model, AutoNormal(model), KeepBest(AverageParams(optax.adam(0.05), window=3)), Trace_ELBO())
+    s = svi.init(jax.random.PRNGKey(0), X)
+    s, _ = svi.update(s, X)
+    np.testing.assert_allclose(averaged_params(svi, s)["mu_auto_loc"], svi.get_params(s)["mu_auto_loc"])

@@ -160,12 +160,12 @@ def test_model_calls_quick(tmp_path):
     for name in ("AutoPAVI(laplace=False)", "AutoPAVI(encoding='free', laplace=False)"):
         assert rows[name]["svi_init_model_calls"] == 2 and rows[name]["step_traces"] == 2, rows[name]
     # one local site (b), Gaussian in its likelihood: two more traces per step (the prior
-    # location, the one Newton step that is its exact base) and, at setup, six for the
+    # location, the one Newton step that is its exact base) and, at setup, seven for the
     # convergence probe (the prior location, the loop's body three times, the curvature at
-    # the mode and one sd away: whether the likelihood is Gaussian in the site) and two for
-    # the guide's first draw
+    # the mode and one sd away, one Newton step from the prior location: whether the
+    # likelihood is Gaussian in the site) and two for the guide's first draw
     laplace = rows["AutoPAVI()"]
-    assert laplace["svi_init_model_calls"] == 10 and laplace["step_traces"] == 4, laplace
+    assert laplace["svi_init_model_calls"] == 11 and laplace["step_traces"] == 4, laplace
     assert laplace["sample_posterior_model_calls"] == 3, laplace
     assert rows["AutoPAVI(laplace=False)"]["sample_posterior_model_calls"] == 1
 

@@ -409,3 +409,22 @@ def test_a_gaussian_likelihood_takes_one_newton_step_with_the_same_base_and_deri
     other = AutoPAVI(glmms.crossed_bernoulli)
     SVI(glmms.crossed_bernoulli, other, optax.adam(5e-3), Trace_ELBO()).init(jax.random.PRNGKey(0), *args)
     assert other.plan.quadratic == frozenset()
+
+
+def test_a_likelihood_with_nearly_constant_curvature_keeps_the_iterations():
+    """Poisson counts of 1e7 have a curvature nearly constant within a sd of the mode, but
+    one Newton step from the prior mean lands far from it: not quadratic, and the bases
+    (iterated) sit at the log counts."""
+
+    def model(y):
+        with numpyro.plate("groups", y.shape[0]):
+            b = numpyro.sample("b", dist.Normal(0.0, 3.0))
+            numpyro.sample("y", dist.Poisson(jnp.exp(b)), obs=y)
+
+    y = jnp.array([2e7, 5e6, 1e7])
+    guide = AutoPAVI(model)
+    svi = SVI(model, guide, optax.adam(5e-3), Trace_ELBO())
+    state = svi.init(jax.random.PRNGKey(0), y)
+    assert guide.plan.quadratic == frozenset()
+    draws = guide.sample_posterior(jax.random.PRNGKey(1), svi.get_params(state), y, sample_shape=(200,))["b"]
+    np.testing.assert_allclose(jnp.median(draws, 0), jnp.log(y), atol=0.05)
