@@ -511,14 +511,15 @@ def newton_base(
         diagnostics: the base itself is unchanged.
     :param quadratic: the log joint is quadratic in the site (a likelihood Gaussian in it,
         found at setup by the plan's probe, ``GuidePlan.quadratic``), so one Newton step
-        from any start is its mode and the curvature is the same everywhere.
+        from any start is its mode and the curvature is the same everywhere. Ignored with
+        ``probe_modes``: the diagnostics iterate and probe for other modes.
     :return: ``m (*grid, d)`` and the Cholesky factor ``L (*grid, d, d)`` of the precision
         (and the report).
     """
-    if quadratic:
+    if quadratic and not probe_modes:
+        # diagnostics (probe_modes) iterate and probe as for any site: the setup probe looks
+        # near the mode only, and a far second mode (a location mixture) is what they look for
         m, chol, rep = one_step_base(logp if differentiate else logp_frozen, z_init, fallback)
-        if probe_modes:  # a quadratic log joint has one mode
-            rep = rep._replace(higher_mode=jnp.zeros(rep.decrement.shape, bool))
         if floor is not None:
             chol = at_least(chol, floor(m))
         return (m, chol, rep) if report else (m, chol)
