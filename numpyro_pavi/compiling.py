@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["SMALL_DATA", "run_once"]
+__all__ = ["SMALL_DATA", "array_leaves", "run_once"]
 
 #: Number of array elements (arguments and data together) above which a one-shot program's
 #: run may cost more than what a cheap compilation saves; such programs compile as usual.
@@ -38,3 +38,24 @@ def run_once(fun: Callable, *args: Any, data: Any = ()) -> Any:
     if sum(int(np.size(x)) for x in leaves if hasattr(x, "shape")) > SMALL_DATA:
         return jitted(*args)
     return jitted.lower(*args).compile(compiler_options=_CHEAP)(*args)
+
+
+def array_leaves(tree: Any) -> tuple[list, Callable[[list], Any]]:
+    """The array leaves of ``tree`` (the model's arguments) and ``arrays -> tree`` rebuilding
+    it with new ones, every other leaf (sizes, flags, callables) kept as it is.
+
+    A compiled program that closes over arrays holds them as constants: its compilation
+    copies them and XLA may evaluate whatever depends on them alone at compile time (a set
+    encoder's first layer on 655,360 rows took over a second to fold). Passed as arguments
+    (``jax.jit(lambda arrays: f(*rebuild(arrays)))(arrays)``) they are inputs.
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    where = [i for i, x in enumerate(leaves) if isinstance(x, (jax.Array, np.ndarray))]
+
+    def rebuild(arrays: list) -> Any:
+        new = list(leaves)
+        for i, x in zip(where, arrays, strict=True):
+            new[i] = x
+        return jax.tree.unflatten(treedef, new)
+
+    return [leaves[i] for i in where], rebuild

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .arviz import site_dims
+from .compiling import array_leaves
 from .sampling import sample_latents
 from .structure import LatentSite
 
@@ -162,10 +163,9 @@ def posterior_summary(
     sizes, full_indices, full_trace, bound, (args, kwargs) = guide.plate_inputs(*args, **kwargs)
     with_trace = full_trace is not None
     del full_trace  # only the chunks' traces are needed from here on
-    margs = (args, kwargs)
+    data, rebuild = array_leaves((args, kwargs))
     keys = jax.random.split(rng_key, num_samples)
     qs = jnp.asarray(levels, jnp.float32)
-    stored = guide.stored_state(params, sizes)  # stored Laplace bases passed with the params
 
     # Several passes: a site's draw may read other plates' sampled values through a per-step
     # Laplace base (a column's base given every row's effect, and a row's given every
@@ -187,7 +187,11 @@ def posterior_summary(
                 return value
             return jnp.take(value, idx, axis=_plate_axis(site, structure, chunked))
 
-        def summarize(params, idx):
+        def summarize(params, idx, data):
+            # params and data are arguments, not constants of the program (see array_leaves)
+            args, kwargs = rebuild(data)
+            margs = (args, kwargs)
+            stored = guide.stored_state(params, sizes)  # stored Laplace bases passed with the params
             indices = {**full_indices, chunked: idx} if chunked and separable else full_indices
             trace = guide.trace_model(indices, *args, **kwargs) if with_trace else None
 
@@ -216,7 +220,7 @@ def posterior_summary(
         length = min(max(int(chunk_size), 2), size) if chunked else 1
         run = program(chunked, names)
         try:
-            shapes = jax.eval_shape(run, params, jnp.arange(length))[0]
+            shapes = jax.eval_shape(run, params, jnp.arange(length), data)[0]
         except (TypeError, ValueError, IndexError) as err:
             raise ValueError(
                 f"Sampling {length} of the {size} elements of plate '{chunked}' at a time failed: the model "
@@ -252,7 +256,7 @@ def posterior_summary(
         for start in starts:
             stop = min(start + length, size)
             idx = jnp.minimum(jnp.arange(start, start + length), size - 1)  # the last chunk repeats its last element
-            stats, draws = run(params, idx)
+            stats, draws = run(params, idx, data)
             stats, draws = jax.device_get((stats, draws))
             for name in names:
                 site = structure.latent[name]
@@ -357,13 +361,16 @@ def posterior_moments(
         if not isinstance(n, (int, np.integer)) or n < low:
             raise ValueError(f"{name} must be an int >= {low}, got {n!r}.")
     batch_size = min(batch_size, num_samples)  # no padded draws beyond the ones asked for
-    one = guide.full_plate_sampler(params, *args, **kwargs)
+    args, kwargs = guide.plate_inputs(*args, **kwargs).model_args  # the training ones where none are given
+    data, rebuild = array_leaves((args, kwargs))
     keys = jax.random.split(rng_key, num_samples)
 
     @jax.jit
-    def fold(state, batch_keys, valid):
+    def fold(state, batch_keys, valid, params, data):
+        # params and data are arguments, not constants of the program (see array_leaves);
         # a short last batch is padded with repeated keys, weighted out by ``valid``
-        values = jax.lax.map(one, batch_keys)
+        a, kw = rebuild(data)
+        values = jax.lax.map(guide.full_plate_sampler(params, *a, **kw), batch_keys)
         count, mean, m2 = state
         b = jnp.sum(valid.astype(jnp.float32))
         total = count + b
@@ -377,7 +384,7 @@ def posterior_moments(
             new_m2[k] = m2[k] + m2b + delta**2 * (count * b / total)
         return total, new_mean, new_m2
 
-    shapes = jax.eval_shape(one, keys[0])
+    shapes = jax.eval_shape(guide.full_plate_sampler(params, *args, **kwargs), keys[0])
     zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.promote_types(a.dtype, jnp.float32)), shapes)
     state = (jnp.zeros((), jnp.float32), zeros, zeros)
     starts = range(0, num_samples, batch_size)
@@ -391,6 +398,6 @@ def posterior_moments(
         valid = jnp.arange(batch_size) < n
         if n < batch_size:
             batch = jnp.concatenate([batch, jnp.broadcast_to(batch[:1], (batch_size - n,) + batch.shape[1:])])
-        state = fold(state, batch, valid)
+        state = fold(state, batch, valid, params, data)
     count, mean, m2 = state
     return {k: {"mean": mean[k], "sd": jnp.sqrt(m2[k] / (count - 1))} for k in mean}

@@ -33,3 +33,26 @@ def test_run_once_under_an_outer_trace():
     out = jax.eval_shape(lambda a: compiling.run_once(_newton_sqrt, a)[1], jax.ShapeDtypeStruct((4,), jnp.float32))
     assert out.shape == (4, 4)
     np.testing.assert_allclose(jax.jit(lambda a: compiling.run_once(_newton_sqrt, a)[0])(jnp.full(3, 9.0)), 3.0, rtol=1e-6)
+
+
+def _constants(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "constant" in line and "5000x" in line]
+
+
+def test_array_leaves_make_the_data_inputs_of_a_program_not_its_constants():
+    x = np.arange(5000.0, dtype=np.float32)
+    tree = ((x, 3, None), {"flag": True, "y": jnp.ones(2)})
+    data, rebuild = compiling.array_leaves(tree)
+    assert [d.shape for d in data] == [(5000,), (2,)]
+    (a, kw) = rebuild([2 * d for d in data])
+    assert a[1] == 3 and a[2] is None and kw["flag"] is True
+    np.testing.assert_array_equal(a[0], 2 * x)
+
+    def total(args, kwargs):
+        return jnp.sum(args[0] ** 2) * kwargs["y"]
+
+    closed = jax.jit(lambda: total(*tree)).lower().as_text()
+    passed = jax.jit(lambda d: total(*rebuild(d))).lower(data).as_text()
+    assert _constants(closed), "the closed-over array should be a constant here (the test's premise)"
+    assert not _constants(passed)
+    np.testing.assert_allclose(jax.jit(lambda d: total(*rebuild(d)))(data), total(*tree))
