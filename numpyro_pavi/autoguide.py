@@ -527,7 +527,7 @@ class AutoPAVI(AutoGuide):
             # run eagerly (svi.init, a guide called outside jit): one compiled program
             # instead of hundreds of op-by-op dispatches, each compiled on first use (13 of
             # the 19 s that svi.init took on epil)
-            values, _, logqs, reports, *new_state = run_once(sample, params, key, state, data=(args, kwargs))
+            values, _, logqs, reports, *new_state = run_once(sample, params, key, state)
         else:
             values, _, logqs, reports, *new_state = sample(params, key, state)
         if stored is not None:

@@ -47,6 +47,7 @@ import numpy as np
 import tqdm
 from numpyro.infer.svi import SVI, SVIRunResult, SVIState
 
+from .compiling import array_leaves
 from .monitor import _worse, check_losses, explain_divergence, warn_divergence
 
 __all__ = ["FORMAT_VERSION", "Checkpoint", "fit", "load_checkpoint", "save_checkpoint"]
@@ -429,11 +430,17 @@ def fit(
 
     update = svi.stable_update if stable_update else svi.update
 
-    # Args/kwargs are closed over (constants), not traced, exactly like svi.run's body_fn: this
-    # keeps non-array model arguments working and makes the compiled step identical to svi.run.
+    # The model's array arguments are the step's inputs; svi.run closes over them, which makes
+    # them constants of the program: compiling the step on 2e6 rows of a crossed table then
+    # took 14.6 s against 4.0 s. Other arguments (sizes, flags) stay as they are.
+    data, rebuild = array_leaves((args, kwargs))
     @jax.jit
+    def step(s: SVIState, data: list) -> tuple[SVIState, jax.Array]:
+        a, kw = rebuild(data)
+        return update(s, *a, forward_mode_differentiation=forward_mode_differentiation, **kw)
+
     def step_fn(s: SVIState) -> tuple[SVIState, jax.Array]:
-        return update(s, *args, forward_mode_differentiation=forward_mode_differentiation, **kwargs)
+        return step(s, data)
 
     # Best-so-far tracking: host-side, every `stride` steps, on the full loss history; its
     # record lives in the checkpoint's metadata so a resumed run tracks exactly as one run.

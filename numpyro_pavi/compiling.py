@@ -15,8 +15,9 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
 
-__all__ = ["SMALL_DATA", "array_leaves", "run_once"]
+__all__ = ["SMALL_DATA", "array_leaves", "hoisted", "run_once"]
 
 #: Number of array elements (arguments and data together) above which a one-shot program's
 #: run may cost more than what a cheap compilation saves; such programs compile as usual.
@@ -25,20 +26,36 @@ SMALL_DATA = 1_000_000
 _CHEAP = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
-def run_once(fun: Callable, *args: Any, data: Any = ()) -> Any:
-    """``jax.jit(fun)(*args)``, compiled cheaply where ``args`` and ``data`` (the model's
-    arguments ``fun`` closes over) hold at most :data:`SMALL_DATA` elements in all.
+def run_once(fun: Callable, *args: Any) -> Any:
+    """``jax.jit(fun)(*args)``, with the arrays ``fun`` closes over (the model's data, a
+    trace of it) passed to the compiled program as inputs rather than embedded as constants
+    (see :func:`array_leaves`), and compiled cheaply where ``args`` and those arrays hold at
+    most :data:`SMALL_DATA` elements in all.
 
     Under an outer trace (``jax.eval_shape``, ``jit``) it is a plain ``jax.jit`` call.
     """
-    leaves = jax.tree.leaves((args, data))
-    jitted = jax.jit(fun)
-    if any(isinstance(x, jax.core.Tracer) for x in leaves):
-        return jitted(*args)
-    if sum(int(np.size(x)) for x in leaves if hasattr(x, "shape")) > SMALL_DATA:
-        return jitted(*args)
-    return jitted.lower(*args).compile(compiler_options=_CHEAP)(*args)
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args)):
+        return jax.jit(fun)(*args)
+    program, inputs = hoisted(fun, *args)
+    size = sum(int(np.size(x)) for x in jax.tree.leaves(inputs) if hasattr(x, "shape"))
+    lowered = program.lower(*inputs)
+    compiled = lowered.compile() if size > SMALL_DATA else lowered.compile(compiler_options=_CHEAP)
+    return compiled(*inputs)
 
+
+def hoisted(fun: Callable, *args: Any) -> tuple[Callable, tuple]:
+    """``(program, inputs)`` with ``program(*inputs) == fun(*args)``: ``program`` is jitted
+    and takes the arrays ``fun`` closes over (its jaxpr's constants) as inputs too, so its
+    compilation neither copies them nor folds what depends on them alone (see
+    :func:`array_leaves`). Traces ``fun`` once."""
+    closed, shape = jax.make_jaxpr(fun, return_shape=True)(*args)
+    out_tree = jax.tree.structure(shape)
+
+    @jax.jit
+    def program(consts, flat):
+        return jax.tree.unflatten(out_tree, jaxpr_as_fun(ClosedJaxpr(closed.jaxpr, consts))(*flat))
+
+    return program, (list(closed.consts), jax.tree.leaves(args))
 
 def array_leaves(tree: Any) -> tuple[list, Callable[[list], Any]]:
     """The array leaves of ``tree`` (the model's arguments) and ``arrays -> tree`` rebuilding

@@ -502,7 +502,7 @@ def _probe(model, structure, trace, args, kwargs) -> dict[str, tuple[float, bool
         ref = reference_trace(model, {**plates, **before}, args, kwargs)
         starts = [g.to_canonical(biject_to(g.support).inv(ref[g.name]["value"])) for g in group]
         # compiled as one program: run eagerly, every op of the loop compiles on first use
-        converged, flat = run_once(run, starts[0], jnp.concatenate(starts, -1), data=(plates, before, args, kwargs))
+        converged, flat = run_once(run, starts[0], jnp.concatenate(starts, -1))
         out[site.name] = (float(_data.scored_mean(site, converged, trace.get(site.name))), bool(flat))
     return out
 

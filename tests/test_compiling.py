@@ -22,7 +22,7 @@ def _newton_sqrt(a):
 def test_run_once_agrees_with_jit(monkeypatch, small_data):
     monkeypatch.setattr(compiling, "SMALL_DATA", small_data)
     a = jnp.linspace(0.5, 40.0, 7)
-    got = compiling.run_once(_newton_sqrt, a, data=np.zeros(3))
+    got = compiling.run_once(_newton_sqrt, a)
     want = jax.jit(_newton_sqrt)(a)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-6)
@@ -56,3 +56,18 @@ def test_array_leaves_make_the_data_inputs_of_a_program_not_its_constants():
     assert _constants(closed), "the closed-over array should be a constant here (the test's premise)"
     assert not _constants(passed)
     np.testing.assert_allclose(jax.jit(lambda d: total(*rebuild(d)))(data), total(*tree))
+
+
+def test_run_once_takes_the_arrays_it_closes_over_as_inputs():
+    x = np.arange(5000.0, dtype=np.float32)
+
+    def fun(a, b):
+        return {"sum": jnp.sum(jnp.asarray(x) * a), "pair": (b, None)}
+
+    program, inputs = compiling.hoisted(fun, 2.0, jnp.ones(3))
+    assert not _constants(program.lower(*inputs).as_text())
+    assert _constants(jax.jit(lambda: fun(2.0, jnp.ones(3))).lower().as_text())  # the premise
+    got = compiling.run_once(fun, 2.0, jnp.ones(3))
+    np.testing.assert_allclose(got["sum"], 2.0 * x.sum(), rtol=1e-6)
+    assert got["pair"][1] is None
+    np.testing.assert_array_equal(got["pair"][0], np.ones(3))
