@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
 
-__all__ = ["SMALL_DATA", "array_leaves", "hoisted", "run_once"]
+__all__ = ["HOST_VALUE_ERRORS", "SMALL_DATA", "array_leaves", "as_inputs", "hoisted", "run_once"]
 
 #: Number of array elements (arguments and data together) above which a one-shot program's
 #: run may cost more than what a cheap compilation saves; such programs compile as usual.
@@ -32,12 +32,16 @@ def run_once(fun: Callable, *args: Any) -> Any:
     (see :func:`array_leaves`), and compiled cheaply where ``args`` and those arrays hold at
     most :data:`SMALL_DATA` elements in all.
 
-    Under an outer trace (``jax.eval_shape``, ``jit``) it is a plain ``jax.jit`` call.
+    Where ``args`` or the closed-over values are tracers of an outer transformation
+    (``jit``, ``eval_shape``, ``vmap`` over the data) it is a plain jitted call.
     """
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args)):
         return jax.jit(fun)(*args)
     program, inputs = hoisted(fun, *args)
-    size = sum(int(np.size(x)) for x in jax.tree.leaves(inputs) if hasattr(x, "shape"))
+    leaves = jax.tree.leaves(inputs)
+    if any(isinstance(x, jax.core.Tracer) for x in leaves):
+        return program(*inputs)
+    size = sum(int(np.size(x)) for x in leaves if hasattr(x, "shape"))
     lowered = program.lower(*inputs)
     compiled = lowered.compile() if size > SMALL_DATA else lowered.compile(compiler_options=_CHEAP)
     return compiled(*inputs)
@@ -57,17 +61,35 @@ def hoisted(fun: Callable, *args: Any) -> tuple[Callable, tuple]:
 
     return program, (list(closed.consts), jax.tree.leaves(args))
 
+
+#: What tracing raises where a model reads its data's values on the host (``np.asarray(x)``,
+#: ``int(x.max())`` for a plate size, ``if mask.any():``).
+HOST_VALUE_ERRORS = (
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerArrayConversionError,
+    jax.errors.TracerIntegerConversionError,
+)
+
+
+def _numeric(x: Any) -> bool:
+    if isinstance(x, jax.Array):
+        return True
+    return isinstance(x, np.ndarray) and x.dtype.kind in "biufc"
+
+
 def array_leaves(tree: Any) -> tuple[list, Callable[[list], Any]]:
-    """The array leaves of ``tree`` (the model's arguments) and ``arrays -> tree`` rebuilding
-    it with new ones, every other leaf (sizes, flags, callables) kept as it is.
+    """The numeric array leaves of ``tree`` (the model's arguments), NumPy ones put on the
+    device once, and ``arrays -> tree`` rebuilding it with new ones, every other leaf
+    (sizes, flags, callables, string arrays) kept as it is.
 
     A compiled program that closes over arrays holds them as constants: its compilation
     copies them and XLA may evaluate whatever depends on them alone at compile time (a set
     encoder's first layer on 655,360 rows took over a second to fold). Passed as arguments
-    (``jax.jit(lambda arrays: f(*rebuild(arrays)))(arrays)``) they are inputs.
+    (``jax.jit(lambda arrays: f(*rebuild(arrays)))(arrays)``) they are inputs. A model that
+    reads its data's values on the host cannot take them as tracers: see :func:`as_inputs`.
     """
     leaves, treedef = jax.tree.flatten(tree)
-    where = [i for i, x in enumerate(leaves) if isinstance(x, (jax.Array, np.ndarray))]
+    where = [i for i, x in enumerate(leaves) if _numeric(x)]
 
     def rebuild(arrays: list) -> Any:
         new = list(leaves)
@@ -75,4 +97,19 @@ def array_leaves(tree: Any) -> tuple[list, Callable[[list], Any]]:
             new[i] = x
         return jax.tree.unflatten(treedef, new)
 
-    return [leaves[i] for i in where], rebuild
+    # a NumPy argument of a jitted call is copied to the device at every call
+    arrays = [jax.device_put(leaves[i]) if isinstance(leaves[i], np.ndarray) else leaves[i] for i in where]
+    return arrays, rebuild
+
+
+def as_inputs(tree: Any, check: Callable[[Callable[[list], Any], list], Any]) -> tuple[list, Callable[[list], Any]]:
+    """:func:`array_leaves` of ``tree`` where ``check(rebuild, arrays)`` (a trace of the
+    program that will take them, e.g. under ``jax.eval_shape``) runs with them as tracers;
+    else ``([], lambda _: tree)``: a model that reads its data's values on the host keeps
+    them closed over (constants), as ``svi.run`` does."""
+    arrays, rebuild = array_leaves(tree)
+    try:
+        check(rebuild, arrays)
+    except HOST_VALUE_ERRORS:
+        return [], lambda _: tree
+    return arrays, rebuild

@@ -40,8 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import data as _data
 from .arviz import site_dims
-from .compiling import array_leaves
+from .compiling import HOST_VALUE_ERRORS, array_leaves, as_inputs
 from .sampling import sample_latents
 from .structure import LatentSite
 
@@ -160,7 +161,7 @@ def posterior_summary(
     structure = guide.structure
     passes = _passes(structure, plate)
     guide.check_params(params)
-    sizes, full_indices, full_trace, bound, (args, kwargs) = guide.plate_inputs(*args, **kwargs)
+    sizes, _, full_trace, _, (args, kwargs) = guide.plate_inputs(*args, **kwargs)
     with_trace = full_trace is not None
     del full_trace  # only the chunks' traces are needed from here on
     data, rebuild = array_leaves((args, kwargs))
@@ -188,9 +189,12 @@ def posterior_summary(
             return jnp.take(value, idx, axis=_plate_axis(site, structure, chunked))
 
         def summarize(params, idx, data):
-            # params and data are arguments, not constants of the program (see array_leaves)
+            # params and data are arguments, not constants of the program (see array_leaves);
+            # so are what is built from them: the bound arguments, the indices, the bases
             args, kwargs = rebuild(data)
             margs = (args, kwargs)
+            bound = _data.bind_arguments(guide.model, args, kwargs) if guide.ragged else {}
+            full_indices = guide._full_indices(sizes)
             stored = guide.stored_state(params, sizes)  # stored Laplace bases passed with the params
             indices = {**full_indices, chunked: idx} if chunked and separable else full_indices
             trace = guide.trace_model(indices, *args, **kwargs) if with_trace else None
@@ -220,7 +224,13 @@ def posterior_summary(
         length = min(max(int(chunk_size), 2), size) if chunked else 1
         run = program(chunked, names)
         try:
-            shapes = jax.eval_shape(run, params, jnp.arange(length), data)[0]
+            try:
+                shapes = jax.eval_shape(run, params, jnp.arange(length), data)[0]
+            except HOST_VALUE_ERRORS:
+                # a model that reads its data's values on the host: closed over (as_inputs);
+                # the programs look ``rebuild`` up when they are traced
+                data, rebuild = [], lambda _: (args, kwargs)
+                shapes = jax.eval_shape(run, params, jnp.arange(length), data)[0]
         except (TypeError, ValueError, IndexError) as err:
             raise ValueError(
                 f"Sampling {length} of the {size} elements of plate '{chunked}' at a time failed: the model "
@@ -362,15 +372,19 @@ def posterior_moments(
             raise ValueError(f"{name} must be an int >= {low}, got {n!r}.")
     batch_size = min(batch_size, num_samples)  # no padded draws beyond the ones asked for
     args, kwargs = guide.plate_inputs(*args, **kwargs).model_args  # the training ones where none are given
-    data, rebuild = array_leaves((args, kwargs))
     keys = jax.random.split(rng_key, num_samples)
+
+    def draw(key, params, data, rebuild):
+        a, kw = rebuild(data)
+        return guide.full_plate_sampler(params, *a, **kw)(key)
+
+    # params and data are the program's inputs, not constants of it (see array_leaves)
+    data, rebuild = as_inputs((args, kwargs), lambda rb, d: jax.eval_shape(lambda k, p, dd: draw(k, p, dd, rb), keys[0], params, d))
 
     @jax.jit
     def fold(state, batch_keys, valid, params, data):
-        # params and data are arguments, not constants of the program (see array_leaves);
         # a short last batch is padded with repeated keys, weighted out by ``valid``
-        a, kw = rebuild(data)
-        values = jax.lax.map(guide.full_plate_sampler(params, *a, **kw), batch_keys)
+        values = jax.lax.map(lambda k: draw(k, params, data, rebuild), batch_keys)
         count, mean, m2 = state
         b = jnp.sum(valid.astype(jnp.float32))
         total = count + b
@@ -384,7 +398,7 @@ def posterior_moments(
             new_m2[k] = m2[k] + m2b + delta**2 * (count * b / total)
         return total, new_mean, new_m2
 
-    shapes = jax.eval_shape(guide.full_plate_sampler(params, *args, **kwargs), keys[0])
+    shapes = jax.eval_shape(lambda k, p, d: draw(k, p, d, rebuild), keys[0], params, data)
     zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.promote_types(a.dtype, jnp.float32)), shapes)
     state = (jnp.zeros((), jnp.float32), zeros, zeros)
     starts = range(0, num_samples, batch_size)

@@ -1,8 +1,12 @@
-"""One-shot programs compiled cheaply: same values as ``jax.jit``, on every path."""
+"""Compiled programs: the one-shot ones compiled cheaply (same values as ``jax.jit``, on every
+path), and the data passed to them as inputs rather than constants, except where a model
+reads it on the host."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
+import numpyro.distributions as dist
 import pytest
 
 from numpyro_pavi import compiling
@@ -71,3 +75,39 @@ def test_run_once_takes_the_arrays_it_closes_over_as_inputs():
     np.testing.assert_allclose(got["sum"], 2.0 * x.sum(), rtol=1e-6)
     assert got["pair"][1] is None
     np.testing.assert_array_equal(got["pair"][0], np.ones(3))
+
+
+def test_run_once_under_vmap_over_the_data_it_closes_over():
+    out = jax.vmap(lambda x: compiling.run_once(lambda a: a * x + 1.0, 2.0))(jnp.arange(3.0))
+    np.testing.assert_allclose(out, [1.0, 3.0, 5.0])
+
+
+def _host_read_model(g, y):
+    # the number of groups read off the data on the host: the data cannot be traced
+    num_groups = int(np.asarray(g).max()) + 1
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    with numpyro.plate("groups", num_groups):
+        u = numpyro.sample("u", dist.Normal(mu, 1.0))
+    with numpyro.plate("obs", y.shape[0]):
+        numpyro.sample("y", dist.Normal(u[g], 0.5), obs=y)
+
+
+def test_a_model_that_reads_its_data_on_the_host_keeps_it_closed_over():
+    from numpyro.infer import SVI, Trace_ELBO
+
+    from numpyro_pavi import AutoPAVI, fit
+
+    rng = np.random.default_rng(0)
+    g = np.repeat(np.arange(4), 3)
+    y = rng.normal(size=12)  # float64 NumPy data: put on the device once
+    with pytest.raises(compiling.HOST_VALUE_ERRORS):
+        jax.eval_shape(_host_read_model, jnp.asarray(g), jnp.asarray(y))  # the premise
+    guide = AutoPAVI(_host_read_model)
+    svi = SVI(_host_read_model, guide, numpyro.optim.Adam(1e-2), Trace_ELBO())
+    result = fit(svi, jax.random.PRNGKey(0), 5, g, y)
+    assert np.all(np.isfinite(result.losses))
+    ref = svi.run(jax.random.PRNGKey(0), 5, g, y, progress_bar=True)
+    np.testing.assert_allclose(result.losses, ref.losses, rtol=1e-5)
+    moments = guide.posterior_moments(jax.random.PRNGKey(1), result.params, g, y, num_samples=4, batch_size=2)
+    summary = guide.posterior_summary(jax.random.PRNGKey(1), result.params, g, y, num_samples=4, chunk_size=2)
+    assert moments["u"]["mean"].shape == summary["u"]["mean"].shape == (4,)
