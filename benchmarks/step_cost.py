@@ -38,6 +38,7 @@ from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoNormal
 
 from numpyro_pavi import AutoPAVI
+from numpyro_pavi.compiling import as_inputs
 from numpyro_pavi.examples import glmms, models
 
 GUIDES = {
@@ -117,22 +118,35 @@ def measure(model, guide_fn, args, kwargs, block: int, blocks: int, draws: int) 
     jax.block_until_ready(state)
     t_init = time.perf_counter() - t0
 
-    def run(st):
-        return jax.lax.scan(lambda s, _: svi.update(s, *args, **kwargs), st, None, length=block)
+    # large data are the programs' inputs, small ones constants, as in numpyro_pavi.fit
+    data, rebuild = as_inputs((args, kwargs))
+
+    def run(st, data):
+        a, kw = rebuild(data)
+        return jax.lax.scan(lambda s, _: svi.update(s, *a, **kw), st, None, length=block)
 
     t0 = time.perf_counter()
-    run_c = jax.jit(run).lower(state).compile()
+    run_c = jax.jit(run).lower(state, data).compile()
     t_compile = time.perf_counter() - t0
     per_step = []
     for _ in range(blocks):
         t0 = time.perf_counter()
-        state, losses = run_c(state)
+        state, losses = run_c(state, data)
         jax.block_until_ready(losses)
         per_step.append((time.perf_counter() - t0) / block)
     step = float(np.median(per_step))
     params = svi.get_params(state)
     full = {k: v for k, v in kwargs.items() if k != "subsample_size"}  # draws over the full plates
-    sample = jax.jit(lambda k: guide.sample_posterior(k, params, *args, sample_shape=(draws,), **full))
+    full_data, full_rebuild = as_inputs((args, full))
+
+    @jax.jit
+    def draw(k, params, data):
+        a, kw = full_rebuild(data)
+        return guide.sample_posterior(k, params, *a, sample_shape=(draws,), **kw)
+
+    def sample(k):
+        return draw(k, params, full_data)
+
     t0 = time.perf_counter()
     jax.block_until_ready(sample(jax.random.PRNGKey(1)))
     t_draw_compile = time.perf_counter() - t0

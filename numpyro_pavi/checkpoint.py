@@ -47,7 +47,7 @@ import numpy as np
 import tqdm
 from numpyro.infer.svi import SVI, SVIRunResult, SVIState
 
-from .compiling import HOST_VALUE_ERRORS, array_leaves
+from .compiling import as_inputs
 from .monitor import _worse, check_losses, explain_divergence, warn_divergence
 
 __all__ = ["FORMAT_VERSION", "Checkpoint", "fit", "load_checkpoint", "save_checkpoint"]
@@ -355,11 +355,11 @@ def fit(
     Every step is one call to a single ``jax.jit``-compiled update built once per call of
     ``fit`` (``svi.run`` would recompile its body for every segment). Hence segmentation
     cannot change the numerics: ``fit(N)``, kill, ``fit(2N)`` is bit-identical to
-    ``fit(2N)``. The model's numeric array arguments are inputs of that update, not
-    constants of it (``svi.run(..., progress_bar=True)`` closes over them; its results
-    equal ``fit``'s on the test models, but XLA may fold constants to other round-off); a
-    model that reads its arrays' values on the host (``int(x.max())``) gets them closed over,
-    as ``svi.run`` does. A run killed mid-segment resumes from its last checkpoint and redoes
+    ``fit(2N)``. The model's arguments are closed over, as ``svi.run(..., progress_bar=True)``
+    does (and ``fit`` then equals it bit for bit), except numeric arrays of more than
+    :data:`~numpyro_pavi.compiling.SMALL_DATA` elements in all, which are inputs of the
+    update rather than constants of it (their compilation is then several times faster),
+    unless the model reads their values on the host (``int(x.max())``). A run killed mid-segment resumes from its last checkpoint and redoes
     those steps, with the same result.
 
     :param svi: the :class:`~numpyro.infer.SVI` instance.
@@ -432,10 +432,10 @@ def fit(
 
     update = svi.stable_update if stable_update else svi.update
 
-    # The model's array arguments are the step's inputs; svi.run (with its bar) closes over
-    # them, which makes them constants of the program: compiling the step on 2e6 rows of a
-    # crossed table then took 14.6 s against 4.0 s. Other arguments (sizes, flags) stay as
-    # they are, and so do the arrays of a model that reads their values on the host.
+    # Large data are the step's inputs; svi.run (with its bar) closes over them, which makes
+    # them constants of the program: compiling the step on 2e6 rows of a crossed table then
+    # took 14.6 s against 4.0 s. Small data, other arguments (sizes, flags) and the arrays
+    # of a model that reads their values on the host stay closed over (see as_inputs).
     def make_step(rebuild: Callable[[list], Any]) -> Callable:
         @jax.jit
         def step(s: SVIState, data: list) -> tuple[SVIState, jax.Array]:
@@ -444,12 +444,14 @@ def fit(
 
         return step
 
-    data, rebuild = array_leaves((args, kwargs))
-    step = make_step(rebuild)
-    try:
-        step.trace(state, data)  # the trace is cached: the first step does not trace again
-    except HOST_VALUE_ERRORS:
-        data, step = [], make_step(lambda _: (args, kwargs))
+    steps = {}  # the step is traced once: as_inputs's check is its first trace, which jit caches
+
+    def check(rebuild, data):
+        steps["step"] = make_step(rebuild)
+        steps["step"].trace(state, data)
+
+    data, rebuild = as_inputs((args, kwargs), check)
+    step = steps["step"] if data else make_step(rebuild)
 
     def step_fn(s: SVIState) -> tuple[SVIState, jax.Array]:
         return step(s, data)

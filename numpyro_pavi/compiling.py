@@ -102,14 +102,24 @@ def array_leaves(tree: Any) -> tuple[list, Callable[[list], Any]]:
     return arrays, rebuild
 
 
-def as_inputs(tree: Any, check: Callable[[Callable[[list], Any], list], Any]) -> tuple[list, Callable[[list], Any]]:
-    """:func:`array_leaves` of ``tree`` where ``check(rebuild, arrays)`` (a trace of the
-    program that will take them, e.g. under ``jax.eval_shape``) runs with them as tracers;
-    else ``([], lambda _: tree)``: a model that reads its data's values on the host keeps
-    them closed over (constants), as ``svi.run`` does."""
+def as_inputs(
+    tree: Any, check: Callable[[Callable[[list], Any], list], Any] | None = None
+) -> tuple[list, Callable[[list], Any]]:
+    """:func:`array_leaves` of ``tree`` where its numeric arrays hold more than
+    :data:`SMALL_DATA` elements and ``check(rebuild, arrays)`` (a trace of the program that
+    will take them, e.g. under ``jax.eval_shape``) runs with them as tracers; else
+    ``([], lambda _: tree)``, the arrays closed over as ``svi.run`` does.
+
+    Small data stay constants: XLA specializes the program to them (epil's step, 236 rows,
+    15% faster) and they compile quickly. A model that reads its data's values on the host
+    cannot take them as tracers at all.
+    """
     arrays, rebuild = array_leaves(tree)
+    if sum(int(np.size(x)) for x in arrays) <= SMALL_DATA:
+        return [], lambda _: tree
     try:
-        check(rebuild, arrays)
+        if check is not None:
+            check(rebuild, arrays)
     except HOST_VALUE_ERRORS:
         return [], lambda _: tree
     return arrays, rebuild

@@ -42,7 +42,7 @@ import numpy as np
 
 from . import data as _data
 from .arviz import site_dims
-from .compiling import HOST_VALUE_ERRORS, array_leaves, as_inputs
+from .compiling import HOST_VALUE_ERRORS, as_inputs
 from .sampling import sample_latents
 from .structure import LatentSite
 
@@ -164,7 +164,7 @@ def posterior_summary(
     sizes, _, full_trace, _, (args, kwargs) = guide.plate_inputs(*args, **kwargs)
     with_trace = full_trace is not None
     del full_trace  # only the chunks' traces are needed from here on
-    data, rebuild = array_leaves((args, kwargs))
+    data, rebuild = as_inputs((args, kwargs))  # large data: inputs (checked by the first trace below)
     keys = jax.random.split(rng_key, num_samples)
     qs = jnp.asarray(levels, jnp.float32)
 
@@ -189,12 +189,12 @@ def posterior_summary(
             return jnp.take(value, idx, axis=_plate_axis(site, structure, chunked))
 
         def summarize(params, idx, data):
-            # params and data are arguments, not constants of the program (see array_leaves);
-            # so are what is built from them: the bound arguments, the indices, the bases
+            # params and large data are arguments, not constants of the program (see
+            # as_inputs); so are what is built from them: the bound arguments, indices, bases
             args, kwargs = rebuild(data)
             margs = (args, kwargs)
             bound = _data.bind_arguments(guide.model, args, kwargs) if guide.ragged else {}
-            full_indices = guide._full_indices(sizes)
+            full_indices = {name: jnp.arange(size) for name, size in sizes.items()}
             stored = guide.stored_state(params, sizes)  # stored Laplace bases passed with the params
             indices = {**full_indices, chunked: idx} if chunked and separable else full_indices
             trace = guide.trace_model(indices, *args, **kwargs) if with_trace else None
@@ -378,7 +378,7 @@ def posterior_moments(
         a, kw = rebuild(data)
         return guide.full_plate_sampler(params, *a, **kw)(key)
 
-    # params and data are the program's inputs, not constants of it (see array_leaves)
+    # params are the program's inputs, and so are large data (see as_inputs)
     data, rebuild = as_inputs((args, kwargs), lambda rb, d: jax.eval_shape(lambda k, p, dd: draw(k, p, dd, rb), keys[0], params, d))
 
     @jax.jit

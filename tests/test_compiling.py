@@ -85,6 +85,10 @@ def test_run_once_under_vmap_over_the_data_it_closes_over():
 def _host_read_model(g, y):
     # the number of groups read off the data on the host: the data cannot be traced
     num_groups = int(np.asarray(g).max()) + 1
+    _groups_model(g, y, num_groups)
+
+
+def _groups_model(g, y, num_groups):
     mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
     with numpyro.plate("groups", num_groups):
         u = numpyro.sample("u", dist.Normal(mu, 1.0))
@@ -92,22 +96,34 @@ def _host_read_model(g, y):
         numpyro.sample("y", dist.Normal(u[g], 0.5), obs=y)
 
 
-def test_a_model_that_reads_its_data_on_the_host_keeps_it_closed_over():
+@pytest.mark.parametrize("host_read", [False, True])
+def test_large_data_are_inputs_unless_the_model_reads_them_on_the_host(monkeypatch, host_read):
     from numpyro.infer import SVI, Trace_ELBO
 
     from numpyro_pavi import AutoPAVI, fit
 
+    monkeypatch.setattr(compiling, "SMALL_DATA", 0)  # every data set counts as large
     rng = np.random.default_rng(0)
     g = np.repeat(np.arange(4), 3)
     y = rng.normal(size=12)  # float64 NumPy data: put on the device once
-    with pytest.raises(compiling.HOST_VALUE_ERRORS):
-        jax.eval_shape(_host_read_model, jnp.asarray(g), jnp.asarray(y))  # the premise
-    guide = AutoPAVI(_host_read_model)
-    svi = SVI(_host_read_model, guide, numpyro.optim.Adam(1e-2), Trace_ELBO())
-    result = fit(svi, jax.random.PRNGKey(0), 5, g, y)
-    assert np.all(np.isfinite(result.losses))
-    ref = svi.run(jax.random.PRNGKey(0), 5, g, y, progress_bar=True)
+    model, args = (_host_read_model, (g, y)) if host_read else (_groups_model, (g, y, 4))
+    seeded = numpyro.handlers.seed(model, 0)
+    data, _ = compiling.as_inputs((args, {}), lambda rb, d: jax.eval_shape(lambda dd: seeded(*rb(dd)[0]), d))
+    if host_read:
+        assert data == []  # closed over: tracing them raised one of HOST_VALUE_ERRORS
+    else:
+        assert len(data) == 2 and all(isinstance(d, jax.Array) for d in data)  # g and y, on the device
+    guide = AutoPAVI(model)
+    svi = SVI(model, guide, numpyro.optim.Adam(1e-2), Trace_ELBO())
+    result = fit(svi, jax.random.PRNGKey(0), 5, *args)
+    ref = svi.run(jax.random.PRNGKey(0), 5, *args, progress_bar=True)
     np.testing.assert_allclose(result.losses, ref.losses, rtol=1e-5)
-    moments = guide.posterior_moments(jax.random.PRNGKey(1), result.params, g, y, num_samples=4, batch_size=2)
-    summary = guide.posterior_summary(jax.random.PRNGKey(1), result.params, g, y, num_samples=4, chunk_size=2)
+    moments = guide.posterior_moments(jax.random.PRNGKey(1), result.params, *args, num_samples=4, batch_size=2)
+    summary = guide.posterior_summary(jax.random.PRNGKey(1), result.params, *args, num_samples=4, chunk_size=2)
     assert moments["u"]["mean"].shape == summary["u"]["mean"].shape == (4,)
+
+
+def test_small_data_stay_closed_over():
+    data, rebuild = compiling.as_inputs(((np.ones(10), 3), {}))
+    assert data == []
+    assert rebuild([])[0][1] == 3
