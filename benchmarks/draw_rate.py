@@ -46,9 +46,9 @@ def measure(make, x, batch: int, steps: int, draws: int, repeats: int) -> dict:
         state, _ = update(state)
     params = svi.get_params(state)
 
-    # params and data are the program's arguments, as in the package's own samplers
-    # (posterior_moments, posterior_summary): closed over, XLA would fold whatever depends on
-    # them alone (the set encoder of laplace=False) into constants at compile time
+    # params and data are the program's arguments, as in the package's own samplers at this
+    # size (posterior_moments, posterior_summary: data above 1e6 numbers): closed over, XLA
+    # would fold whatever depends on them alone (laplace=False's set encoder) at compile time
     @jax.jit
     def run(key, params, x):
         return jax.lax.map(lambda k: guide.sample_posterior(k, params, x), jax.random.split(key, draws))

@@ -359,8 +359,8 @@ def fit(
     does (and ``fit`` then equals it bit for bit), except numeric arrays of more than
     :data:`~numpyro_pavi.compiling.SMALL_DATA` elements in all, which are inputs of the
     update rather than constants of it (their compilation is then several times faster),
-    unless the model reads their values on the host (``int(x.max())``). A run killed mid-segment resumes from its last checkpoint and redoes
-    those steps, with the same result.
+    unless the model reads their values on the host (``int(x.max())``). A run killed
+    mid-segment resumes from its last checkpoint and redoes those steps, with the same result.
 
     :param svi: the :class:`~numpyro.infer.SVI` instance.
     :param rng_key: PRNG key for ``svi.init`` (legacy uint32 or typed key).

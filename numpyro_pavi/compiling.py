@@ -1,11 +1,15 @@
-"""Compiling the guide's one-shot programs: the set-up probes, the flows' initial values and
-the draw of the guide's first (eager) call.
+"""Compiling the guide's programs.
 
-Each runs once per guide, so on small data its compilation, not its run, is what a user waits
-for: ``svi.init`` on epil spent 2.8 s compiling its first draw, 1.1 s the flows'
-initializers, 0.9 s the Laplace probe. Below :data:`SMALL_DATA` such programs are compiled
-with XLA's backend optimizations off (results equal to round-off, a slower run), above it
-as usual.
+The one-shot ones (:func:`run_once`: the set-up probes, the flows' initial values and the
+draw of the guide's first, eager call) run once per guide, so on small data their
+compilation, not their run, is what a user waits for: ``svi.init`` on epil spent 2.8 s
+compiling its first draw, 1.1 s the flows' initializers, 0.9 s the Laplace probe. Below
+:data:`SMALL_DATA` they are compiled with XLA's backend optimizations off (results equal to
+round-off, a slower run), above it as usual; either way the arrays they close over are
+their inputs (:func:`hoisted`).
+
+The repeated ones (``fit``'s step, the posterior programs) take the model's data as inputs
+above :data:`SMALL_DATA` and close over it below (:func:`as_inputs`).
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
 
 __all__ = ["HOST_VALUE_ERRORS", "SMALL_DATA", "array_leaves", "as_inputs", "hoisted", "run_once"]
 
-#: Number of array elements (arguments and data together) above which a one-shot program's
-#: run may cost more than what a cheap compilation saves; such programs compile as usual.
+#: Number of array elements above which a one-shot program's run may cost more than what
+#: a cheap compilation saves (such programs compile as usual), and above which the model's
+#: data are inputs of the repeated programs rather than constants (:func:`as_inputs`).
 SMALL_DATA = 1_000_000
 
 _CHEAP = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -114,9 +119,9 @@ def as_inputs(
     15% faster) and they compile quickly. A model that reads its data's values on the host
     cannot take them as tracers at all.
     """
-    arrays, rebuild = array_leaves(tree)
-    if sum(int(np.size(x)) for x in arrays) <= SMALL_DATA:
+    if sum(int(np.size(x)) for x in jax.tree.leaves(tree) if _numeric(x)) <= SMALL_DATA:
         return [], lambda _: tree
+    arrays, rebuild = array_leaves(tree)
     try:
         if check is not None:
             check(rebuild, arrays)

@@ -227,6 +227,8 @@ def posterior_summary(
             try:
                 shapes = jax.eval_shape(run, params, jnp.arange(length), data)[0]
             except HOST_VALUE_ERRORS:
+                if not data:
+                    raise
                 # a model that reads its data's values on the host: closed over (as_inputs);
                 # the programs look ``rebuild`` up when they are traced
                 data, rebuild = [], lambda _: (args, kwargs)

@@ -113,6 +113,19 @@ def test_large_data_are_inputs_unless_the_model_reads_them_on_the_host(monkeypat
         assert data == []  # closed over: tracing them raised one of HOST_VALUE_ERRORS
     else:
         assert len(data) == 2 and all(isinstance(d, jax.Array) for d in data)  # g and y, on the device
+    # what fit and the posterior programs got from as_inputs (imported there by name)
+    import numpyro_pavi.checkpoint
+    import numpyro_pavi.summaries
+
+    got = []
+
+    def spy(tree, check=None):
+        out = compiling.as_inputs(tree, check)
+        got.append(len(out[0]))
+        return out
+
+    monkeypatch.setattr(numpyro_pavi.checkpoint, "as_inputs", spy)
+    monkeypatch.setattr(numpyro_pavi.summaries, "as_inputs", spy)
     guide = AutoPAVI(model)
     svi = SVI(model, guide, numpyro.optim.Adam(1e-2), Trace_ELBO())
     result = fit(svi, jax.random.PRNGKey(0), 5, *args)
@@ -121,9 +134,18 @@ def test_large_data_are_inputs_unless_the_model_reads_them_on_the_host(monkeypat
     moments = guide.posterior_moments(jax.random.PRNGKey(1), result.params, *args, num_samples=4, batch_size=2)
     summary = guide.posterior_summary(jax.random.PRNGKey(1), result.params, *args, num_samples=4, chunk_size=2)
     assert moments["u"]["mean"].shape == summary["u"]["mean"].shape == (4,)
+    # fit, posterior_moments, posterior_summary (whose in-loop fallback closes them over)
+    assert got == ([0, 0, 2] if host_read else [2, 2, 2])
 
 
-def test_small_data_stay_closed_over():
-    data, rebuild = compiling.as_inputs(((np.ones(10), 3), {}))
+def test_small_data_stay_closed_over_and_are_not_traced(monkeypatch):
+    monkeypatch.setattr(compiling, "SMALL_DATA", 10)
+
+    def untraced(rebuild, data):
+        pytest.fail("small data should not be traced")
+
+    data, rebuild = compiling.as_inputs(((np.ones(10), 3), {}), untraced)
     assert data == []
     assert rebuild([])[0][1] == 3
+    data, rebuild = compiling.as_inputs(((np.ones(11), 3), {}), lambda rb, d: None)
+    assert len(data) == 1 and rebuild(data)[0][1] == 3
