@@ -178,10 +178,22 @@ class AutoPAVI(AutoGuide):
 
         * ``"free"`` (PAVI-F): one learned ``D``-vector per element;
         * ``"set"`` (PAVI-E): computed by a learned set encoder from the element's observed
-          data (see :mod:`numpyro_pavi.data`); raises if a plate's data cannot be found;
+          data (see :mod:`numpyro_pavi.data`); a plate with no data inside gets none where
+          its sites have Laplace bases (each element's base informs it), and raises
+          otherwise. No parameter per element anywhere: new elements and new data get
+          their posterior without retraining (and :func:`~numpyro_pavi.local_calibration`
+          can check it);
         * ``"hybrid"``: the set encoding plus a free per-element residual (zeros at init);
-        * ``"auto"`` (default): ``"set"`` where a plate's data is found; elsewhere none with
-          Laplace bases (``laplace``), ``"free"`` without.
+        * ``"auto"`` (default): with Laplace bases (``laplace``), on plates trained on all
+          their elements at every step (none of a plate set subsampled), a learned vector
+          per element as well, where it has something to add: ``"hybrid"`` where a plate's data is found, ``"free"`` where
+          not (their flows also read each element's Laplace base); not where every site's
+          likelihood is Gaussian in it (its base is exact) nor on stored bases (below),
+          which get ``"set"``'s encodings. On subsampled plates ``"set"``'s encodings
+          (``"free"`` where no data is found and there is no base). With
+          ``laplace=False``: ``"set"`` where a plate's data is found, ``"free"`` where not. Per-element vectors
+          exist for the training elements and data only: for posteriors of new elements
+          or new data without retraining, train with ``"set"``.
     :param int encoding_dim: D, size of each plate element's encoding.
     :param int num_flows: autoregressive/coupling layers per flow (only used for sites
         whose element has more than one coordinate). Formerly ``flow_layers``.
@@ -223,13 +235,15 @@ class AutoPAVI(AutoGuide):
         likelihood, at most ``NEWTON_STEPS``) plus about ``3 + d`` for the differentiated
         base, per local site and step (posterior draws skip the latter). A site whose Newton problems mostly fail to converge
         at setup (a non-smooth likelihood) loses its base, with a
-        :class:`~numpyro_pavi.LaplaceWarning`; see :meth:`check_bases`. With ``encoding="auto"``, plate
-        sets with no data inside them get no learned encoding (``laplace=False``: free ones);
-        unless the likelihood is Gaussian in the site (found at setup, so a setup traced
-        under ``jit`` gives every such site these inputs) or the bases are stored (below),
-        their flows read each element's base (its mode and ``log diag L``) instead.
-        Posteriors run on the model's arguments (the training ones when none are given);
-        new data gives new groups their posterior without retraining.
+        :class:`~numpyro_pavi.LaplaceWarning`; see :meth:`check_bases`. Where a plate set has
+        no data inside it (crossed effects of a long table), unless the likelihood is
+        Gaussian in the site (found at setup, so a setup traced under ``jit`` gives every
+        such site these inputs) or the bases are stored (below), the sites' flows read each
+        element's base (its mode and ``log diag L``), beside a free encoding (``"auto"``,
+        plates not subsampled) or as its only per-element input (``"set"``, or subsampled
+        plates). Posteriors run on the model's arguments (the training ones when none are
+        given); with ``encoding="set"``, new data gives new groups their posterior without
+        retraining.
 
         Long-format data whose *rows* are subsampled (``numpyro.plate("ratings", N,
         subsample_size=B)``, the local sites on full plates of their own, crossed or not,

@@ -80,7 +80,7 @@ class GuidePlan:
     :param sources: ``{plate set: data sources}`` for every plate set holding latent sites,
         in model order; an empty tuple means free encodings (or none, see ``no_encoding``).
     :param no_encoding: plate sets whose elements get no encoding (Laplace bases with no data
-        inside the plates, ``encoding="auto"``).
+        inside the plates: ``encoding="set"``, or ``"auto"`` where :func:`per_element` says no).
     :param has_children: latent sites some later site's flow is conditioned on.
     :param features: encoder input width of each data source (observed site name, or
         ``("ragged", plate)``).
@@ -91,10 +91,10 @@ class GuidePlan:
         ``options.laplace``, as in plans pickled before the setup probe).
     :param stored: the local sites whose bases are a state kept across steps (long-format
         data with rows subsampled, :mod:`numpyro_pavi.base_state`), or None.
-    :param base_context: sites of ``no_encoding`` plate sets with per-step bases, whose flow
-        reads each element's base, its mode and the log of its precision factor's diagonal
-        (``2 d`` values), where other flows read the element's encoding: the only
-        per-element information such an element has. Not the sites whose Newton problem was
+    :param base_context: sites of plate sets with no data inside, all on per-step bases
+        (``no_encoding``, or with free encodings under ``"auto"``), whose flow reads each
+        element's base, its mode and the log of its precision factor's diagonal
+        (``2 d`` values), beside its encoding if it has one. Not the sites whose Newton problem was
         found quadratic at setup (a Gaussian likelihood: the base is exact), which a setup
         under tracing cannot look at, so it gives every such site the inputs; empty in plans
         pickled before.
@@ -102,6 +102,9 @@ class GuidePlan:
         likelihood Gaussian in the site, ``_probe``): their base is one Newton
         step (:func:`~numpyro_pavi.laplace.newton_base`, ``quadratic=True``). Empty under
         tracing and in plans pickled before.
+    :param residual: set-encoded plate sets whose elements also get a free per-element
+        residual (``encoding="hybrid"``, or ``"auto"`` on plates trained on all their
+        elements at every step, see :func:`per_element`). Empty in plans pickled before.
     """
 
     model: Callable
@@ -119,6 +122,7 @@ class GuidePlan:
     stored: StoredSpec | None = None
     base_context: frozenset = frozenset()
     quadratic: frozenset = frozenset()
+    residual: frozenset = frozenset()
 
     def param_name(self, name: str, what: str) -> str:
         """NumPyro's naming: ``{site or plate set}_{prefix}_{what}``."""
@@ -157,7 +161,13 @@ class GuidePlan:
     def has_free(self, plates: tuple[str, ...]) -> bool:
         """Whether the elements of ``plates`` have free (learned, per-element) encodings."""
         sources = self.sources[plates]
-        return (not sources and plates not in self.no_encoding) or self.options.encoding == "hybrid"
+        return (not sources and plates not in self.no_encoding) or plates in self._residual_sets()
+
+    def _residual_sets(self) -> frozenset:
+        # plans pickled before the field existed: "hybrid" gave every set-encoded plate set one
+        if self.options.encoding == "hybrid":
+            return frozenset(k for k, src in self.sources.items() if src)
+        return self.residual
 
     def free_plates(self) -> set[str]:
         """Plates whose elements have free encodings or residuals."""
@@ -181,10 +191,12 @@ class GuidePlan:
             )
             lines.append(f"{name:<16}{plates:<24}{site.dim:>4}{flow.context_dim:>9}  {desc:<28}{count:>10}")
         for plate_set, sources in self.sources.items():
-            kind = "free" if not sources else ("hybrid" if self.options.encoding == "hybrid" else "set")
+            kind = "free" if not sources else ("hybrid" if plate_set in self._residual_sets() else "set")
+            on_base = any(n in self.base_context for n, s in structure.latent.items() if s.plates == plate_set)
             if plate_set in self.no_encoding:
-                on_base = any(n in self.base_context for n, s in structure.latent.items() if s.plates == plate_set)
                 kind = "the Laplace base (mode, log diag L)" if on_base else "none (Laplace bases)"
+            elif on_base:
+                kind += " + the Laplace base (mode, log diag L)"
             src = ", ".join(f"{k}:{n}" for k, n in sources)
             size = "x".join(str(structure.plates[p].size) for p in plate_set)
             lines.append(
@@ -216,8 +228,12 @@ def _only_imputed(structure: ModelStructure, plate_set: tuple) -> bool:
     )
 
 
-def encoding_sources(structure: ModelStructure, options: GuideOptions) -> dict:
-    """``{plate set: data sources}`` for every plate set that holds latent sites."""
+def encoding_sources(structure: ModelStructure, options: GuideOptions, bases: frozenset = frozenset()) -> dict:
+    """``{plate set: data sources}`` for every plate set that holds latent sites.
+
+    :param bases: local sites on a Laplace base: under ``encoding="set"`` a plate set with no
+        data inside needs none when all its sites have one (the base informs each element).
+    """
     # model order, then fewer plates first (a stable sort): a set's order would follow the
     # interpreter's hash seed, and with it the encoders' initial keys
     plate_sets = sorted(dict.fromkeys(site.plates for site in structure.latent.values() if site.plates), key=len)
@@ -236,13 +252,16 @@ def encoding_sources(structure: ModelStructure, options: GuideOptions) -> dict:
             sources = [("nested", o) for o, obs in structure.observed.items() if set(plate_set) <= set(obs.plates)]
             if len(plate_set) == 1 and plate_set[0] in options.ragged:
                 sources.append(("ragged", plate_set[0]))
-            if not sources and options.encoding in ("set", "hybrid"):
+            sites = [s.name for s in structure.latent.values() if s.plates == plate_set]
+            on_bases = options.encoding == "set" and all(n in bases for n in sites)
+            if not sources and options.encoding in ("set", "hybrid") and not on_bases:
                 raise ValueError(
                     f"encoding={options.encoding!r}: no observed data identifies the elements of plate(s) "
                     f"{'/'.join(plate_set)}: no observed site sits inside {'/'.join(plate_set)}. Put the "
                     "observations inside the plate, declare a ragged index with "
                     f"ragged={{{plate_set[-1]!r}: Ragged(index=..., covariates=...)}}, or use "
-                    "encoding='auto' (free encodings where no data is found)."
+                    "encoding='auto' (free encodings where no data is found)"
+                    + (" or, with encoding='set', Laplace bases (laplace=True)." if options.encoding == "set" else ".")
                 )
         out[plate_set] = tuple(sources)
     return out
@@ -304,7 +323,15 @@ def encoder_key(plate: str, level: int) -> str:
 
 
 def _init_encoding(
-    no_encoding: frozenset, rng_key, plate_set: tuple, sources: tuple, features: dict, structure, options, init_values
+    no_encoding: frozenset,
+    rng_key,
+    plate_set: tuple,
+    sources: tuple,
+    features: dict,
+    structure,
+    options,
+    init_values,
+    residual: frozenset = frozenset(),
 ) -> None:
     """Add the initial values of ``plate_set``'s encodings and encoders to ``init_values``."""
     D = options.encoding_dim
@@ -313,7 +340,7 @@ def _init_encoding(
         return
     kname = GuidePlan.plate_set_name(plate_set)
     name_of = lambda n, what: f"{n}_{options.prefix}_{what}"
-    if not sources or options.encoding == "hybrid":
+    if not sources or plate_set in residual:
         # zero: every element starts at the flow's shared initial distribution
         init_values[name_of(kname, "residual" if sources else "encoding")] = jnp.zeros((*sizes, D))
     if not sources:
@@ -338,6 +365,28 @@ def _init_encoding(
     init_values[name_of(kname, "encoder_out")] = init_readout(rng_key, width, D, scale=0.1)
 
 
+def per_element(structure: ModelStructure, plate_set: tuple, quadratic: frozenset, stored) -> bool:
+    """Whether ``encoding="auto"`` with Laplace bases (``laplace=False`` keeps the paper's
+    PAVI-E) gives the elements of ``plate_set`` learned per-element vectors (free encodings
+    where the plates hold no data, a residual added to the set encoding where they do):
+    where no plate of the set is subsampled, so every element's
+    vector gets a gradient at every step, as a mean-field guide's parameters do, and where
+    the bases leave something to learn (not on stored bases, refreshed from all rows, nor
+    where every site's likelihood is Gaussian in it: the base is then exact).
+
+    Measured (benchmarks/RESULTS.md, section 16): one shared flow of the set encoding (or of
+    the base alone) leaves each element's own error, a per-element vector removes it: issue
+    15's crossed Bernoulli 0.052 -> 0.023 sd from NUTS, epil 0.029 -> 0.022, the Cauchy
+    random intercept 0.129 -> 0.023. On subsampled plates the set encoder is what trains
+    fast (each element is seen once per pass) and what gives new elements their posterior.
+    """
+    sites = [s for s in structure.latent.values() if s.plates == plate_set]
+    subsampled = any(structure.plates[p].subsample_size < structure.plates[p].size for p in plate_set)
+    exact = bool(sites) and all(s.name in quadratic for s in sites)
+    on_stored = stored is not None and any(s.name in stored.sites for s in sites)
+    return bool(sites) and not (subsampled or exact or on_stored)
+
+
 def build_plan(
     model: Callable,
     structure: ModelStructure,
@@ -360,17 +409,29 @@ def build_plan(
     features, stats, masked = _data_statistics(structure, options, model, trace, args, kwargs)
     keys = jax.random.split(rng_key, len(structure.latent) + len(structure.plates) + 1)
     laplace_sites, gaussian = _laplace_sites(model, structure, options, trace, args, kwargs)
-    sources = encoding_sources(structure, options)
-    # with Laplace bases the likelihood already informs every element: where no data sits
-    # inside a plate set, "auto" gives no encoding rather than per-element ones
-    no_encoding = frozenset(
+    sources = encoding_sources(structure, options, laplace_sites)
+    stored = stored_spec(structure, laplace_sites, options.refresh_every)
+    # plate sets with no data inside whose sites all have a Laplace base: the base informs
+    # every element, so "set" gives them no encoding, and "auto" none where per-element
+    # vectors would not be trained at every step (or would have nothing to add)
+    data_less = frozenset(
         plate_set
         for plate_set, src in sources.items()
-        if options.encoding == "auto"
+        if options.encoding in ("auto", "set")
         and not src
         and all(s.name in laplace_sites for s in structure.latent.values() if s.plates == plate_set)
     )
-    stored = stored_spec(structure, laplace_sites, options.refresh_every)
+    learned = frozenset(
+        plate_set
+        for plate_set in sources
+        if options.encoding == "auto" and options.laplace and per_element(structure, plate_set, gaussian, stored)
+    )
+    no_encoding = data_less - learned
+    residual = frozenset(
+        plate_set
+        for plate_set, src in sources.items()
+        if src and (options.encoding == "hybrid" or plate_set in learned)
+    )
     # without an encoding, a per-step base is all an element's flow could tell it apart by:
     # read it (on issue 15's crossed Bernoulli the subject effects kept 0.05-0.06 sd of error
     # with every variant of the bases until the flow could shape each element's skew). Not
@@ -380,7 +441,7 @@ def build_plan(
     base_context = frozenset(
         name
         for name, site in structure.latent.items()
-        if site.plates in no_encoding and name not in gaussian and (stored is None or name not in stored.sites)
+        if site.plates in data_less and name not in gaussian and (stored is None or name not in stored.sites)
     )
     flows, init_values, flow_inputs = {}, {}, {}
     for k, (name, site) in zip(keys, structure.latent.items()):
@@ -413,7 +474,7 @@ def build_plan(
     )
     init_values.update(zip(flow_inputs, flow_params))
     for k, (plate_set, src) in zip(keys[len(structure.latent) :], sources.items()):
-        _init_encoding(no_encoding, k, plate_set, src, features, structure, options, init_values)
+        _init_encoding(no_encoding, k, plate_set, src, features, structure, options, init_values, residual)
     return GuidePlan(
         model=model,
         structure=structure,
@@ -430,6 +491,7 @@ def build_plan(
         stored=stored,
         base_context=base_context,
         quadratic=gaussian,
+        residual=residual,
     )
 
 

@@ -100,8 +100,11 @@ def global_data_model():
 
 
 def test_set_encoding_without_data_in_plate():
-    with pytest.raises(ValueError, match=r"(?s)encoding='set'.*\bg\b.*no observed site"):
-        _init(global_data_model, encoding="set")
+    with pytest.raises(ValueError, match=r"(?s)encoding='set'.*\bg\b.*no observed site.*laplace=True"):
+        _init(global_data_model, encoding="set", laplace=False)
+    # with Laplace bases the base informs each element: no encoding, no parameter per element
+    guide, svi, state = _init(global_data_model, encoding="set")
+    assert guide.plan.no_encoding == {("g",)} and not any("g_auto" in k for k in svi.get_params(state))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -336,9 +336,10 @@ def test_at_least_lifts_only_where_the_floor_binds_and_is_differentiable(d, x64)
 
 @pytest.mark.slow  # 43 s: three compiled programs
 def test_flows_read_the_base_where_an_element_has_no_encoding():
-    """Long-format crossed effects have no data inside their plates, hence no encoding: under
-    a Bernoulli likelihood their flows read each element's base (mode, log precision) so
-    they can shape its skew; a Normal likelihood's base is exact, and its flows read none."""
+    """Long-format crossed effects have no data inside their plates, hence no encoding under
+    ``encoding="set"`` (no per-element parameter): under a Bernoulli likelihood their flows
+    read each element's base (mode, log precision) so they can shape its skew; a Normal
+    likelihood's base is exact, and its flows read none."""
     from numpyro_pavi.examples import glmms
 
     args, _ = glmms.simulate_crossed_bernoulli(0, num_subjects=12, num_items=4)
@@ -353,7 +354,7 @@ def test_flows_read_the_base_where_an_element_has_no_encoding():
             numpyro.sample("y", dist.Normal(u[subj] + v[item], 1.0), obs=y)
 
     for model, on_base in ((glmms.crossed_bernoulli, {"u", "v"}), (gaussian, set())):
-        guide = AutoPAVI(model)
+        guide = AutoPAVI(model, encoding="set")
         svi = SVI(model, guide, optax.adam(5e-3), Trace_ELBO())
         state = svi.init(jax.random.PRNGKey(0), *args)
         assert guide.plan.base_context == on_base
@@ -428,3 +429,69 @@ def test_a_likelihood_with_nearly_constant_curvature_keeps_the_iterations():
     assert guide.plan.quadratic == frozenset()
     draws = guide.sample_posterior(jax.random.PRNGKey(1), svi.get_params(state), y, sample_shape=(200,))["b"]
     np.testing.assert_allclose(jnp.median(draws, 0), jnp.log(y), atol=0.05)
+
+
+# -- which plates learn a vector per element ("auto") ---------------------------------------
+def _poisson_groups(y, likelihood="poisson", subsample_size=None):
+    G, M = y.shape
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    with numpyro.plate("groups", G, subsample_size=subsample_size, dim=-2) as g:
+        u = numpyro.sample("u", dist.Normal(mu, 1.0))
+        with numpyro.plate("obs", M, dim=-1):
+            like = dist.Poisson(jnp.exp(u)) if likelihood == "poisson" else dist.Normal(u, 1.0)
+            numpyro.sample("y", like, obs=y[g])
+
+
+def _long_poisson(subj, item, y, S, I, subsample_size=None):
+    with numpyro.plate("subjects", S):
+        u = numpyro.sample("u", dist.Normal(0.0, 1.0))
+    with numpyro.plate("items", I):
+        v = numpyro.sample("v", dist.Normal(0.0, 1.0))
+    with numpyro.plate("rows", y.shape[0], subsample_size=subsample_size) as i:
+        numpyro.sample("y", dist.Poisson(jnp.exp(u[subj[i]] + v[item[i]])), obs=y[i])
+
+
+@pytest.mark.parametrize(
+    "options, setup, learned",
+    [
+        # full batch, Poisson: a residual beside the set encoding (epil-like), free encodings
+        # beside the base where the plates hold no data (crossed effects)
+        ({}, {}, {("groups",): "residual"}),
+        ({}, {"long": True}, {("subjects",): "encoding", ("items",): "encoding"}),
+        # subsampled groups: the set encoder alone (trained from every batch, new groups)
+        ({}, {"subsample_size": 3}, {}),
+        # a likelihood Gaussian in the site: its base is exact, nothing to add per element
+        ({}, {"likelihood": "normal"}, {}),
+        # "set": no parameter per element anywhere (crossed effects read only their base)
+        ({"encoding": "set"}, {}, {}),
+        ({"encoding": "set"}, {"long": True}, {}),
+        # laplace=False keeps the paper's PAVI-E
+        ({"laplace": False}, {}, {}),
+    ],
+)
+def test_auto_learns_a_vector_per_element_only_on_plates_trained_whole(options, setup, learned):
+    rng = np.random.default_rng(0)
+    if setup.get("long"):
+        S, I = 6, 4
+        subj, item = np.repeat(np.arange(S), I), np.tile(np.arange(I), S)
+        args, kw, model = (jnp.asarray(subj), jnp.asarray(item), jnp.asarray(rng.poisson(2.0, S * I)), S, I), {}, _long_poisson
+    else:
+        y = jnp.asarray(rng.poisson(2.0, (6, 4)), jnp.float32)
+        kw = {k: v for k, v in setup.items() if k in ("likelihood", "subsample_size")}
+        args, model = (y,), _poisson_groups
+    guide = AutoPAVI(model, **options)
+    with numpyro.handlers.seed(rng_seed=0):
+        guide._setup_prototype(*args, **kw)
+    plan = guide.plan
+    free = {key: ("residual" if src else "encoding") for key, src in plan.sources.items() if plan.has_free(key)}
+    assert free == learned
+    sizes = {"groups": 6, "subjects": 6, "items": 4}
+    for key, what in learned.items():
+        value = plan.init_values[plan.param_name(plan.plate_set_name(key), what)]
+        assert value.shape == (*(sizes[p] for p in key), guide.encoding_dim)
+    if setup.get("long") and options.get("encoding") != "set":
+        # the crossed effects' flows read their base beside their free encoding
+        assert plan.base_context == {"u", "v"}
+        assert "encoding: free + the Laplace base (mode, log diag L)" in guide.describe()
+    elif setup.get("long"):
+        assert plan.base_context == {"u", "v"} and "encoding: the Laplace base (mode, log diag L)" in guide.describe()
