@@ -184,12 +184,13 @@ class AutoPAVI(AutoGuide):
           their posterior without retraining (and :func:`~numpyro_pavi.local_calibration`
           can check it);
         * ``"hybrid"``: the set encoding plus a free per-element residual (zeros at init);
-        * ``"auto"`` (default): with Laplace bases (``laplace``), on plates trained on all
-          their elements at every step (none of a plate set subsampled), a learned vector
-          per element as well, where it has something to add: ``"hybrid"`` where a plate's data is found, ``"free"`` where
+        * ``"auto"`` (default): with ``laplace=True``, on plates trained on all their
+          elements at every step (none of a plate set subsampled in the setup call), a
+          learned vector per element as well, where it has something to add: ``"hybrid"`` where a plate's data is found, ``"free"`` where
           not (their flows also read each element's Laplace base); not where every site's
-          likelihood is Gaussian in it (its base is exact) nor on stored bases (below),
-          which get ``"set"``'s encodings. On subsampled plates ``"set"``'s encodings
+          likelihood is Gaussian in it (its base is exact; a setup traced under ``jit``
+          cannot tell, and gives them the vectors too) nor on stored bases (below), which
+          get ``"set"``'s encodings. On subsampled plates ``"set"``'s encodings
           (``"free"`` where no data is found and there is no base). With
           ``laplace=False``: ``"set"`` where a plate's data is found, ``"free"`` where not. Per-element vectors
           exist for the training elements and data only: for posteriors of new elements
@@ -662,7 +663,8 @@ class AutoPAVI(AutoGuide):
                     f"Plate '{p}' has {sizes[p]} elements here but {self.structure.plates[p].size} in "
                     f"training, and its elements have free (per-element, learned) encodings: there "
                     f"is none for new elements. Use encoding='set' with data inside plate '{p}' (or "
-                    "a Ragged declaration) to get posteriors of new elements without retraining."
+                    "a Ragged declaration, or Laplace bases on all its sites) to get posteriors of new "
+                    "elements without retraining."
                 )
         self._check_shapes(trace)
         _data.check_observed_finite(trace)  # new data: the same clear error as in training
@@ -671,8 +673,14 @@ class AutoPAVI(AutoGuide):
         return sizes, self._full_indices(sizes), trace, bound
 
     def _free_observed(self) -> list[str]:
-        """Observed sites inside a plate whose elements have free encodings."""
-        free = self.plan.free_plates()
+        """Observed sites behind free encodings: those inside a plate whose elements have
+        them; every observed site where a plate set with free vectors has no data inside it
+        (crossed effects of a long table, a Ragged declaration), whose elements' data are
+        rows of other plates."""
+        plan = self.plan
+        free = plan.free_plates()
+        if any(plan.has_free(k) and not any(kind == "nested" for kind, _ in src) for k, src in plan.sources.items()):
+            return list(self.structure.observed)
         return [name for name, obs in self.structure.observed.items() if free & set(obs.plates)]
 
     def _training_fingerprints(self) -> dict:
@@ -699,12 +707,13 @@ class AutoPAVI(AutoGuide):
                 continue
             known, now = self._training_fingerprints().get(name), _fingerprint(site["value"])
             if known is not None and now is not None and known != now:
-                plates = sorted(free & set(self.structure.observed[name].plates))
+                plates = sorted(free & set(self.structure.observed[name].plates)) or sorted(free)
                 raise ValueError(
                     f"Observed site '{name}' holds other values than in training, but the elements of "
                     f"plate(s) {plates} have free (learned, per-element) encodings: they describe the "
                     "training data, and the posterior returned would be the training one. Retrain "
-                    "on the new data, or use encoding='set' (set encoders read each element's data)."
+                    "on the new data, or use encoding='set' (set encoders read each element's data; "
+                    "plates with no data inside need none on Laplace bases)."
                 )
 
     def _trace_full(self, data: dict, args, kwargs, full_plates: bool = True) -> dict:

@@ -255,13 +255,22 @@ def encoding_sources(structure: ModelStructure, options: GuideOptions, bases: fr
             sites = [s.name for s in structure.latent.values() if s.plates == plate_set]
             on_bases = options.encoding == "set" and all(n in bases for n in sites)
             if not sources and options.encoding in ("set", "hybrid") and not on_bases:
+                if options.encoding == "hybrid":
+                    bases_hint = "."
+                elif not options.laplace:
+                    bases_hint = ", or Laplace bases (laplace=True), which inform each element with no encoding."
+                else:
+                    lost = [n for n in sites if n not in bases]
+                    bases_hint = (
+                        f". Site(s) {lost} lost their Laplace base at setup (see the LaplaceWarning), so "
+                        "nothing else tells their elements apart."
+                    )
                 raise ValueError(
                     f"encoding={options.encoding!r}: no observed data identifies the elements of plate(s) "
                     f"{'/'.join(plate_set)}: no observed site sits inside {'/'.join(plate_set)}. Put the "
                     "observations inside the plate, declare a ragged index with "
                     f"ragged={{{plate_set[-1]!r}: Ragged(index=..., covariates=...)}}, or use "
-                    "encoding='auto' (free encodings where no data is found)"
-                    + (" or, with encoding='set', Laplace bases (laplace=True)." if options.encoding == "set" else ".")
+                    "encoding='auto' (free encodings where no data is found)" + bases_hint
                 )
         out[plate_set] = tuple(sources)
     return out
@@ -366,10 +375,10 @@ def _init_encoding(
 
 
 def per_element(structure: ModelStructure, plate_set: tuple, quadratic: frozenset, stored) -> bool:
-    """Whether ``encoding="auto"`` with Laplace bases (``laplace=False`` keeps the paper's
+    """Whether ``encoding="auto"`` with ``laplace=True`` (``laplace=False`` keeps the paper's
     PAVI-E) gives the elements of ``plate_set`` learned per-element vectors (free encodings
-    where the plates hold no data, a residual added to the set encoding where they do):
-    where no plate of the set is subsampled, so every element's
+    where the plates hold no data, a residual added to the set encoding where they do), also
+    for sites whose base was dropped at setup (a Laplace likelihood): where no plate of the set is subsampled, so every element's
     vector gets a gradient at every step, as a mean-field guide's parameters do, and where
     the bases leave something to learn (not on stored bases, refreshed from all rows, nor
     where every site's likelihood is Gaussian in it: the base is then exact).
@@ -380,6 +389,8 @@ def per_element(structure: ModelStructure, plate_set: tuple, quadratic: frozense
     random intercept 0.129 -> 0.023. On subsampled plates the set encoder is what trains
     fast (each element is seen once per pass) and what gives new elements their posterior.
     """
+    # read off the setup trace: a setup on the full batch followed by subsampled steps counts
+    # as trained whole; under tracing no site is known Gaussian, so every plate set qualifies
     sites = [s for s in structure.latent.values() if s.plates == plate_set]
     subsampled = any(structure.plates[p].subsample_size < structure.plates[p].size for p in plate_set)
     exact = bool(sites) and all(s.name in quadratic for s in sites)
@@ -591,8 +602,9 @@ def _laplace_sites(model, structure, options, trace, args, kwargs) -> tuple[froz
                 f"Laplace base of site '{name}' is off: at the initial values its Newton iterations "
                 f"converged for only {100 * share:.0f}% of its elements, so its curvature does not "
                 "locate its posterior (a likelihood that is not smooth, e.g. Laplace, or one "
-                "with several modes in this site). The site is sampled as with laplace=False: "
-                "its flow on its plates' encodings. AutoPAVI(model, laplace=False) turns the "
+                "with several modes in this site). The site is sampled without a base: its flow "
+                "on its plates' encodings (with encoding='auto', plus a learned vector per element "
+                "where its plates are not subsampled). AutoPAVI(model, laplace=False) turns the "
                 "bases off for every site, without this warning.",
                 LaplaceWarning,
                 stacklevel=5,

@@ -443,23 +443,26 @@ def _poisson_groups(y, likelihood="poisson", subsample_size=None):
 
 
 def _long_poisson(subj, item, y, S, I, subsample_size=None):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
     with numpyro.plate("subjects", S):
         u = numpyro.sample("u", dist.Normal(0.0, 1.0))
     with numpyro.plate("items", I):
         v = numpyro.sample("v", dist.Normal(0.0, 1.0))
     with numpyro.plate("rows", y.shape[0], subsample_size=subsample_size) as i:
-        numpyro.sample("y", dist.Poisson(jnp.exp(u[subj[i]] + v[item[i]])), obs=y[i])
+        numpyro.sample("y", dist.Poisson(jnp.exp(mu + u[subj[i]] + v[item[i]])), obs=y[i])
 
 
 @pytest.mark.parametrize(
     "options, setup, learned",
     [
-        # full batch, Poisson: a residual beside the set encoding (epil-like), free encodings
-        # beside the base where the plates hold no data (crossed effects)
+        # full batch, Poisson: a residual beside the set encoding (data inside the plate),
+        # free encodings beside the base where the plates hold no data (crossed effects)
         ({}, {}, {("groups",): "residual"}),
         ({}, {"long": True}, {("subjects",): "encoding", ("items",): "encoding"}),
         # subsampled groups: the set encoder alone (trained from every batch, new groups)
         ({}, {"subsample_size": 3}, {}),
+        # rows subsampled: stored bases, refreshed from all rows, and no per-element vector
+        ({}, {"long": True, "subsample_size": 8}, {}),
         # a likelihood Gaussian in the site: its base is exact, nothing to add per element
         ({}, {"likelihood": "normal"}, {}),
         # "set": no parameter per element anywhere (crossed effects read only their base)
@@ -474,7 +477,8 @@ def test_auto_learns_a_vector_per_element_only_on_plates_trained_whole(options, 
     if setup.get("long"):
         S, I = 6, 4
         subj, item = np.repeat(np.arange(S), I), np.tile(np.arange(I), S)
-        args, kw, model = (jnp.asarray(subj), jnp.asarray(item), jnp.asarray(rng.poisson(2.0, S * I)), S, I), {}, _long_poisson
+        args, model = (jnp.asarray(subj), jnp.asarray(item), jnp.asarray(rng.poisson(2.0, S * I)), S, I), _long_poisson
+        kw = {k: v for k, v in setup.items() if k == "subsample_size"}
     else:
         y = jnp.asarray(rng.poisson(2.0, (6, 4)), jnp.float32)
         kw = {k: v for k, v in setup.items() if k in ("likelihood", "subsample_size")}
@@ -489,9 +493,18 @@ def test_auto_learns_a_vector_per_element_only_on_plates_trained_whole(options, 
     for key, what in learned.items():
         value = plan.init_values[plan.param_name(plan.plate_set_name(key), what)]
         assert value.shape == (*(sizes[p] for p in key), guide.encoding_dim)
-    if setup.get("long") and options.get("encoding") != "set":
-        # the crossed effects' flows read their base beside their free encoding
+    if setup.get("long") and "subsample_size" in setup:
+        assert plan.stored is not None and plan.stored.sites == ("u", "v")
+    elif setup.get("long") and options.get("encoding") != "set":
+        # the crossed effects' flows read their base beside their free encoding; the vectors
+        # describe the training rows: other values of them raise (they sit in no free plate)
         assert plan.base_context == {"u", "v"}
         assert "encoding: free + the Laplace base (mode, log diag L)" in guide.describe()
+        guide.plate_inputs(*args)
+        with pytest.raises(ValueError, match=r"(?s)'y' holds other values.*subjects.*encoding='set'"):
+            guide.plate_inputs(*args[:2], args[2] + 1, *args[3:])
     elif setup.get("long"):
         assert plan.base_context == {"u", "v"} and "encoding: the Laplace base (mode, log diag L)" in guide.describe()
+        guide.plate_inputs(*args[:2], args[2] + 1, *args[3:])  # no per-element vector: new data are fine
+    elif learned:
+        assert "encoding: hybrid" in guide.describe()
