@@ -35,6 +35,7 @@ from numpyro import handlers
 
 from .data import site_mask
 from .diagnostics import _SUBSAMPLE_WARNING, full_plate_sizes
+from .structure import full_indices
 
 if TYPE_CHECKING:  # arviz is imported lazily: it is slow to import
     import arviz as az
@@ -120,7 +121,7 @@ def to_inference_data(
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
     structure = guide.structure
     sizes = full_plate_sizes(guide.model, structure, args, kwargs)
-    full = {name: jnp.arange(size) for name, size in sizes.items()}
+    full = full_indices(sizes)
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_SUBSAMPLE_WARNING)

@@ -36,7 +36,7 @@ from .laplace import LaplaceWarning
 from .plan import GuideOptions, GuidePlan, build_plan, with_encoder_width
 from .base_state import init_state
 from .sampling import PlateInputs, sample_latents
-from .structure import ModelStructure, model_structure, plate_sizes, seeded_model
+from .structure import ModelStructure, full_indices, model_structure, plate_sizes, seeded_model
 
 __all__ = ["AutoPAVI"]
 
@@ -186,15 +186,16 @@ class AutoPAVI(AutoGuide):
         * ``"hybrid"``: the set encoding plus a free per-element residual (zeros at init);
         * ``"auto"`` (default): with ``laplace=True``, on plates trained on all their
           elements at every step (none of a plate set subsampled in the setup call), a
-          learned vector per element as well, where it has something to add: ``"hybrid"`` where a plate's data is found, ``"free"`` where
-          not (their flows also read each element's Laplace base); not where every site's
-          likelihood is Gaussian in it (its base is exact; a setup traced under ``jit``
-          cannot tell, and gives them the vectors too) nor on stored bases (below), which
-          get ``"set"``'s encodings. On subsampled plates ``"set"``'s encodings
-          (``"free"`` where no data is found and there is no base). With
-          ``laplace=False``: ``"set"`` where a plate's data is found, ``"free"`` where not. Per-element vectors
-          exist for the training elements and data only: for posteriors of new elements
-          or new data without retraining, train with ``"set"``.
+          learned vector per element as well, where it has something to add: ``"hybrid"``
+          where a plate's data is found, ``"free"`` where not (their flows also read each
+          element's Laplace base); not where every site's likelihood is Gaussian in it (its
+          base is exact; a setup traced under ``jit`` cannot tell, and gives them the
+          vectors too) nor on stored bases (below), which get ``"set"``'s encodings. On
+          subsampled plates ``"set"``'s encodings (``"free"`` where no data is found and
+          there is no base). With ``laplace=False``: ``"set"`` where a plate's data is
+          found, ``"free"`` where not. Per-element vectors exist for the training elements
+          and data only: for posteriors of new elements or new data without retraining,
+          train with ``"set"``.
     :param int encoding_dim: D, size of each plate element's encoding.
     :param int num_flows: autoregressive/coupling layers per flow (only used for sites
         whose element has more than one coordinate). Formerly ``flow_layers``.
@@ -563,7 +564,7 @@ class AutoPAVI(AutoGuide):
     # -- posterior over full plates: inputs and checks ------------------------------------
     def _full_indices(self, sizes: dict | None = None) -> dict:
         sizes = sizes or {name: info.size for name, info in self.structure.plates.items()}
-        return {name: jnp.arange(size) for name, size in sizes.items()}
+        return full_indices(sizes)
 
     def check_call(self, rng_key, params, sample_shape=()) -> tuple:
         """Argument checks shared by the posterior methods (``TypeError`` for a swapped or

@@ -59,7 +59,7 @@ from numpyro import handlers
 from numpyro.infer.util import compute_log_probs
 
 from .calibration import LocalCalibration, SiteCalibration, local_calibration
-from .structure import plate_sizes, seeded_model
+from .structure import full_indices, plate_sizes, seeded_model
 
 __all__ = [
     "LocalCalibration",
@@ -243,7 +243,7 @@ def psis_khat(
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
     structure = guide.structure
     sizes = full_plate_sizes(guide.model, structure, args, kwargs)
-    full = {name: jnp.arange(size) for name, size in sizes.items()}
+    full = full_indices(sizes)
     # Substituting the plates' full index ranges overrides any subsample_size in the model.
     model = handlers.substitute(handlers.seed(guide.model, 0), data=full)
     with warnings.catch_warnings():

@@ -102,9 +102,6 @@ class GuidePlan:
         likelihood Gaussian in the site, ``_probe``): their base is one Newton
         step (:func:`~numpyro_pavi.laplace.newton_base`, ``quadratic=True``). Empty under
         tracing and in plans pickled before.
-    :param residual: set-encoded plate sets whose elements also get a free per-element
-        residual (``encoding="hybrid"``, or ``"auto"`` on plates trained on all their
-        elements at every step, see :func:`per_element`). Empty in plans pickled before.
     """
 
     model: Callable
@@ -122,7 +119,6 @@ class GuidePlan:
     stored: StoredSpec | None = None
     base_context: frozenset = frozenset()
     quadratic: frozenset = frozenset()
-    residual: frozenset = frozenset()
 
     def param_name(self, name: str, what: str) -> str:
         """NumPyro's naming: ``{site or plate set}_{prefix}_{what}``."""
@@ -161,13 +157,12 @@ class GuidePlan:
     def has_free(self, plates: tuple[str, ...]) -> bool:
         """Whether the elements of ``plates`` have free (learned, per-element) encodings."""
         sources = self.sources[plates]
-        return (not sources and plates not in self.no_encoding) or plates in self._residual_sets()
+        return (not sources and plates not in self.no_encoding) or self.has_residual(plates)
 
-    def _residual_sets(self) -> frozenset:
-        # plans pickled before the field existed: "hybrid" gave every set-encoded plate set one
-        if self.options.encoding == "hybrid":
-            return frozenset(k for k, src in self.sources.items() if src)
-        return self.residual
+    def has_residual(self, plates: tuple[str, ...]) -> bool:
+        """Whether the set encodings of ``plates`` get a free per-element residual
+        (``"hybrid"``, or ``"auto"`` on plates trained whole): read off the params."""
+        return self.param_name(self.plate_set_name(plates), "residual") in self.init_values
 
     def free_plates(self) -> set[str]:
         """Plates whose elements have free encodings or residuals."""
@@ -191,7 +186,7 @@ class GuidePlan:
             )
             lines.append(f"{name:<16}{plates:<24}{site.dim:>4}{flow.context_dim:>9}  {desc:<28}{count:>10}")
         for plate_set, sources in self.sources.items():
-            kind = "free" if not sources else ("hybrid" if plate_set in self._residual_sets() else "set")
+            kind = "free" if not sources else ("hybrid" if self.has_residual(plate_set) else "set")
             on_base = any(n in self.base_context for n, s in structure.latent.items() if s.plates == plate_set)
             if plate_set in self.no_encoding:
                 kind = "the Laplace base (mode, log diag L)" if on_base else "none (Laplace bases)"
@@ -378,10 +373,11 @@ def per_element(structure: ModelStructure, plate_set: tuple, quadratic: frozense
     """Whether ``encoding="auto"`` with ``laplace=True`` (``laplace=False`` keeps the paper's
     PAVI-E) gives the elements of ``plate_set`` learned per-element vectors (free encodings
     where the plates hold no data, a residual added to the set encoding where they do), also
-    for sites whose base was dropped at setup (a Laplace likelihood): where no plate of the set is subsampled, so every element's
-    vector gets a gradient at every step, as a mean-field guide's parameters do, and where
-    the bases leave something to learn (not on stored bases, refreshed from all rows, nor
-    where every site's likelihood is Gaussian in it: the base is then exact).
+    for sites whose base was dropped at setup (a Laplace likelihood): where no plate of the
+    set is subsampled, so every element's vector gets a gradient at every step, as a
+    mean-field guide's parameters do, and where the bases leave something to learn (not on
+    stored bases, refreshed from all rows, nor where every site's likelihood is Gaussian in
+    it: the base is then exact).
 
     Measured (benchmarks/RESULTS.md, section 16): one shared flow of the set encoding (or of
     the base alone) leaves each element's own error, a per-element vector removes it: issue
@@ -502,7 +498,6 @@ def build_plan(
         stored=stored,
         base_context=base_context,
         quadratic=gaussian,
-        residual=residual,
     )
 
 

@@ -212,6 +212,12 @@ def _check_plate_frames(trace: dict) -> dict[str, Any]:
     return frames
 
 
+def full_indices(sizes: dict[str, int]) -> dict:
+    """``{plate: arange(size)}``: every element of each plate (built where it is called, so
+    inside a compiled program the ranges are computed, not embedded as constants)."""
+    return {name: jnp.arange(size) for name, size in sizes.items()}
+
+
 def plate_sizes(trace: dict) -> dict[str, int]:
     """``{plate: full size}`` of every plate seen in a trace.
 

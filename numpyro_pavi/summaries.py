@@ -44,7 +44,7 @@ from . import data as _data
 from .arviz import site_dims
 from .compiling import HOST_VALUE_ERRORS, as_inputs
 from .sampling import sample_latents
-from .structure import LatentSite
+from .structure import LatentSite, full_indices
 
 __all__ = ["posterior_moments", "posterior_summary"]
 
@@ -194,9 +194,9 @@ def posterior_summary(
             args, kwargs = rebuild(data)
             margs = (args, kwargs)
             bound = _data.bind_arguments(guide.model, args, kwargs) if guide.ragged else {}
-            full_indices = {name: jnp.arange(size) for name, size in sizes.items()}
+            every = full_indices(sizes)
             stored = guide.stored_state(params, sizes)  # stored Laplace bases passed with the params
-            indices = {**full_indices, chunked: idx} if chunked and separable else full_indices
+            indices = {**every, chunked: idx} if chunked and separable else every
             trace = guide.trace_model(indices, *args, **kwargs) if with_trace else None
 
             def one(key):
@@ -381,7 +381,10 @@ def posterior_moments(
         return guide.full_plate_sampler(params, *a, **kw)(key)
 
     # params are the program's inputs, and so are large data (see as_inputs)
-    data, rebuild = as_inputs((args, kwargs), lambda rb, d: jax.eval_shape(lambda k, p, dd: draw(k, p, dd, rb), keys[0], params, d))
+    def check(rb, d):  # a trace with the data as tracers (a host read raises here)
+        jax.eval_shape(lambda k, p, dd: draw(k, p, dd, rb), keys[0], params, d)
+
+    data, rebuild = as_inputs((args, kwargs), check)
 
     @jax.jit
     def fold(state, batch_keys, valid, params, data):
