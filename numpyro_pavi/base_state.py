@@ -39,7 +39,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .laplace import NEWTON_STEPS, NewtonReport, grad_and_blocks, precision_chol, log_joint, newton_iterate
+from .laplace import (
+    NEWTON_STEPS,
+    NewtonReport,
+    grad_and_blocks,
+    in_pieces,
+    log_joint,
+    newton_iterate,
+    precision_chol,
+)
 from .structure import LatentSite, ModelStructure
 
 __all__ = ["LaplaceState", "StoredSpec", "global_vector", "init_state", "refresh", "stored_base", "stored_spec"]
@@ -236,7 +244,7 @@ def refresh(
 
                 dmodes = {n: jnp.moveaxis(jac[n], -1, 0) for n in jac}
                 out = jnp.moveaxis(jax.vmap(column)(dmodes, jnp.eye(k)), 0, -1)  # (*sizes, d, k)
-                step = jax.scipy.linalg.cho_solve((chols[s.name], True), out)
+                step = in_pieces(lambda c, b: jax.scipy.linalg.cho_solve((c, True), b), chols[s.name], out)
                 jac[s.name] = jac[s.name] + step
             return jac
 

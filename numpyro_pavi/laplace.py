@@ -25,6 +25,7 @@ reports how its problem ended (:class:`NewtonReport`).
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
@@ -46,6 +47,7 @@ __all__ = [
     "log_joint",
     "newton_base",
     "higher_modes",
+    "in_pieces",
     "newton_iterate",
     "one_step_base",
     "precision",
@@ -216,6 +218,33 @@ def precision_chol(h: jax.Array, with_concave: bool = False):
     return (chol, low > 0) if with_concave else chol
 
 
+#: Most floating-point operations (jaxlib's estimate, ``d^3`` times a constant of a few) one
+#: batched LAPACK call on a CPU may get (:func:`in_pieces`).
+LAPACK_INLINE_FLOPS = 20_000
+
+
+def in_pieces(fn: Callable, a: jax.Array, *rest: jax.Array):
+    """``fn(a, *rest)`` for ``a (*grid, d, d)`` and ``rest (*grid, ...)``, a batched LAPACK
+    routine (an eigensolver, a Cholesky factorization, a triangular solve), applied to pieces
+    of the grid small enough that jaxlib runs each call on the thread that makes it.
+
+    Above about 2e5 flops, jaxlib's CPU kernels split a batch across XLA's intra-op thread
+    pool and wait for the pieces without running any: once as many such calls run at once as
+    the pool has threads, none ever finishes. On this 2-core machine the setup probe of the
+    HCP-like model (68-dimensional elements, two independent Newton problems in one program)
+    hung that way, forever and at no CPU. Pieces of ``LAPACK_INLINE_FLOPS / d^3`` elements
+    go one after the other (``lax.map``); a smaller grid is one call, as before.
+    """
+    d = a.shape[-1]
+    grid = a.shape[:-2]
+    n, k = math.prod(grid), max(1, LAPACK_INLINE_FLOPS // d**3)
+    if n <= k:
+        return fn(a, *rest)
+    flat = [jnp.reshape(x, (n, *x.shape[len(grid) :])) for x in (a, *rest)]
+    out = jax.lax.map(lambda xs: fn(*xs), flat, batch_size=k)
+    return jax.tree.map(lambda y: jnp.reshape(y, (*grid, *y.shape[1:])), out)
+
+
 # Scalar and 2 x 2 elements (random intercepts; an intercept with a slope) take closed forms:
 # LAPACK's batched eigensolver and Cholesky run one small call per element on a CPU, which
 # made them a large share of a step on small models.
@@ -228,7 +257,7 @@ def _smallest_eigenvalue(p: jax.Array) -> jax.Array:
         a, b, c = p[..., 0, 0], p[..., 1, 0], p[..., 1, 1]
         # the floor keeps the derivative finite at repeated eigenvalues (an isotropic block)
         return 0.5 * (a + c) - jnp.sqrt(jnp.maximum(0.25 * (a - c) ** 2 + b**2, 1e-30))
-    return jnp.linalg.eigvalsh(p)[..., 0]
+    return in_pieces(lambda x: jnp.linalg.eigvalsh(x)[..., 0], p)
 
 
 def _cholesky(p: jax.Array) -> jax.Array:
@@ -242,7 +271,7 @@ def _cholesky(p: jax.Array) -> jax.Array:
         l22 = jnp.sqrt(jnp.maximum(p[..., 1, 1] - l21**2, 0.0))
         zero = jnp.zeros_like(l11)
         return jnp.stack([jnp.stack([l11, zero], -1), jnp.stack([l21, l22], -1)], -2)
-    return jnp.linalg.cholesky(p)
+    return in_pieces(jnp.linalg.cholesky, p)
 
 
 def at_least(chol: jax.Array, floor: jax.Array) -> jax.Array:
@@ -261,9 +290,11 @@ def at_least(chol: jax.Array, floor: jax.Array) -> jax.Array:
     """
     d = chol.shape[-1]
     p = jnp.einsum("...ij,...kj->...ik", chol, chol)
-    lift = jnp.maximum(_smallest_eigenvalue(floor) - _smallest_eigenvalue(p), 0.0)
-    if d > 2:
-        lift = jax.lax.stop_gradient(lift)
+    if d > 2:  # held: no eigenvectors computed for a derivative that is dropped
+        floor, p_held = jax.lax.stop_gradient(floor), jax.lax.stop_gradient(p)
+    else:
+        p_held = p
+    lift = jnp.maximum(_smallest_eigenvalue(floor) - _smallest_eigenvalue(p_held), 0.0)
     lifted = _cholesky(p + lift[..., None, None] * jnp.eye(d, dtype=p.dtype))
     return jnp.where((lift > 0)[..., None, None], lifted, chol)
 
@@ -280,7 +311,8 @@ def solve_lower(chol: jax.Array, v: jax.Array, transpose: bool = False) -> jax.A
             return jnp.stack([(v[..., 0] - l21 * x2) / l11, x2], -1)
         x1 = v[..., 0] / l11
         return jnp.stack([x1, (v[..., 1] - l21 * x1) / l22], -1)
-    return jax.scipy.linalg.solve_triangular(chol, v[..., None], lower=True, trans=1 if transpose else 0)[..., 0]
+    solve = lambda c, b: jax.scipy.linalg.solve_triangular(c, b, lower=True, trans=1 if transpose else 0)  # noqa: E731
+    return in_pieces(solve, chol, v[..., None])[..., 0]
 
 
 def _newton_step(g: jax.Array, chol: jax.Array) -> jax.Array:

@@ -28,6 +28,7 @@ from .laplace import (
     grad_and_blocks,
     at_least,
     finite_cotangent,
+    in_pieces,
     log_joint,
     newton_base,
     precision,
@@ -323,9 +324,11 @@ def laplace_base(
     if len(group) == 1:
         return m, chol, report
     d, total = site.dim, m.shape[-1]
-    cov = jax.scipy.linalg.cho_solve((chol, True), jnp.broadcast_to(jnp.eye(total), chol.shape))[..., :d, :d]
+    eye = jnp.broadcast_to(jnp.eye(total), chol.shape)
+    cov = in_pieces(lambda c, e: jax.scipy.linalg.cho_solve((c, True), e), chol, eye)[..., :d, :d]
     # the inverse of a marginal covariance: precision() of its negative symmetrizes it
-    return m[..., :d], jnp.linalg.cholesky(precision(-jnp.linalg.inv(cov))), report
+    marginal = in_pieces(lambda c: jnp.linalg.cholesky(precision(-jnp.linalg.inv(c))), cov)
+    return m[..., :d], marginal, report
 
 
 # ---------------------------------------------------------------------------------------

@@ -272,6 +272,79 @@ def test_a_pickled_guide_needs_the_arguments(slopes_fit):
         restored.sample_posterior(jax.random.PRNGKey(0), params)
 
 
+def _lapack_batches(jaxpr) -> list[int]:
+    """Batch size of every LAPACK call (Cholesky, eigensolver, triangular solve) of a jaxpr,
+    nested programs (``lax.map``'s scan, loops, conditionals) included."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("cholesky", "eigh", "triangular_solve"):
+            out.append(int(np.prod(eqn.invars[0].aval.shape[:-2])))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    out += _lapack_batches(sub)
+    return out
+
+
+def test_batched_lapack_calls_get_pieces_small_enough_to_run_inline():
+    """jaxlib splits a LAPACK call over ~2e5 flops across the intra-op thread pool and waits
+    for the pieces without running any: two such calls at once deadlocked a 2-core machine
+    (the HCP-like model's setup probe). Every call, derivatives included, gets at most
+    LAPACK_INLINE_FLOPS / d^3 elements, with the values and gradients of one batched call."""
+    from numpyro_pavi.laplace import LAPACK_INLINE_FLOPS, _cholesky, _smallest_eigenvalue, solve_lower
+
+    d = 12
+    k = LAPACK_INLINE_FLOPS // d**3
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(5, 7, d, d))  # 35 elements: three pieces of 11 and one of 2
+    p = jnp.asarray(a @ np.swapaxes(a, -1, -2) + 0.5 * np.eye(d), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(5, 7, d)), jnp.float32)
+
+    def ours(p):
+        return jnp.sum(solve_lower(_cholesky(p), v, True) ** 2) + jnp.sum(jax.lax.stop_gradient(_smallest_eigenvalue(p)))
+
+    def whole(p):
+        c = jnp.linalg.cholesky(p)
+        solved = jax.scipy.linalg.solve_triangular(c, v[..., None], lower=True, trans=1)
+        return jnp.sum(solved**2) + jnp.sum(jax.lax.stop_gradient(jnp.linalg.eigvalsh(p)[..., 0]))
+
+    np.testing.assert_allclose(_smallest_eigenvalue(p), jnp.linalg.eigvalsh(p)[..., 0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours(p), whole(p), rtol=1e-4)
+    np.testing.assert_allclose(jax.grad(ours)(p), jax.grad(whole)(p), rtol=1e-3, atol=1e-4)
+    for program in (jax.make_jaxpr(ours)(p), jax.make_jaxpr(jax.grad(ours))(p)):
+        batches = _lapack_batches(program.jaxpr)
+        # jaxlib's threshold is 2e5 of its flops, up to ~10 d^3 per element (an eigensolver)
+        assert batches and max(batches) <= k and 10 * max(batches) * d**3 <= 200_000, batches
+    assert max(_lapack_batches(jax.make_jaxpr(whole)(p).jaxpr)) == 35  # what the pieces replace
+
+
+@pytest.mark.slow  # 40-60 s: the set-up of a model with 68-dimensional elements
+def test_setup_with_large_elements_finishes_on_a_small_machine():
+    """The HCP-like model's set-up (68-dimensional network profiles per subject and session)
+    hung forever on a 2-core machine before its LAPACK calls came in pieces: run it in a
+    fresh process with a deadline."""
+    import os
+    import subprocess
+    import sys
+
+    benchmarks = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
+    script = (
+        f"import sys; sys.path.insert(0, {benchmarks!r})\n"
+        "import jax, numpyro\n"
+        "import neuro\n"
+        "from numpyro_pavi import AutoPAVI\n"
+        "y, w = neuro.simulate(jax.random.PRNGKey(0), 6, 4, 200, 17, 4)\n"
+        "guide = AutoPAVI(neuro.parcellation_model)\n"
+        "with numpyro.handlers.seed(rng_seed=0):\n"
+        "    guide._setup_prototype(y, w)\n"
+        "print(sorted(guide.plan.laplace_sites))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "['mu_sess', 'mu_subj', 'z']" in done.stdout
+
+
 @pytest.mark.parametrize("d", [1, 2, 3])
 def test_small_block_closed_forms_match_lapack(d):
     """Scalar and 2 x 2 blocks take closed forms (eigenvalue, Cholesky, triangular solves):
