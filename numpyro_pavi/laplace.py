@@ -233,12 +233,13 @@ def in_pieces(fn: Callable, a: jax.Array, *rest: jax.Array):
     the pool has threads, none ever finishes. On this 2-core machine the setup probe of the
     HCP-like model (68-dimensional elements, two independent Newton problems in one program)
     hung that way, forever and at no CPU. Pieces of ``LAPACK_INLINE_FLOPS / d^3`` elements
-    go one after the other (``lax.map``); a smaller grid is one call, as before.
+    go one after the other (``lax.map``); a smaller grid is one call, as before. Only on a
+    CPU backend: GPU solvers batch without that pool, and pieces would only serialize them.
     """
     d = a.shape[-1]
     grid = a.shape[:-2]
     n, k = math.prod(grid), max(1, LAPACK_INLINE_FLOPS // d**3)
-    if n <= k:
+    if n <= k or jax.default_backend() != "cpu":
         return fn(a, *rest)
     flat = [jnp.reshape(x, (n, *x.shape[len(grid) :])) for x in (a, *rest)]
     out = jax.lax.map(lambda xs: fn(*xs), flat, batch_size=k)
