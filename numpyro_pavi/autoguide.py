@@ -245,7 +245,10 @@ class AutoPAVI(AutoGuide):
         plates not subsampled) or as its only per-element input (``"set"``, or subsampled
         plates). Posteriors run on the model's arguments (the training ones when none are
         given); with ``encoding="set"``, new data gives new groups their posterior without
-        retraining.
+        retraining. On a CPU, elements of more than 2 coordinates call LAPACK in pieces
+        (:func:`~numpyro_pavi.laplace.in_pieces`: jaxlib's batched kernels can deadlock a
+        machine with few cores); ``Trace_ELBO(num_particles > 1)`` vectorizes its particles
+        and batches every piece again: pass it ``vectorize_particles=False`` there.
 
         Long-format data whose *rows* are subsampled (``numpyro.plate("ratings", N,
         subsample_size=B)``, the local sites on full plates of their own, crossed or not,

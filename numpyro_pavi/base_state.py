@@ -278,9 +278,16 @@ def _precisions(logp, sites, modes: dict, theta: jax.Array, jac: dict):
         chols = chols_at(modes, theta)
         return chols, {n: c[..., None] * 0.0 for n, c in chols.items()}
     dmodes = {n: jnp.moveaxis(jac[n], -1, 0) for n in jac}
-    chols, dchols = jax.vmap(
-        lambda dm, dt: jax.jvp(chols_at, (modes, theta), (dm, dt)), out_axes=(None, 0)
-    )(dmodes, jnp.eye(k, dtype=theta.dtype))
+    eye = jnp.eye(k, dtype=theta.dtype)
+    if max(s.dim for s in sites) > 2 and jax.default_backend() == "cpu":
+        # one column at a time: vmapped, each LAPACK call of the jvp would get k times the
+        # elements that laplace.in_pieces gave it (a thread-pool deadlock on small CPUs)
+        chols = chols_at(modes, theta)
+        dchols = jax.lax.map(lambda t: jax.jvp(chols_at, (modes, theta), t)[1], (dmodes, eye))
+    else:
+        chols, dchols = jax.vmap(
+            lambda dm, dt: jax.jvp(chols_at, (modes, theta), (dm, dt)), out_axes=(None, 0)
+        )(dmodes, eye)
     return chols, {n: jnp.moveaxis(d, 0, -1) for n, d in dchols.items()}
 
 

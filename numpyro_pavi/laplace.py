@@ -233,12 +233,20 @@ def in_pieces(fn: Callable, a: jax.Array, *rest: jax.Array):
     the pool has threads, none ever finishes. On this 2-core machine the setup probe of the
     HCP-like model (68-dimensional elements, two independent Newton problems in one program)
     hung that way, forever and at no CPU. Pieces of ``LAPACK_INLINE_FLOPS / d^3`` elements
-    go one after the other (``lax.map``); a smaller grid is one call, as before. Only on a
-    CPU backend: GPU solvers batch without that pool, and pieces would only serialize them.
+    go one after the other (``lax.map``); a smaller grid is one call, as before. A
+    right-hand side of ``K > d`` columns (``rest`` of shape ``(*grid, d, K)``) counts
+    ``d^2 K`` per element, as jaxlib does. Only where the default backend is a CPU (decided
+    when traced): GPU solvers batch without that pool, and pieces would only serialize them.
+    Under ``vmap`` (``Trace_ELBO(num_particles > 1)`` vectorizes its particles) each piece
+    is batched again, by the mapped size: see the guide's docs.
     """
     d = a.shape[-1]
     grid = a.shape[:-2]
-    n, k = math.prod(grid), max(1, LAPACK_INLINE_FLOPS // d**3)
+    for x in rest:
+        if x.shape[: len(grid)] != grid:
+            raise ValueError(f"in_pieces: an operand's leading shape {x.shape[: len(grid)]} is not the grid {grid}")
+    width = max([d] + [math.prod(x.shape[len(grid) + 1 :]) for x in rest])
+    n, k = math.prod(grid), max(1, LAPACK_INLINE_FLOPS // (d * d * width))
     if n <= k or jax.default_backend() != "cpu":
         return fn(a, *rest)
     flat = [jnp.reshape(x, (n, *x.shape[len(grid) :])) for x in (a, *rest)]

@@ -287,6 +287,7 @@ def _lapack_batches(jaxpr) -> list[int]:
     return out
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="pieces are for jaxlib's CPU kernels")
 def test_batched_lapack_calls_get_pieces_small_enough_to_run_inline():
     """jaxlib splits a LAPACK call over ~2e5 flops across the intra-op thread pool and waits
     for the pieces without running any: two such calls at once deadlocked a 2-core machine
@@ -317,6 +318,17 @@ def test_batched_lapack_calls_get_pieces_small_enough_to_run_inline():
         # jaxlib's threshold is 2e5 of its flops, up to ~10 d^3 per element (an eigensolver)
         assert batches and max(batches) <= k and 10 * max(batches) * d**3 <= 200_000, batches
     assert max(_lapack_batches(jax.make_jaxpr(whole)(p).jaxpr)) == 35  # what the pieces replace
+    # a wide right-hand side counts d^2 K per element, as jaxlib counts a triangular solve
+    from numpyro_pavi.laplace import in_pieces
+
+    rhs = jnp.asarray(rng.normal(size=(5, 7, d, 40)), jnp.float32)
+    chol = jnp.linalg.cholesky(p)
+    solve = lambda c, b: jax.scipy.linalg.cho_solve((c, True), b)  # noqa: E731
+    np.testing.assert_allclose(in_pieces(solve, chol, rhs), solve(chol, rhs), rtol=1e-4, atol=1e-4)
+    batches = _lapack_batches(jax.make_jaxpr(lambda c, b: in_pieces(solve, c, b))(chol, rhs).jaxpr)
+    assert max(batches) == LAPACK_INLINE_FLOPS // (d * d * 40), batches
+    with pytest.raises(ValueError, match="leading shape"):
+        in_pieces(solve, chol, rhs[:1])
 
 
 @pytest.mark.slow  # 40-60 s: the set-up of a model with 68-dimensional elements
@@ -340,7 +352,11 @@ def test_setup_with_large_elements_finishes_on_a_small_machine():
         "    guide._setup_prototype(y, w)\n"
         "print(sorted(guide.plan.laplace_sites))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=400)
+    # two cores, on the CPU, as on the machine where it hung (XLA sizes its pool from them)
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    script = f"import os; os.sched_setaffinity(0, {cores!r})\n" + script
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=400, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "['mu_sess', 'mu_subj', 'z']" in done.stdout
 
