@@ -32,6 +32,7 @@ from .encoders import SetEncoder, init_readout
 from .flows import ConditionalFlow
 from .laplace import (
     LaplaceWarning,
+    draw_start,
     one_step_base,
     grad_and_blocks,
     log_joint,
@@ -548,29 +549,32 @@ def _probe(model, structure, trace, args, kwargs) -> dict[str, tuple[float, bool
             lp = log_joint(model, {**plates, **before, **vals}, args, kwargs, per_element_of=site.name)
             return lp + logdet
 
-        def quadratic(start, group):
+        def quadratic(start, fixed, group):
             f = functools.partial(logp, group=group)
             z, chol, report = newton_iterate(f, start)
             ok = report.converged()
             shift = solve_lower(chol, jnp.full_like(z, 1.0 / math.sqrt(z.shape[-1])), transpose=True)
             h0, h1 = (grad_and_blocks(f, v)[1] for v in (z, z + shift))
             same = jnp.all(jnp.abs(h1 - h0) <= 1e-3 * (jnp.abs(h0) + 1e-6), (-2, -1))
-            # and the one Newton step such a site will take lands on the mode from the start
-            # it will take it from: a smooth likelihood with a lot of data (Poisson counts of
-            # 1e7) has a nearly constant curvature near its mode, not out at the prior mean
-            one_step = one_step_base(f, start, None)[0]
-            miss = jnp.linalg.norm(jnp.einsum("...ji,...j->...i", chol, one_step - z), axis=-1)  # |L^T s|: sds
-            same = same & (miss <= ONE_STEP_TOL_SDS)
+            # and the one Newton step such a site will take lands on the mode from both starts
+            # it will take it from (training's prior location, draws' fixed start): a smooth
+            # likelihood with a lot of data (Poisson counts of 1e7) has a nearly constant
+            # curvature near its mode, not out at the prior mean
+            for s0 in (start, fixed):
+                one_step = one_step_base(f, s0, None)[0]
+                miss = jnp.linalg.norm(jnp.einsum("...ji,...j->...i", chol, one_step - z), axis=-1)  # |L^T s|: sds
+                same = same & (miss <= ONE_STEP_TOL_SDS)
             return ok, jnp.all(same | ~ok) & jnp.any(ok)
 
-        def run(z_site, z_group, group=group):
-            ok, alone = quadratic(z_site, [group[0]])
-            return ok, alone if len(group) == 1 else quadratic(z_group, group)[1]
+        def run(z_site, z_group, f_site, f_group, group=group):
+            ok, alone = quadratic(z_site, f_site, [group[0]])
+            return ok, alone if len(group) == 1 else quadratic(z_group, f_group, group)[1]
 
         ref = reference_trace(model, {**plates, **before}, args, kwargs)
         starts = [g.to_canonical(biject_to(g.support).inv(ref[g.name]["value"])) for g in group]
+        fixed = draw_start(model, group, plates, args, kwargs)
         # compiled as one program: run eagerly, every op of the loop compiles on first use
-        converged, flat = run_once(run, starts[0], jnp.concatenate(starts, -1))
+        converged, flat = run_once(run, starts[0], jnp.concatenate(starts, -1), fixed[..., : site.dim], fixed)
         out[site.name] = (float(_data.scored_mean(site, converged, trace.get(site.name))), bool(flat))
     return out
 

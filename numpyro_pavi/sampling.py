@@ -27,6 +27,7 @@ from .laplace import (
     NEWTON_STEPS,
     grad_and_blocks,
     at_least,
+    draw_start,
     finite_cotangent,
     in_pieces,
     log_joint,
@@ -307,10 +308,15 @@ def laplace_base(
             lp = lp + jnp.sum(trace[g.name]["fn"].log_prob(value)) + jnp.sum(ld)
         return lp
 
+    quadratic = site.name in plan.quadratic
+    # draws of a quadratic site step from a start that does not depend on the draw (see
+    # laplace.draw_start); an element without a mode still falls back to its prior location
+    fixed_start = quadratic and not (differentiate or probe_modes)
+    start = draw_start(plan.model, group, plates, args, kwargs) if fixed_start else prior
     m, chol, report = newton_base(
         lambda z: logp(z, values),
         lambda z: logp(z, frozen),
-        prior,
+        start,
         NEWTON_STEPS,
         fallback=prior,
         # never wider than the prior (see laplace.at_least): where the likelihood is convex
@@ -319,7 +325,7 @@ def laplace_base(
         report=True,
         differentiate=differentiate,
         probe_modes=probe_modes,
-        quadratic=site.name in plan.quadratic,
+        quadratic=quadratic,
     )
     if len(group) == 1:
         return m, chol, report

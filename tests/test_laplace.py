@@ -492,6 +492,9 @@ def test_a_gaussian_likelihood_takes_one_newton_step_with_the_same_base_and_deri
     at = jnp.array([0.3, 0.7])
     np.testing.assert_allclose(base(guide.plan, at), base(iterated, at), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(jax.jacrev(base, 1)(guide.plan, at), jax.jacrev(base, 1)(iterated, at), rtol=1e-4, atol=1e-4)
+    # posterior draws (no derivative) step from the model's reference point: the same base
+    m, chol, _ = laplace_base(guide.plan, site, {"mu": at[0], "sigma": at[1]}, indices, ((x, y), {}), differentiate=False)
+    np.testing.assert_allclose(jnp.concatenate([m.ravel(), chol.ravel()]), base(iterated, at), rtol=1e-5, atol=1e-5)
     # the Bernoulli crossed model is not quadratic: it keeps the iterations
     from numpyro_pavi.examples import glmms
 
@@ -499,6 +502,38 @@ def test_a_gaussian_likelihood_takes_one_newton_step_with_the_same_base_and_deri
     other = AutoPAVI(glmms.crossed_bernoulli)
     SVI(glmms.crossed_bernoulli, other, optax.adam(5e-3), Trace_ELBO()).init(jax.random.PRNGKey(0), *args)
     assert other.plan.quadratic == frozenset()
+
+
+def test_draws_of_a_quadratic_site_step_from_a_start_that_does_not_depend_on_the_draw():
+    """Posterior draws of a site Gaussian in its likelihood take their one Newton step from
+    the model's reference point (every latent at its own reference): the same base, to
+    round-off, as training's step from the prior location given the draw's parents, even
+    for parents far from their references; the start itself does not move with them."""
+    from numpyro_pavi.laplace import draw_start
+    from numpyro_pavi.sampling import laplace_base
+
+    def model(y):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+        with numpyro.plate("groups", y.shape[0]):
+            b = numpyro.sample("b", dist.Normal(mu, 0.5))
+            numpyro.sample("y", dist.Normal(b, sigma), obs=y)
+
+    y = jnp.array([38.0, 41.5, 40.2, 39.1, 44.0])
+    guide = AutoPAVI(model)
+    SVI(model, guide, optax.adam(5e-3), Trace_ELBO()).init(jax.random.PRNGKey(0), y)
+    assert guide.plan.quadratic == {"b"}
+    site, indices = guide.structure.latent["b"], {"groups": jnp.arange(5)}
+    for mu, sigma in [(40.0, 0.3), (-3.0, 2.0)]:
+        values = {"mu": jnp.asarray(mu), "sigma": jnp.asarray(sigma)}
+        m, chol, _ = laplace_base(guide.plan, site, values, indices, ((y,), {}), differentiate=True)
+        m_draw, chol_draw, _ = laplace_base(guide.plan, site, values, indices, ((y,), {}), differentiate=False)
+        np.testing.assert_allclose(m_draw, m, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(chol_draw, chol, rtol=1e-5)
+        # the exact conditional mode: precision-weighted data and prior
+        precision = 1.0 / 0.25 + 1.0 / sigma**2
+        np.testing.assert_allclose(m[:, 0], (mu / 0.25 + y / sigma**2) / precision, rtol=1e-5)
+    np.testing.assert_array_equal(draw_start(model, [site], indices, (y,), {}), jnp.zeros((5, 1)))
 
 
 def test_a_likelihood_with_nearly_constant_curvature_keeps_the_iterations():
