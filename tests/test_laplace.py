@@ -61,6 +61,24 @@ def test_newton_base_finds_each_elements_mode_and_curvature():
     np.testing.assert_allclose(np.asarray(chol[:, 0, 0]) ** 2, 3 * np.exp(z) + 1, rtol=1e-3)
 
 
+@pytest.mark.parametrize("d", [1, 2, 3, 5])
+def test_grad_and_blocks_are_each_elements_gradient_and_hessian(d):
+    """Per-element gradient and Hessian blocks of a sum of coupled-within-element terms, against
+    ``jax.hessian`` of each element alone: the loop of ``d`` Hessian-vector products (``d <= 2``)
+    and the vectorized one (``d > 2``)."""
+    from numpyro_pavi.laplace import grad_and_blocks
+
+    a = jax.random.normal(jax.random.PRNGKey(d), (4, d, d))
+
+    def term(z, a):  # one element: a smooth, non-quadratic log density coupling its coordinates
+        return -jnp.sum(jnp.cosh(a @ z)) - 0.5 * jnp.sum(z**2) + jnp.sum(jnp.sin(z))
+
+    z = jax.random.normal(jax.random.PRNGKey(10 + d), (4, d)) * 0.5
+    g, h = grad_and_blocks(lambda z: jnp.sum(jax.vmap(term)(z, a)), z)
+    np.testing.assert_allclose(g, jax.vmap(jax.grad(term))(z, a), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(h, jax.vmap(jax.hessian(term))(z, a), rtol=1e-4, atol=1e-4)
+
+
 def test_newton_base_does_not_overshoot_an_exp_link_from_below():
     """A wide prior and a low offset put the start far below each mode, where an exp link's
     curvature is tiny: a plain (clipped) Newton step jumps far above the mode and walks back
