@@ -407,6 +407,36 @@ def test_small_block_closed_forms_match_lapack(d):
     np.testing.assert_allclose(jax.grad(sym(ours))(p), jax.grad(sym(lapack))(p), rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("d", [2, 3, 6])
+def test_smallest_eigenvalue_below_a_level_is_the_eigensolvers_clipped(d):
+    """``min(lmin(P), level)``, the Cholesky test's shortcut and the eigensolver's values
+    agree: on a batch with elements above and below the level, all above (no eigensolver
+    run), indefinite ones; and a floor's smallest eigenvalue, diagonal or not."""
+    from numpyro_pavi.laplace import _smallest_eigenvalue_below, _smallest_eigenvalue_of_floor
+
+    rng = np.random.default_rng(d)
+    a = rng.normal(size=(40, d, d))
+    p = a @ np.swapaxes(a, -1, -2) + 0.02 * np.eye(d)
+    p[:5] -= 2.0 * np.eye(d)  # indefinite: no Cholesky factor
+    lmin = np.linalg.eigvalsh(p)[:, 0]
+    for level in (np.median(lmin), lmin.min() - 1.0, lmin.max() + 1.0):
+        level = np.full(40, level, np.float32)
+        out = _smallest_eigenvalue_below(jnp.asarray(p, jnp.float32), jnp.asarray(level))
+        np.testing.assert_allclose(out, np.minimum(lmin, level), rtol=1e-4, atol=1e-4)
+    diagonal = np.einsum("ni,ij->nij", rng.uniform(0.5, 3.0, size=(40, d)), np.eye(d))
+    np.testing.assert_allclose(_smallest_eigenvalue_of_floor(jnp.asarray(diagonal, jnp.float32)), diagonal.min((-2, -1), initial=np.inf, where=np.eye(d, dtype=bool)), rtol=1e-6)
+    dense = p[5:] + 3.0 * np.eye(d)
+    np.testing.assert_allclose(_smallest_eigenvalue_of_floor(jnp.asarray(dense, jnp.float32)), np.linalg.eigvalsh(dense)[:, 0], rtol=1e-4, atol=1e-4)
+    # at_least on top of both: the lift to the floor's smallest eigenvalue where it binds
+    from numpyro_pavi.laplace import at_least
+
+    q, floors = p[5:] + 0.5 * np.eye(d), dense[::-1] / 4.0
+    out = np.asarray(at_least(jnp.linalg.cholesky(jnp.asarray(q, jnp.float32)), jnp.asarray(floors, jnp.float32)))
+    lift = np.maximum(np.linalg.eigvalsh(floors)[:, 0] - np.linalg.eigvalsh(q)[:, 0], 0.0)
+    assert (lift > 0).any() and (lift == 0).any()
+    np.testing.assert_allclose(out @ np.swapaxes(out, -1, -2), q + lift[:, None, None] * np.eye(d), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("d", [1, 2])
 def test_at_least_lifts_only_where_the_floor_binds_and_is_differentiable(d, x64):
     """``at_least(L, F)``: ``L`` itself where ``lmin(P) >= lmin(F)``; elsewhere the factor of
