@@ -235,7 +235,16 @@ def _sample_site(plan: GuidePlan, site, params, enc, unc, centers, noise, chunk_
     def run(fn, *xs):
         if chunk_size is None or n <= chunk_size:
             return fn(*xs)
-        return jax.lax.map(lambda a: fn(*a), xs, batch_size=chunk_size)
+        # whole chunks through ``fn``, one after the other: not ``lax.map(batch_size=...)``,
+        # which vmaps ``fn`` over each chunk's elements and so would hand a chunk's LAPACK
+        # calls (the base's triangular solve) to jaxlib as one batch, past the pieces of
+        # laplace.in_pieces (a 2-core machine deadlocked there: RESULTS section 18)
+        full = n // chunk_size * chunk_size
+        head = [jnp.reshape(x[:full], (n // chunk_size, chunk_size, *x.shape[1:])) for x in xs]
+        out = jax.tree.map(lambda y: jnp.reshape(y, (full, *y.shape[2:])), jax.lax.map(lambda a: fn(*a), head))
+        if full == n:
+            return out
+        return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, fn(*(x[full:] for x in xs)))
 
     r = jnp.arange(n)
     out_shape = grid + (site.dim,)

@@ -349,6 +349,34 @@ def test_batched_lapack_calls_get_pieces_small_enough_to_run_inline():
         in_pieces(solve, chol, rhs[:1])
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="pieces are for jaxlib's CPU kernels")
+def test_chunked_full_plate_draws_keep_the_lapack_pieces():
+    """Full-plate draws in chunks (``chunk_size`` below the plate's size) pass each chunk
+    whole to the flow and the base's solves: vmapped over a chunk's elements instead, a
+    chunk's triangular solve went to jaxlib as one batch (the HCP-like model's streamed
+    summary at 1e8 latents deadlocked there). Every LAPACK call of a chunked draw gets at
+    most LAPACK_INLINE_FLOPS / d^3 elements, and the draw equals the unchunked one."""
+    from numpyro_pavi.laplace import LAPACK_INLINE_FLOPS
+
+    def model(y):
+        mu = numpyro.sample("mu", dist.Normal(jnp.zeros(6), 1.0).to_event(1))
+        with numpyro.plate("groups", y.shape[0], dim=-2):
+            b = numpyro.sample("b", dist.Normal(mu, 0.5).to_event(1))
+            with numpyro.plate("obs", y.shape[1], dim=-1):
+                numpyro.sample("y", dist.Normal(b[..., None, :], 0.3).to_event(1), obs=y)
+
+    y = jax.random.normal(jax.random.PRNGKey(0), (1000, 2, 6))
+    guide = AutoPAVI(model, chunk_size=300)  # 92 elements per LAPACK call at d = 6
+    svi = SVI(model, guide, optax.adam(5e-3), Trace_ELBO())
+    params = svi.get_params(svi.init(jax.random.PRNGKey(0), y))
+    draw = lambda p: guide.sample_posterior(jax.random.PRNGKey(1), p, y)["b"]  # noqa: E731
+    batches = _lapack_batches(jax.make_jaxpr(draw)(params).jaxpr)
+    assert batches and max(batches) <= LAPACK_INLINE_FLOPS // 6**3, batches
+    chunked = draw(params)
+    guide.chunk_size = 2**16  # one chunk
+    np.testing.assert_allclose(chunked, draw(params), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.slow  # 40-60 s: the set-up of a model with 68-dimensional elements
 def test_setup_with_large_elements_finishes_on_a_small_machine():
     """The HCP-like model's set-up (68-dimensional network profiles per subject and session)
