@@ -14,8 +14,9 @@ every element at once, and ``d`` Hessian-vector products give every element's ``
 curvature block (``d`` is an element's size, small here).
 
 The Newton iterations (:func:`newton_iterate`: trust-region steps, stopped once every
-element has converged) start at the site's prior mean given the sampled parents and are
-held constant (``stop_gradient``). The base is then given the derivative of the mode it
+element has converged) start at the site's prior mean given the sampled parents (posterior
+draws of a site whose log joint is quadratic: at :func:`draw_start`) and are held constant
+(``stop_gradient``). The base is then given the derivative of the mode it
 approximates (implicit function theorem) and the curvature at itself
 (:func:`newton_base`), so the gradient is that of the map actually sampled; an element
 whose iterations did not converge sits on its prior location instead. Every element
@@ -204,9 +205,10 @@ def log_joint(
     return lp
 
 
-#: Element sizes ``d`` above which the ``d`` Hessian-vector products of
-#: :func:`grad_and_blocks` run as one vectorized pass instead of ``d`` passes.
-VMAPPED_COLUMNS_FROM = 2
+#: Largest element size ``d`` whose ``d`` Hessian-vector products in :func:`grad_and_blocks`
+#: run as ``d`` passes; larger elements take one vectorized pass (compiled once, not ``d``
+#: times; its intermediates hold ``d`` tangents at once).
+LOOPED_COLUMNS_UP_TO = 2
 
 
 def grad_and_blocks(logp: Callable, z: jax.Array):
@@ -215,7 +217,7 @@ def grad_and_blocks(logp: Callable, z: jax.Array):
     # one linearization of the gradient (one pass through the model) serves all d columns
     g, hvp = jax.linearize(jax.grad(logp), z)
     d = z.shape[-1]
-    if d <= VMAPPED_COLUMNS_FROM:
+    if d <= LOOPED_COLUMNS_UP_TO:
         cols = [hvp(jnp.broadcast_to(jnp.eye(d)[j], z.shape)) for j in range(d)]
         return g, jnp.stack(cols, -1)
     basis = jnp.broadcast_to(jnp.eye(d)[:, None], (d, math.prod(z.shape[:-1]), d)).reshape((d, *z.shape))

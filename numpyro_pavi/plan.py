@@ -103,6 +103,11 @@ class GuidePlan:
         likelihood Gaussian in the site, ``_probe``): their base is one Newton
         step (:func:`~numpyro_pavi.laplace.newton_base`, ``quadratic=True``). Empty under
         tracing and in plans pickled before.
+    :param reference_start: those of them whose posterior draws take their Newton step
+        from the model's reference point (:func:`~numpyro_pavi.laplace.draw_start`, which
+        does not depend on the draw), where the probe found it lands on the mode too; the
+        others step from the prior location given the draw's parents, as training does.
+        Empty in plans pickled before.
     """
 
     model: Callable
@@ -120,6 +125,7 @@ class GuidePlan:
     stored: StoredSpec | None = None
     base_context: frozenset = frozenset()
     quadratic: frozenset = frozenset()
+    reference_start: frozenset = frozenset()
 
     def param_name(self, name: str, what: str) -> str:
         """NumPyro's naming: ``{site or plate set}_{prefix}_{what}``."""
@@ -416,7 +422,7 @@ def build_plan(
     kwargs = dict(kwargs or {})
     features, stats, masked = _data_statistics(structure, options, model, trace, args, kwargs)
     keys = jax.random.split(rng_key, len(structure.latent) + len(structure.plates) + 1)
-    laplace_sites, gaussian = _laplace_sites(model, structure, options, trace, args, kwargs)
+    laplace_sites, gaussian, reference_start = _laplace_sites(model, structure, options, trace, args, kwargs)
     sources = encoding_sources(structure, options, laplace_sites)
     stored = stored_spec(structure, laplace_sites, options.refresh_every)
     # plate sets with no data inside whose sites all have a Laplace base: the base informs
@@ -499,12 +505,13 @@ def build_plan(
         stored=stored,
         base_context=base_context,
         quadratic=gaussian,
+        reference_start=reference_start,
     )
 
 
-#: How far (in sds of the mode's curvature) one Newton step from the prior location may land
-#: from the iterated mode at setup for a site to count as quadratic (float32 round-off on a
-#: start 100 sds away is ~1e-4 sds).
+#: How far (in sds of the mode's curvature) one Newton step from the prior location (and,
+#: for draws, from the model's reference point) may land from the iterated mode at setup for
+#: a site to count as quadratic (float32 round-off on a start 100 sds away is ~1e-4 sds).
 ONE_STEP_TOL_SDS = 1e-2
 
 
@@ -517,17 +524,20 @@ def probe_laplace(
 
     :return: ``{local site: fraction in [0, 1]}``.
     """
-    return {name: share for name, (share, _) in _probe(model, structure, trace, args, kwargs).items()}
+    return {name: share for name, (share, *_) in _probe(model, structure, trace, args, kwargs).items()}
 
 
-def _probe(model, structure, trace, args, kwargs) -> dict[str, tuple[float, bool]]:
-    """``{local site: (converged share, quadratic)}`` (see :func:`probe_laplace`);
-    ``quadratic``: the log joint of the site's Newton problem (the site and its later
-    siblings of the same plates, as in :func:`~numpyro_pavi.sampling.laplace_base`) has the
-    same curvature, to round-off, at every converged element's mode and one sd away along
-    ``L^{-T} 1``, and one Newton step from the prior location lands within
-    :data:`ONE_STEP_TOL_SDS` of the mode: a likelihood Gaussian in them, whose base is
-    exact and one Newton step."""
+def _probe(model, structure, trace, args, kwargs) -> dict[str, tuple[float, bool, bool]]:
+    """``{local site: (converged share, quadratic, from reference)}`` (see
+    :func:`probe_laplace`); ``quadratic``: the log joint of the site's Newton problem (the
+    site and its later siblings of the same plates, as in
+    :func:`~numpyro_pavi.sampling.laplace_base`) has the same curvature, to round-off, at
+    every converged element's mode and one sd away along ``L^{-T} 1``, and one Newton step
+    from the prior location lands within :data:`ONE_STEP_TOL_SDS` of the mode: a likelihood
+    Gaussian in them, whose base is exact and one Newton step. ``from reference``: also one
+    step from the model's reference point (:func:`~numpyro_pavi.laplace.draw_start`, where
+    posterior draws take it) lands there; float32 round-off can miss from a start far from
+    the data (data at 1,000 with a noise sd of 0.01)."""
     kwargs = dict(kwargs or {})
     latent = structure.latent
     names = list(latent)
@@ -560,26 +570,29 @@ def _probe(model, structure, trace, args, kwargs) -> dict[str, tuple[float, bool
             # it will take it from (training's prior location, draws' fixed start): a smooth
             # likelihood with a lot of data (Poisson counts of 1e7) has a nearly constant
             # curvature near its mode, not out at the prior mean
+            lands = []
             for s0 in (start, fixed):
                 one_step = one_step_base(f, s0, None)[0]
                 miss = jnp.linalg.norm(jnp.einsum("...ji,...j->...i", chol, one_step - z), axis=-1)  # |L^T s|: sds
-                same = same & (miss <= ONE_STEP_TOL_SDS)
-            return ok, jnp.all(same | ~ok) & jnp.any(ok)
+                lands.append(jnp.all(same & (miss <= ONE_STEP_TOL_SDS) | ~ok) & jnp.any(ok))
+            return ok, lands[0], lands[0] & lands[1]
 
         def run(z_site, z_group, f_site, f_group, group=group):
-            ok, alone = quadratic(z_site, f_site, [group[0]])
-            return ok, alone if len(group) == 1 else quadratic(z_group, f_group, group)[1]
+            ok, alone, alone_ref = quadratic(z_site, f_site, [group[0]])
+            if len(group) == 1:
+                return ok, alone, alone_ref
+            return (ok, *quadratic(z_group, f_group, group)[1:])
 
         ref = reference_trace(model, {**plates, **before}, args, kwargs)
         starts = [g.to_canonical(biject_to(g.support).inv(ref[g.name]["value"])) for g in group]
         fixed = draw_start(model, group, plates, args, kwargs)
         # compiled as one program: run eagerly, every op of the loop compiles on first use
-        converged, flat = run_once(run, starts[0], jnp.concatenate(starts, -1), fixed[..., : site.dim], fixed)
-        out[site.name] = (float(_data.scored_mean(site, converged, trace.get(site.name))), bool(flat))
+        converged, flat, flat_ref = run_once(run, starts[0], jnp.concatenate(starts, -1), fixed[..., : site.dim], fixed)
+        out[site.name] = (float(_data.scored_mean(site, converged, trace.get(site.name))), bool(flat), bool(flat_ref))
     return out
 
 
-def _laplace_sites(model, structure, options, trace, args, kwargs) -> tuple[frozenset, frozenset]:
+def _laplace_sites(model, structure, options, trace, args, kwargs) -> tuple[frozenset, frozenset, frozenset]:
     """The local sites that keep a Laplace base: all of them, except those whose Newton
     problems mostly fail to converge at the setup values (:func:`probe_laplace`), with a
     :class:`~numpyro_pavi.LaplaceWarning` naming each; and those of them whose likelihood is
@@ -587,14 +600,16 @@ def _laplace_sites(model, structure, options, trace, args, kwargs) -> tuple[froz
     site keeps its base and none counts as Gaussian."""
     local = frozenset(name for name, s in structure.latent.items() if s.plates)
     if not (options.laplace and local):
-        return frozenset(), frozenset()
+        return frozenset(), frozenset(), frozenset()
     values = [trace[n]["value"] for n in structure.latent] + jax.tree.leaves((args, kwargs))
     if any(isinstance(v, jax.core.Tracer) for v in values):
-        return local, frozenset()
-    kept, gaussian = set(local), set()
-    for name, (share, quadratic) in _probe(model, structure, trace, args, kwargs).items():
+        return local, frozenset(), frozenset()
+    kept, gaussian, reference = set(local), set(), set()
+    for name, (share, quadratic, from_reference) in _probe(model, structure, trace, args, kwargs).items():
         if quadratic:
             gaussian.add(name)
+        if from_reference:
+            reference.add(name)
         if share < MIN_CONVERGED_AT_SETUP:
             kept.discard(name)
             warnings.warn(
@@ -608,7 +623,7 @@ def _laplace_sites(model, structure, options, trace, args, kwargs) -> tuple[froz
                 LaplaceWarning,
                 stacklevel=5,
             )
-    return frozenset(kept), frozenset(gaussian & kept)
+    return frozenset(kept), frozenset(gaussian & kept), frozenset(reference & kept)
 
 
 def with_encoder_width(encoder: SetEncoder, encoding_dim: int) -> SetEncoder:

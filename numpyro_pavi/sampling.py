@@ -304,8 +304,9 @@ def laplace_base(
 
     values = {k: finite_cotangent(v) for k, v in values.items()}
     frozen = jax.lax.stop_gradient(values)
-    # the start: the group's prior means given the values before it, in canonical layout;
-    # kept differentiable as the base of elements whose iterations do not converge
+    # the group's prior means given the values before it, in canonical layout: the start of
+    # training's Newton problem (of draws' too, except quadratic sites: below), kept
+    # differentiable as the base of elements whose iterations do not converge
     trace = reference_trace(plan.model, {**plates, **values}, args, kwargs)
     prior = jnp.concatenate([g.to_canonical(biject_to(g.support).inv(trace[g.name]["value"])) for g in group], -1)
 
@@ -319,8 +320,9 @@ def laplace_base(
 
     quadratic = site.name in plan.quadratic
     # draws of a quadratic site step from a start that does not depend on the draw (see
-    # laplace.draw_start); an element without a mode still falls back to its prior location
-    fixed_start = quadratic and not (differentiate or probe_modes)
+    # laplace.draw_start) where the setup probe found it lands on the mode too (getattr:
+    # plans pickled before); an element without a mode still falls back to its prior location
+    fixed_start = site.name in getattr(plan, "reference_start", ()) and not (differentiate or probe_modes)
     start = draw_start(plan.model, group, plates, args, kwargs) if fixed_start else prior
     m, chol, report = newton_base(
         lambda z: logp(z, values),

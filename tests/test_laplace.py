@@ -610,6 +610,33 @@ def test_draws_of_a_quadratic_site_step_from_a_start_that_does_not_depend_on_the
         precision = 1.0 / 0.25 + 1.0 / sigma**2
         np.testing.assert_allclose(m[:, 0], (mu / 0.25 + y / sigma**2) / precision, rtol=1e-5)
     np.testing.assert_array_equal(draw_start(model, [site], indices, (y,), {}), jnp.zeros((5, 1)))
+    assert guide.plan.reference_start == {"b"}
+
+
+# the guide's own setup values (mu at its prior median, 0) put b's Newton problem 1e6 sds
+# from its data, beyond the trust region's reach: its base is off there, with this warning;
+# the probe below is given values near the data instead
+@pytest.mark.filterwarnings("ignore:Laplace base of site 'b' is off")
+def test_draws_keep_the_prior_location_where_the_reference_point_is_too_far_for_float32():
+    """Data 1,000 units from the model's reference point with a noise sd of 0.01: one step
+    from there misses the mode by float32 round-off (about 0.1 posterior sd), one from the
+    prior location given the parents does not. The probe keeps the site quadratic (training's
+    one step) and its draws on the prior location."""
+    from numpyro_pavi.plan import _probe
+
+    def model(y):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1000.0))
+        with numpyro.plate("groups", y.shape[0], dim=-2):
+            b = numpyro.sample("b", dist.Normal(mu, 1.0))
+            with numpyro.plate("obs", y.shape[1], dim=-1):
+                numpyro.sample("y", dist.Normal(b, 0.01), obs=y)
+
+    y = 1000.0 + jax.random.normal(jax.random.PRNGKey(0), (4, 1)) + 0.01 * jax.random.normal(jax.random.PRNGKey(1), (4, 200))
+    guide = AutoPAVI(model)
+    SVI(model, guide, optax.adam(5e-3), Trace_ELBO()).init(jax.random.PRNGKey(0), y)
+    trace = numpyro.handlers.trace(numpyro.handlers.substitute(numpyro.handlers.seed(model, 0), {"mu": 1000.0})).get_trace(y)
+    share, quadratic, from_reference = _probe(model, guide.structure, trace, (y,), {})["b"]
+    assert share == 1.0 and quadratic and not from_reference
 
 
 def test_a_likelihood_with_nearly_constant_curvature_keeps_the_iterations():
