@@ -884,9 +884,12 @@ class AutoPAVI(AutoGuide):
     def sample_posterior(self, rng_key, params, *args, sample_shape=(), **kwargs):
         """Draw latent samples over the **full** plates (plus the model's deterministic sites).
 
-        Samples are drawn one at a time (``lax.map``) and, within a sample, along each
-        site's plate elements in chunks of ``chunk_size``, so memory is bounded by the
-        output plus one chunk of flow intermediates. With set encodings, ``args`` may be
+        Samples are drawn one at a time (``lax.map``) and, within a sample, each site's
+        flow runs along its plate elements in chunks of ``chunk_size``, so the flows' memory
+        is one chunk of intermediates. Per-step Laplace bases are computed on the full
+        plates (the model's gradient and ``d`` curvature columns over all its data); for
+        plates past memory, :func:`~numpyro_pavi.summaries.posterior_summary` streams over
+        chunks of a plate's elements instead. With set encodings, ``args`` may be
         new data with other or more groups: their posterior comes without retraining.
 
         :param rng_key: PRNG key.
