@@ -15,8 +15,8 @@ curvature block (``d`` is an element's size, small here).
 
 The Newton iterations (:func:`newton_iterate`: trust-region steps, stopped once every
 element has converged) start at the site's prior mean given the sampled parents (posterior
-draws of a site whose log joint is quadratic: at :func:`draw_start`) and are held constant
-(``stop_gradient``). The base is then given the derivative of the mode it
+draws of a site whose log joint is quadratic, where one step from there lands on the mode:
+at :func:`draw_start`) and are held constant (``stop_gradient``). The base is then given the derivative of the mode it
 approximates (implicit function theorem) and the curvature at itself
 (:func:`newton_base`), so the gradient is that of the map actually sampled; an element
 whose iterations did not converge sits on its prior location instead. Every element
@@ -178,7 +178,9 @@ def draw_start(model: Callable, group, plates: Mapping, args: tuple, kwargs: dic
     either where the likelihood reads no other sampled site (a Gaussian random effect with a
     fixed noise scale): XLA computes them once for all the draws of a ``lax.map`` (loop
     invariants) instead of once per draw. Training keeps the prior location given the
-    sampled parents, nearer the mode (less round-off); one step from either is the mode.
+    sampled parents, nearer the mode (less round-off); one step from either is the mode up
+    to float32 round-off, which the setup probe checks from both
+    (``GuidePlan.reference_start``: the sites whose draws start here).
     """
     ref = reference_trace(model, dict(plates), args, kwargs)
     parts = [g.to_canonical(biject_to(g.support).inv(ref[g.name]["value"])) for g in group]

@@ -107,7 +107,7 @@ class GuidePlan:
         from the model's reference point (:func:`~numpyro_pavi.laplace.draw_start`, which
         does not depend on the draw), where the probe found it lands on the mode too; the
         others step from the prior location given the draw's parents, as training does.
-        Empty in plans pickled before.
+        Empty under tracing and in plans pickled before.
     """
 
     model: Callable
@@ -595,9 +595,10 @@ def _probe(model, structure, trace, args, kwargs) -> dict[str, tuple[float, bool
 def _laplace_sites(model, structure, options, trace, args, kwargs) -> tuple[frozenset, frozenset, frozenset]:
     """The local sites that keep a Laplace base: all of them, except those whose Newton
     problems mostly fail to converge at the setup values (:func:`probe_laplace`), with a
-    :class:`~numpyro_pavi.LaplaceWarning` naming each; and those of them whose likelihood is
-    Gaussian in the site (:func:`_probe`). Under tracing (no values to look at) every local
-    site keeps its base and none counts as Gaussian."""
+    :class:`~numpyro_pavi.LaplaceWarning` naming each; those of them whose likelihood is
+    Gaussian in the site (:func:`_probe`); and those of these whose posterior draws may step
+    from the model's reference point (``GuidePlan.reference_start``). Under tracing (no
+    values to look at) every local site keeps its base and none counts as Gaussian."""
     local = frozenset(name for name, s in structure.latent.items() if s.plates)
     if not (options.laplace and local):
         return frozenset(), frozenset(), frozenset()

@@ -305,7 +305,7 @@ def laplace_base(
     values = {k: finite_cotangent(v) for k, v in values.items()}
     frozen = jax.lax.stop_gradient(values)
     # the group's prior means given the values before it, in canonical layout: the start of
-    # training's Newton problem (of draws' too, except quadratic sites: below), kept
+    # training's Newton problem (of draws' too, except plan.reference_start's: below), kept
     # differentiable as the base of elements whose iterations do not converge
     trace = reference_trace(plan.model, {**plates, **values}, args, kwargs)
     prior = jnp.concatenate([g.to_canonical(biject_to(g.support).inv(trace[g.name]["value"])) for g in group], -1)
