@@ -61,11 +61,12 @@ def test_newton_base_finds_each_elements_mode_and_curvature():
     np.testing.assert_allclose(np.asarray(chol[:, 0, 0]) ** 2, 3 * np.exp(z) + 1, rtol=1e-3)
 
 
-@pytest.mark.parametrize("d", [1, 2, 3, 5])
+@pytest.mark.parametrize("d", [1, 2, 3, 5, 19])
 def test_grad_and_blocks_are_each_elements_gradient_and_hessian(d):
     """Per-element gradient and Hessian blocks of a sum of coupled-within-element terms, against
-    ``jax.hessian`` of each element alone: the loop of ``d`` Hessian-vector products (``d <= 2``)
-    and the vectorized one (``d > 2``)."""
+    ``jax.hessian`` of each element alone: the loop of ``d`` Hessian-vector products (``d <= 2``),
+    the vectorized one (``d > 2``) and passes of ``COLUMNS_PER_PASS`` columns with a remainder
+    (``d = 19``)."""
     from numpyro_pavi.laplace import grad_and_blocks
 
     a = jax.random.normal(jax.random.PRNGKey(d), (4, d, d))
