@@ -43,6 +43,7 @@ __all__ = [
     "LaplaceWarning",
     "NewtonReport",
     "at_least",
+    "canonical_values",
     "draw_start",
     "finite_cotangent",
     "grad_and_blocks",
@@ -182,9 +183,13 @@ def draw_start(model: Callable, group, plates: Mapping, args: tuple, kwargs: dic
     to float32 round-off, which the setup probe checks from both
     (``GuidePlan.reference_start``: the sites whose draws start here).
     """
-    ref = reference_trace(model, dict(plates), args, kwargs)
-    parts = [g.to_canonical(biject_to(g.support).inv(ref[g.name]["value"])) for g in group]
-    return jax.lax.stop_gradient(jnp.concatenate(parts, -1))
+    return jax.lax.stop_gradient(canonical_values(reference_trace(model, dict(plates), args, kwargs), group))
+
+
+def canonical_values(trace: Mapping, group) -> jax.Array:
+    """The values of the sites ``group`` in ``trace``, unconstrained and in canonical layout,
+    concatenated: ``(*grid, sum of d)``, a Newton problem's start."""
+    return jnp.concatenate([g.to_canonical(biject_to(g.support).inv(trace[g.name]["value"])) for g in group], -1)
 
 
 def log_joint(

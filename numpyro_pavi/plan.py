@@ -22,7 +22,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from numpyro.distributions.transforms import biject_to
 
 from . import data as _data
 from .compiling import run_once
@@ -32,6 +31,7 @@ from .encoders import SetEncoder, init_readout
 from .flows import ConditionalFlow
 from .laplace import (
     LaplaceWarning,
+    canonical_values,
     draw_start,
     one_step_base,
     grad_and_blocks,
@@ -584,10 +584,10 @@ def _probe(model, structure, trace, args, kwargs) -> dict[str, tuple[float, bool
             return (ok, *quadratic(z_group, f_group, group)[1:])
 
         ref = reference_trace(model, {**plates, **before}, args, kwargs)
-        starts = [g.to_canonical(biject_to(g.support).inv(ref[g.name]["value"])) for g in group]
+        start = canonical_values(ref, group)
         fixed = draw_start(model, group, plates, args, kwargs)
         # compiled as one program: run eagerly, every op of the loop compiles on first use
-        converged, flat, flat_ref = run_once(run, starts[0], jnp.concatenate(starts, -1), fixed[..., : site.dim], fixed)
+        converged, flat, flat_ref = run_once(run, start[..., : site.dim], start, fixed[..., : site.dim], fixed)
         out[site.name] = (float(_data.scored_mean(site, converged, trace.get(site.name))), bool(flat), bool(flat_ref))
     return out
 

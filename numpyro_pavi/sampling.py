@@ -18,7 +18,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from numpyro.distributions.transforms import biject_to
 
 from . import base_state as _state
 from . import data as _data
@@ -26,7 +25,7 @@ from .encoders import readout
 from .laplace import (
     NEWTON_STEPS,
     grad_and_blocks,
-    at_least,
+    canonical_values,
     draw_start,
     finite_cotangent,
     in_pieces,
@@ -308,7 +307,7 @@ def laplace_base(
     # training's Newton problem (of draws' too, except plan.reference_start's: below), kept
     # differentiable as the base of elements whose iterations do not converge
     trace = reference_trace(plan.model, {**plates, **values}, args, kwargs)
-    prior = jnp.concatenate([g.to_canonical(biject_to(g.support).inv(trace[g.name]["value"])) for g in group], -1)
+    prior = canonical_values(trace, group)
 
     def log_prior(z):
         # the group's own prior given its parents (no likelihood, no model pass)
@@ -320,9 +319,9 @@ def laplace_base(
 
     quadratic = site.name in plan.quadratic
     # draws of a quadratic site step from a start that does not depend on the draw (see
-    # laplace.draw_start) where the setup probe found it lands on the mode too (getattr:
-    # plans pickled before); an element without a mode still falls back to its prior location
-    fixed_start = site.name in getattr(plan, "reference_start", ()) and not (differentiate or probe_modes)
+    # laplace.draw_start) where the setup probe found it lands on the mode too; an element
+    # without a mode still falls back to its prior location
+    fixed_start = site.name in plan.reference_start and not (differentiate or probe_modes)
     start = draw_start(plan.model, group, plates, args, kwargs) if fixed_start else prior
     m, chol, report = newton_base(
         lambda z: logp(z, values),
