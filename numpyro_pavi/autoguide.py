@@ -35,7 +35,7 @@ from .encoders import SetEncoder
 from .laplace import LaplaceWarning
 from .plan import GuideOptions, GuidePlan, build_plan, with_encoder_width
 from .base_state import init_state
-from .sampling import PlateInputs, sample_latents
+from .sampling import PlateInputs, draw_starts, sample_latents
 from .structure import ModelStructure, full_indices, model_structure, plate_sizes, seeded_model
 
 __all__ = ["AutoPAVI"]
@@ -748,6 +748,17 @@ class AutoPAVI(AutoGuide):
         deterministic = deterministic and any(s["type"] == "deterministic" for s in self.prototype_trace.values())
 
         state = self.stored_state(params, sizes)
+        # the Newton iterations of plan.warm_start's bases start at the guide's center draw:
+        # computed once here, not once per draw
+        starts = {}
+        if self.plan.warm_start:
+            starts = run_once(
+                lambda p: draw_starts(
+                    self.plan, p, indices, trace, sizes, bound, model_args=(args, kwargs),
+                    chunk_size=self.chunk_size, laplace_state=state,
+                ),
+                params,
+            )  # fmt: skip
 
         def one(key):
             values, _, logqs = sample_latents(
@@ -762,6 +773,7 @@ class AutoPAVI(AutoGuide):
                 chunk_size=self.chunk_size,
                 laplace_state=state,
                 differentiate=False,
+                starts=starts,
             )
             if with_log_prob:
                 return values, logqs

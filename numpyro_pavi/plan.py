@@ -30,6 +30,7 @@ from .data import Ragged
 from .encoders import SetEncoder, init_readout
 from .flows import ConditionalFlow
 from .laplace import (
+    PROBE_RADII_SDS,
     LaplaceWarning,
     canonical_values,
     draw_start,
@@ -37,6 +38,7 @@ from .laplace import (
     grad_and_blocks,
     log_joint,
     newton_iterate,
+    precision_chol,
     reference_trace,
     solve_lower,
 )
@@ -108,6 +110,11 @@ class GuidePlan:
         does not depend on the draw), where the probe found it lands on the mode too; the
         others step from the prior location given the draw's parents, as training does.
         Empty under tracing and in plans pickled before.
+    :param warm_start: Laplace sites not quadratic whose Newton problem the setup probe
+        found concave around its mode (``_probe``): their posterior draws start their
+        iterations at the mode of the guide's center draw
+        (:func:`~numpyro_pavi.sampling.draw_starts`) instead of the prior location. Empty
+        under tracing and in plans pickled before.
     """
 
     model: Callable
@@ -126,6 +133,7 @@ class GuidePlan:
     base_context: frozenset = frozenset()
     quadratic: frozenset = frozenset()
     reference_start: frozenset = frozenset()
+    warm_start: frozenset = frozenset()
 
     def param_name(self, name: str, what: str) -> str:
         """NumPyro's naming: ``{site or plate set}_{prefix}_{what}``."""
@@ -422,7 +430,9 @@ def build_plan(
     kwargs = dict(kwargs or {})
     features, stats, masked = _data_statistics(structure, options, model, trace, args, kwargs)
     keys = jax.random.split(rng_key, len(structure.latent) + len(structure.plates) + 1)
-    laplace_sites, gaussian, reference_start = _laplace_sites(model, structure, options, trace, args, kwargs)
+    laplace_sites, gaussian, reference_start, warm_start = _laplace_sites(
+        model, structure, options, trace, args, kwargs
+    )
     sources = encoding_sources(structure, options, laplace_sites)
     stored = stored_spec(structure, laplace_sites, options.refresh_every)
     # plate sets with no data inside whose sites all have a Laplace base: the base informs
@@ -506,6 +516,7 @@ def build_plan(
         base_context=base_context,
         quadratic=gaussian,
         reference_start=reference_start,
+        warm_start=warm_start,
     )
 
 
@@ -527,8 +538,8 @@ def probe_laplace(
     return {name: share for name, (share, *_) in _probe(model, structure, trace, args, kwargs).items()}
 
 
-def _probe(model, structure, trace, args, kwargs) -> dict[str, tuple[float, bool, bool]]:
-    """``{local site: (converged share, quadratic, from reference)}`` (see
+def _probe(model, structure, trace, args, kwargs) -> dict[str, tuple[float, bool, bool, bool]]:
+    """``{local site: (converged share, quadratic, from reference, concave)}`` (see
     :func:`probe_laplace`); ``quadratic``: the log joint of the site's Newton problem (the
     site and its later siblings of the same plates, as in
     :func:`~numpyro_pavi.sampling.laplace_base`) has the same curvature, to round-off, at
@@ -537,7 +548,12 @@ def _probe(model, structure, trace, args, kwargs) -> dict[str, tuple[float, bool
     Gaussian in them, whose base is exact and one Newton step. ``from reference``: also one
     step from the model's reference point (:func:`~numpyro_pavi.laplace.draw_start`, where
     posterior draws take it) lands there; float32 round-off can miss from a start far from
-    the data (data at 1,000 with a noise sd of 0.01)."""
+    the data (data at 1,000 with a noise sd of 0.01). ``concave`` (sites not quadratic): the
+    curvature is negative definite at every converged element's mode and at
+    ``PROBE_RADII_SDS`` sds on both sides of it along ``L^{-T} 1``, so where the draws'
+    iterations start does not change where they end (``GuidePlan.warm_start``); a
+    heuristic, as the probe sees one point of the parameter space: heavy tails and
+    mixtures, whose curvature turns within a few sds, fail it."""
     kwargs = dict(kwargs or {})
     latent = structure.latent
     names = list(latent)
@@ -564,6 +580,16 @@ def _probe(model, structure, trace, args, kwargs) -> dict[str, tuple[float, bool
             z, chol, report = newton_iterate(f, start)
             ok = report.converged()
             shift = solve_lower(chol, jnp.full_like(z, 1.0 / math.sqrt(z.shape[-1])), transpose=True)
+
+            def concave_around(_):
+                def at(flag, r):
+                    _, h = grad_and_blocks(f, z + r * shift)
+                    return flag & (precision_chol(h, with_concave=True)[1] | ~ok), None
+
+                radii = jnp.asarray([r * sign for r in PROBE_RADII_SDS for sign in (1.0, -1.0)], z.dtype)
+                flags, _ = jax.lax.scan(at, report.concave | ~ok, radii)
+                return jnp.all(flags) & jnp.any(ok)
+
             h0, h1 = (grad_and_blocks(f, v)[1] for v in (z, z + shift))
             same = jnp.all(jnp.abs(h1 - h0) <= 1e-3 * (jnp.abs(h0) + 1e-6), (-2, -1))
             # and the one Newton step such a site will take lands on the mode from both starts
@@ -575,42 +601,48 @@ def _probe(model, structure, trace, args, kwargs) -> dict[str, tuple[float, bool
                 one_step = one_step_base(f, s0, None)[0]
                 miss = jnp.linalg.norm(jnp.einsum("...ji,...j->...i", chol, one_step - z), axis=-1)  # |L^T s|: sds
                 lands.append(jnp.all(same & (miss <= ONE_STEP_TOL_SDS) | ~ok) & jnp.any(ok))
-            return ok, lands[0], lands[0] & lands[1]
+            # a quadratic site takes one step from a fixed start: no iterations to shorten
+            concave = jax.lax.cond(lands[0], lambda _: jnp.array(False), concave_around, None)
+            return ok, lands[0], lands[0] & lands[1], concave
 
         def run(z_site, z_group, f_site, f_group, group=group):
-            ok, alone, alone_ref = quadratic(z_site, f_site, [group[0]])
+            ok, *flags = quadratic(z_site, f_site, [group[0]])
             if len(group) == 1:
-                return ok, alone, alone_ref
+                return ok, *flags
             return (ok, *quadratic(z_group, f_group, group)[1:])
 
         ref = reference_trace(model, {**plates, **before}, args, kwargs)
         start = canonical_values(ref, group)
         fixed = draw_start(model, group, plates, args, kwargs)
         # compiled as one program: run eagerly, every op of the loop compiles on first use
-        converged, flat, flat_ref = run_once(run, start[..., : site.dim], start, fixed[..., : site.dim], fixed)
-        out[site.name] = (float(_data.scored_mean(site, converged, trace.get(site.name))), bool(flat), bool(flat_ref))
+        converged, flat, flat_ref, concave = run_once(run, start[..., : site.dim], start, fixed[..., : site.dim], fixed)
+        share = float(_data.scored_mean(site, converged, trace.get(site.name)))
+        out[site.name] = (share, bool(flat), bool(flat_ref), bool(concave))
     return out
 
 
-def _laplace_sites(model, structure, options, trace, args, kwargs) -> tuple[frozenset, frozenset, frozenset]:
+def _laplace_sites(model, structure, options, trace, args, kwargs) -> tuple[frozenset, ...]:
     """The local sites that keep a Laplace base: all of them, except those whose Newton
     problems mostly fail to converge at the setup values (:func:`probe_laplace`), with a
     :class:`~numpyro_pavi.LaplaceWarning` naming each; those of them whose likelihood is
-    Gaussian in the site (:func:`_probe`); and those of these whose posterior draws may step
-    from the model's reference point (``GuidePlan.reference_start``). Under tracing (no
+    Gaussian in the site (:func:`_probe`); those of these whose posterior draws may step
+    from the model's reference point (``GuidePlan.reference_start``); and the others whose
+    draws may start from the guide's center (``GuidePlan.warm_start``). Under tracing (no
     values to look at) every local site keeps its base and none counts as Gaussian."""
     local = frozenset(name for name, s in structure.latent.items() if s.plates)
     if not (options.laplace and local):
-        return frozenset(), frozenset(), frozenset()
+        return frozenset(), frozenset(), frozenset(), frozenset()
     values = [trace[n]["value"] for n in structure.latent] + jax.tree.leaves((args, kwargs))
     if any(isinstance(v, jax.core.Tracer) for v in values):
-        return local, frozenset(), frozenset()
-    kept, gaussian, reference = set(local), set(), set()
-    for name, (share, quadratic, from_reference) in _probe(model, structure, trace, args, kwargs).items():
+        return local, frozenset(), frozenset(), frozenset()
+    kept, gaussian, reference, warm = set(local), set(), set(), set()
+    for name, (share, quadratic, from_reference, concave) in _probe(model, structure, trace, args, kwargs).items():
         if quadratic:
             gaussian.add(name)
         if from_reference:
             reference.add(name)
+        if concave and not quadratic:
+            warm.add(name)
         if share < MIN_CONVERGED_AT_SETUP:
             kept.discard(name)
             warnings.warn(
@@ -624,7 +656,7 @@ def _laplace_sites(model, structure, options, trace, args, kwargs) -> tuple[froz
                 LaplaceWarning,
                 stacklevel=5,
             )
-    return frozenset(kept), frozenset(gaussian & kept), frozenset(reference & kept)
+    return frozenset(kept), frozenset(gaussian & kept), frozenset(reference & kept), frozenset(warm & kept)
 
 
 def with_encoder_width(encoder: SetEncoder, encoding_dim: int) -> SetEncoder:

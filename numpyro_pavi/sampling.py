@@ -13,6 +13,7 @@ changes nothing.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import jax
@@ -38,7 +39,7 @@ from .laplace import (
 from .plan import GuidePlan, encoder_key, encoder_levels
 from .structure import LatentSite
 
-__all__ = ["PlateInputs", "element_noise", "encodings", "sample_latents"]
+__all__ = ["PlateInputs", "draw_starts", "element_noise", "encodings", "sample_latents"]
 
 
 class PlateInputs(NamedTuple):
@@ -271,10 +272,16 @@ def laplace_base(
     model_args,
     differentiate: bool = True,
     probe_modes: bool = False,
+    start: jax.Array | None = None,
 ):
     """``(m, L, report)`` of ``site`` on the current elements, given the sampled ``values``
     of the sites before it (see :mod:`numpyro_pavi.laplace`); ``report`` is the
-    :class:`~numpyro_pavi.laplace.NewtonReport` of its Newton problem.
+    :class:`~numpyro_pavi.laplace.NewtonReport` of its Newton problem, with its ``mode``.
+
+    ``start`` (posterior draws only: ``differentiate`` and ``probe_modes`` False): where the
+    Newton iterations start, canonical ``(*grid, sum of d)`` for the site and its later
+    siblings (:func:`draw_starts`); None: the prior location given the parents, as in
+    training.
 
     The later sites of the same plates (siblings such as a group's slope after its
     intercept) are part of the element's Newton problem and marginalized out of ``P``
@@ -321,8 +328,11 @@ def laplace_base(
     # draws of a quadratic site step from a start that does not depend on the draw (see
     # laplace.draw_start) where the setup probe found it lands on the mode too; an element
     # without a mode still falls back to its prior location
+    if start is not None and (differentiate or probe_modes):
+        raise ValueError("a Newton start is for posterior draws only (differentiate=False, probe_modes=False)")
     fixed_start = site.name in plan.reference_start and not (differentiate or probe_modes)
-    start = draw_start(plan.model, group, plates, args, kwargs) if fixed_start else prior
+    if start is None:
+        start = draw_start(plan.model, group, plates, args, kwargs) if fixed_start else prior
     m, chol, report = newton_base(
         lambda z: logp(z, values),
         lambda z: logp(z, frozen),
@@ -337,6 +347,7 @@ def laplace_base(
         probe_modes=probe_modes,
         quadratic=quadratic,
     )
+    report = report._replace(mode=jax.lax.stop_gradient(m))
     if len(group) == 1:
         return m, chol, report
     d, total = site.dim, m.shape[-1]
@@ -369,6 +380,8 @@ def sample_latents(
     fixed: dict | None = None,
     differentiate: bool = True,
     probe_modes: bool = False,
+    starts: Mapping[str, jax.Array] | None = None,
+    at_center: bool = False,
 ):
     """Top-down sample of every latent site on the given plate elements.
 
@@ -399,6 +412,9 @@ def sample_latents(
         Laplace bases skip the passes that only serve their derivative.
     :param probe_modes: the reports also say which elements have a higher mode next to
         their base's (:func:`~numpyro_pavi.laplace.higher_modes`; diagnostics only).
+    :param starts: ``{site: canonical (*grid, sum of d)}``, where the Newton iterations of
+        those sites' per-step bases start (posterior draws only, see :func:`draw_starts`).
+    :param at_center: draw every site at zero noise (the guide's center), not from the key.
     :return: constrained site-layout values, canonical unconstrained values ``(*grid, d)``
         and per-element ``log q (*grid)`` (support log-det included), then the reports
         with ``with_reports``, then the new state with ``with_state``.
@@ -409,7 +425,9 @@ def sample_latents(
     keys = jax.random.split(rng_key, len(plan.structure.latent))
     for site_key, (name, site) in zip(keys, plan.structure.latent.items()):
         grid = tuple(int(indices[p].shape[0]) for p in site.plates)
-        if element_keys:
+        if at_center:
+            noise = jnp.zeros(grid + (site.dim,))
+        elif element_keys:
             noise = element_noise(site_key, [indices[p] for p in site.plates], site.dim)
         else:
             noise = jax.random.normal(site_key, grid + (site.dim,))
@@ -426,7 +444,10 @@ def sample_latents(
             base = _state.stored_base(laplace_state, site, indices, theta)
             reports[name] = laplace_state.report(name, tuple(indices[p] for p in site.plates))
         elif plan.on_laplace(site):
-            *base, reports[name] = laplace_base(plan, site, values, indices, model_args, differentiate, probe_modes)
+            start = None if starts is None else starts.get(name)
+            *base, reports[name] = laplace_base(
+                plan, site, values, indices, model_args, differentiate, probe_modes, start
+            )
         x, logq, centers[name] = _sample_site(
             plan, site, params, enc, unc, centers, noise, chunk_size, path_gradient, base
         )
@@ -437,6 +458,40 @@ def sample_latents(
         logqs[name] = masked_density(site, logq - logdet, None if trace is None else trace.get(name), grid)
     out = (values, unc, logqs) + ((reports,) if with_reports else ())
     return out + (laplace_state,) if with_state else out
+
+
+def draw_starts(
+    plan: GuidePlan,
+    params: dict,
+    indices: dict,
+    trace: dict | None,
+    sizes: dict,
+    bound: dict,
+    *,
+    model_args: tuple,
+    chunk_size: int | None = None,
+    laplace_state: _state.LaplaceState | None = None,
+) -> dict:
+    """Where the posterior draws' Newton iterations start, ``{site: canonical (*grid, sum of
+    d)}`` for the sites of ``plan.warm_start``: each one's mode in the guide's center draw
+    (every site at zero noise, :func:`sample_latents` with ``at_center``).
+
+    A draw's parents differ from the center's by about their posterior sd, so its mode lies
+    a fraction of an sd from this start, where training's start (the prior location given
+    the parents) may lie several sds away: the iterations that follow stop after fewer
+    steps, to the same tolerance. The start does not depend on the draw, so it is computed
+    once for all of them. Only where the setup probe found the log joint concave around
+    the mode (``plan.warm_start``): with a single mode, where the iterations start does not
+    change where they end.
+    """
+    if not plan.warm_start:
+        return {}
+    reports = sample_latents(
+        plan, params, jax.random.PRNGKey(0), indices, trace, sizes, bound, model_args=model_args,
+        chunk_size=chunk_size, with_reports=True, laplace_state=laplace_state, differentiate=False,
+        at_center=True,
+    )[3]  # fmt: skip
+    return {name: reports[name].mode for name in plan.warm_start if name in reports}
 
 
 def _held(x: jax.Array, base, center, grid: tuple):

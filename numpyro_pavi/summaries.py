@@ -43,7 +43,7 @@ import numpy as np
 from . import data as _data
 from .arviz import site_dims
 from .compiling import HOST_VALUE_ERRORS, as_inputs
-from .sampling import sample_latents
+from .sampling import draw_starts, sample_latents
 from .structure import LatentSite, full_indices
 
 __all__ = ["posterior_moments", "posterior_summary"]
@@ -198,12 +198,17 @@ def posterior_summary(
             stored = guide.stored_state(params, sizes)  # stored Laplace bases passed with the params
             indices = {**every, chunked: idx} if chunked and separable else every
             trace = guide.trace_model(indices, *args, **kwargs) if with_trace else None
+            # once per chunk, for all its draws (see draw_starts)
+            starts = draw_starts(
+                guide.plan, params, indices, trace, sizes, bound, model_args=margs,
+                chunk_size=guide.chunk_size, laplace_state=stored,
+            )  # fmt: skip
 
             def one(key):
                 values, _, _ = sample_latents(
                     guide.plan, params, key, indices, trace, sizes, bound,
                     model_args=margs, chunk_size=guide.chunk_size, element_keys=True, laplace_state=stored,
-                    differentiate=False,
+                    differentiate=False, starts=starts,
                 )  # fmt: skip
                 return {k: cut(k, values[k], idx) for k in names}
 

@@ -7,6 +7,8 @@ standard errors plus an optimization slack.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -636,7 +638,7 @@ def test_draws_keep_the_prior_location_where_the_reference_point_is_too_far_for_
     guide = AutoPAVI(model)
     SVI(model, guide, optax.adam(5e-3), Trace_ELBO()).init(jax.random.PRNGKey(0), y)
     trace = numpyro.handlers.trace(numpyro.handlers.substitute(numpyro.handlers.seed(model, 0), {"mu": 1000.0})).get_trace(y)
-    share, quadratic, from_reference = _probe(model, guide.structure, trace, (y,), {})["b"]
+    share, quadratic, from_reference, _ = _probe(model, guide.structure, trace, (y,), {})["b"]
     assert share == 1.0 and quadratic and not from_reference
 
 
@@ -657,6 +659,56 @@ def test_a_likelihood_with_nearly_constant_curvature_keeps_the_iterations():
     assert guide.plan.quadratic == frozenset()
     draws = guide.sample_posterior(jax.random.PRNGKey(1), svi.get_params(state), y, sample_shape=(200,))["b"]
     np.testing.assert_allclose(jnp.median(draws, 0), jnp.log(y), atol=0.05)
+
+
+def test_draws_of_a_concave_site_start_at_the_guides_center_and_end_at_the_same_base(monkeypatch):
+    """A Poisson random intercept is concave around its mode (``plan.warm_start``): its
+    posterior draws start their Newton iterations at the mode of the guide's center draw,
+    stop after fewer iterations, and give the draws of training's start (the prior location
+    given the draw's parents) to the stopping tolerance. A Cauchy likelihood's site, whose
+    curvature turns within a few sds, keeps training's start."""
+    import dataclasses
+
+    def model(y, family="poisson"):
+        b0 = numpyro.sample("b0", dist.Normal(0.0, 2.0))
+        tau = numpyro.sample("tau", dist.HalfNormal(1.0))
+        with numpyro.plate("groups", y.shape[0], dim=-2):
+            u = numpyro.sample("u", dist.Normal(0.0, tau))
+            with numpyro.plate("obs", y.shape[1], dim=-1):
+                like = dist.Poisson(jnp.exp(b0 + u)) if family == "poisson" else dist.Cauchy(b0 + u, 0.5)
+                numpyro.sample("y", like, obs=y)
+
+    rng = np.random.default_rng(0)
+    y = jnp.asarray(rng.poisson(np.exp(1.0 + rng.normal(0.0, 0.8, (8, 1))), (8, 5)), jnp.float32)
+    guide = AutoPAVI(model)
+    svi = SVI(model, guide, optax.adam(5e-3), Trace_ELBO())
+    params = svi.get_params(svi.init(jax.random.PRNGKey(0), y))
+    assert guide.plan.warm_start == {"u"} and guide.plan.quadratic == frozenset()
+
+    iterations = []
+    while_loop = jax.lax.while_loop
+
+    def counted(cond, body, init):  # the Newton loop's state starts with its iteration count
+        out = while_loop(cond, body, init)
+        if isinstance(init, tuple) and len(init) == 7:
+            jax.debug.callback(lambda i: iterations.append(int(i)), out[0])
+        return out
+
+    monkeypatch.setattr(jax.lax, "while_loop", counted)
+    draws = {}
+    for warm in (True, False):
+        guide.plan = dataclasses.replace(guide.plan, warm_start=frozenset({"u"} if warm else ()))
+        iterations.clear()
+        draws[warm] = guide.sample_posterior(jax.random.PRNGKey(1), params, y, sample_shape=(50,))["u"]
+        draws[warm, "iterations"] = np.mean(iterations[-50:])
+    assert draws[True, "iterations"] < draws[False, "iterations"] - 0.5
+    sd = jnp.std(draws[False], 0)
+    assert float(jnp.max(jnp.abs(draws[True] - draws[False]) / sd)) < 5e-3
+
+    y_cauchy = jnp.asarray(1.0 + rng.standard_cauchy((8, 5)) * 0.5, jnp.float32)
+    other = AutoPAVI(functools.partial(model, family="cauchy"))
+    SVI(other.model, other, optax.adam(5e-3), Trace_ELBO()).init(jax.random.PRNGKey(0), y_cauchy)
+    assert "u" in other.plan.laplace_sites and other.plan.warm_start == frozenset()
 
 
 # -- which plates learn a vector per element ("auto") ---------------------------------------
