@@ -899,8 +899,10 @@ class AutoPAVI(AutoGuide):
         Samples are drawn one at a time (``lax.map``) and, within a sample, each site's
         flow runs along its plate elements in chunks of ``chunk_size``, so the flows' memory
         is one chunk of intermediates. Per-step Laplace bases are computed on the full
-        plates (the model's gradient and ``d`` curvature columns over all its data); for
-        plates past memory, :func:`~numpyro_pavi.summaries.posterior_summary` streams over
+        plates (the model's gradient and ``d`` curvature columns over all its data), their
+        Newton iterations started, where the setup probe found the site concave around its
+        mode (``plan.warm_start``), at the mode of the guide's center draw, computed once
+        per call (:func:`~numpyro_pavi.sampling.draw_starts`); for plates past memory, :func:`~numpyro_pavi.summaries.posterior_summary` streams over
         chunks of a plate's elements instead. With set encodings, ``args`` may be
         new data with other or more groups: their posterior comes without retraining.
 
