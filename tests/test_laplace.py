@@ -665,7 +665,7 @@ def test_draws_of_a_concave_site_start_at_the_guides_center_and_end_at_the_same_
     """A Poisson random intercept is concave around its mode (``plan.warm_start``): its
     posterior draws start their Newton iterations at the mode of the guide's center draw,
     stop after fewer iterations, and give the draws of training's start (the prior location
-    given the draw's parents) to the stopping tolerance. A Cauchy likelihood's site, whose
+    given the draw's parents) to the draws' tolerance (``laplace.DRAW_TOL``). A Cauchy likelihood's site, whose
     curvature turns within a few sds, keeps training's start."""
     import dataclasses
 
@@ -702,8 +702,11 @@ def test_draws_of_a_concave_site_start_at_the_guides_center_and_end_at_the_same_
         draws[warm] = guide.sample_posterior(jax.random.PRNGKey(1), params, y, sample_shape=(50,))["u"]
         draws[warm, "iterations"] = np.mean(iterations[-50:])
     assert draws[True, "iterations"] < draws[False, "iterations"] - 0.5
+    # both stop at laplace.DRAW_TOL (0.05 sds) and take the held step: the base's location
+    # within ~0.0025 sds of the mode, its width within a fraction of a percent
     sd = jnp.std(draws[False], 0)
-    assert float(jnp.max(jnp.abs(draws[True] - draws[False]) / sd)) < 5e-3
+    assert float(jnp.max(jnp.abs(draws[True] - draws[False]) / sd)) < 0.02
+    assert float(jnp.median(jnp.abs(draws[True] - draws[False]) / sd)) < 2e-3
 
     y_cauchy = jnp.asarray(1.0 + rng.standard_cauchy((8, 5)) * 0.5, jnp.float32)
     other = AutoPAVI(functools.partial(model, family="cauchy"))
