@@ -738,11 +738,16 @@ class AutoPAVI(AutoGuide):
         trace = self._trace_full(data, args, kwargs, full_plates=bool(args or kwargs))
         return {k: s["value"] for k, s in trace.items() if s["type"] == "deterministic"}
 
-    def full_plate_sampler(self, params, *args, with_log_prob=False, deterministic=True, **kwargs) -> Callable:
+    def full_plate_sampler(
+        self, params, *args, with_log_prob=False, deterministic=True, center_starts=True, **kwargs
+    ) -> Callable:
         """``key -> draw``: one posterior draw over the full plates, the sampler shared by
         :meth:`sample_posterior`, :meth:`sample_with_log_prob`, :meth:`posterior_moments` and
         (through them) the diagnostics and the ArviZ export. A draw is ``{site: value}``
-        (latent and, with ``deterministic``, deterministic sites), or ``(values, log_q)``."""
+        (latent and, with ``deterministic``, deterministic sites), or ``(values, log_q)``.
+        With ``center_starts`` the Newton iterations of ``plan.warm_start``'s bases start at
+        the guide's center draw, computed here once for all the sampler's draws
+        (:func:`~numpyro_pavi.sampling.draw_starts`): worth it from two draws on."""
         self._check_params(params)
         sizes, indices, trace, bound, (args, kwargs) = self.plate_inputs(*args, **kwargs)
         deterministic = deterministic and any(s["type"] == "deterministic" for s in self.prototype_trace.values())
@@ -751,7 +756,7 @@ class AutoPAVI(AutoGuide):
         # the Newton iterations of plan.warm_start's bases start at the guide's center draw:
         # computed once here, not once per draw
         starts = {}
-        if self.plan.warm_start:
+        if center_starts and self.plan.warm_start:
             starts = run_once(
                 lambda p: draw_starts(
                     self.plan, p, indices, trace, sizes, bound, model_args=(args, kwargs),
@@ -913,7 +918,8 @@ class AutoPAVI(AutoGuide):
         :return: ``{site: array of shape sample_shape + full site shape}``.
         """
         sample_shape = self._check_call(rng_key, params, sample_shape)
-        return self._draws(self.full_plate_sampler(params, *args, **kwargs), rng_key, sample_shape)
+        sampler = self.full_plate_sampler(params, *args, center_starts=math.prod(sample_shape) > 1, **kwargs)
+        return self._draws(sampler, rng_key, sample_shape)
 
     def sample_with_log_prob(self, rng_key, params, *args, sample_shape=(), **kwargs):
         """Full-plate samples with their log density under the guide.
@@ -923,7 +929,8 @@ class AutoPAVI(AutoGuide):
             log densities of shape ``sample_shape + plate sizes`` (outermost plate first).
         """
         sample_shape = self._check_call(rng_key, params, sample_shape)
-        one = self.full_plate_sampler(params, *args, with_log_prob=True, **kwargs)
+        many = math.prod(sample_shape) > 1
+        one = self.full_plate_sampler(params, *args, with_log_prob=True, center_starts=many, **kwargs)
         return self._draws(one, rng_key, sample_shape or (1,), squeeze=not sample_shape)
 
     @staticmethod

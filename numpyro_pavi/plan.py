@@ -435,6 +435,8 @@ def build_plan(
     )
     sources = encoding_sources(structure, options, laplace_sites)
     stored = stored_spec(structure, laplace_sites, options.refresh_every)
+    if stored is not None:
+        warm_start = warm_start - frozenset(stored.sites)  # stored bases solve no Newton problem per draw
     # plate sets with no data inside whose sites all have a Laplace base: the base informs
     # every element, so "set" gives them no encoding, and "auto" none where per-element
     # vectors would not be trained at every step (or would have nothing to add)

@@ -397,7 +397,7 @@ def sample_latents(
     :param element_keys: draw each element's noise from its own key (the site's key
         folded with the element's indices), so an element's draw does not depend on which
         other elements are sampled with it: chunked full-plate summaries then equal
-        unchunked ones (see :mod:`numpyro_pavi.summaries`).
+        unchunked ones, up to the Newton iterations' stop (see :mod:`numpyro_pavi.summaries`).
     :param with_reports: also return ``{site: NewtonReport}`` of the Laplace bases.
     :param laplace_state: the stored bases (:mod:`numpyro_pavi.base_state`) of a plan with
         ``plan.stored``; None: computed from scratch at this call's globals.
