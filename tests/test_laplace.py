@@ -661,6 +661,7 @@ def test_a_likelihood_with_nearly_constant_curvature_keeps_the_iterations():
     np.testing.assert_allclose(jnp.median(draws, 0), jnp.log(y), atol=0.05)
 
 
+@pytest.mark.slow  # 50 s: three compiled samplers and two set-ups
 def test_draws_of_a_concave_site_start_at_the_guides_center_and_end_at_the_same_base(monkeypatch):
     """A Poisson random intercept and slope are concave around their mode
     (``plan.warm_start``): their posterior draws start their Newton iterations at the mode
