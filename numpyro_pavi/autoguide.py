@@ -907,7 +907,8 @@ class AutoPAVI(AutoGuide):
         plates (the model's gradient and ``d`` curvature columns over all its data), their
         Newton iterations started, where the setup probe found the site concave around its
         mode (``plan.warm_start``), at the mode of the guide's center draw, computed once
-        per call (:func:`~numpyro_pavi.sampling.draw_starts`); for plates past memory, :func:`~numpyro_pavi.summaries.posterior_summary` streams over
+        per call (:func:`~numpyro_pavi.sampling.draw_starts`); for plates past memory,
+        :func:`~numpyro_pavi.summaries.posterior_summary` streams over
         chunks of a plate's elements instead. With set encodings, ``args`` may be
         new data with other or more groups: their posterior comes without retraining.
 
