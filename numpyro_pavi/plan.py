@@ -487,15 +487,17 @@ def build_plan(
             bilinear=width if site.plates else 0,
         )
         flows[name] = flow
-        loc = jnp.mean(jnp.reshape(site.to_canonical(init_locs[name]), (-1, site.dim)), 0)
-        if laplace:
-            loc = jnp.zeros_like(loc)
         skip = _encoding_skip(structure, site, width, laplace)
-        flow_inputs[f"{name}_{options.prefix}_flow"] = (k, loc, skip)
+        flow_inputs[f"{name}_{options.prefix}_flow"] = (k, None if laplace else init_locs[name], skip)
+
+    def init_flow(site, flow, k, loc, skip):
+        loc = jnp.zeros(site.dim) if loc is None else jnp.mean(jnp.reshape(site.to_canonical(loc), (-1, site.dim)), 0)
+        return flow.init(k, loc=loc, skip=skip)
+
     # one compiled program for all sites: eagerly, each initializer's ops would compile on
     # first use; one program per site compiles the shared parts once per site
     flow_params = run_once(
-        lambda inputs: [f.init(k, loc=loc, skip=skip) for f, (k, loc, skip) in zip(flows.values(), inputs)],
+        lambda inputs: [init_flow(s, f, *i) for s, f, i in zip(structure.latent.values(), flows.values(), inputs)],
         tuple(flow_inputs.values()),
     )
     init_values.update(zip(flow_inputs, flow_params))
@@ -558,69 +560,74 @@ def _probe(model, structure, trace, args, kwargs) -> dict[str, tuple[float, bool
     mixtures, whose curvature turns within a few sds, fail it."""
     kwargs = dict(kwargs or {})
     latent = structure.latent
-    names = list(latent)
     plates = {p: trace[p]["value"] for p in structure.plates if p in trace}
-    out = {}
-    for site in latent.values():
-        if not site.plates:
-            continue
-        before = {n: trace[n]["value"] for n in names[: names.index(site.name)]}
-        later = names[names.index(site.name) + 1 :]
-        group = [site] + [latent[n] for n in later if latent[n].plates == site.plates]
-        cuts = np.cumsum([g.dim for g in group])[:-1].tolist()
+    # one compiled program for every site: run eagerly, every op (of the model's reference
+    # traces and of the loops) compiles on first use, and each program has a fixed cost
+    flags = run_once(
+        lambda: {s.name: _probe_site(model, structure, trace, plates, s, args, kwargs) for s in latent.values() if s.plates}
+    )
+    return {name: (float(share), bool(flat), bool(ref), bool(concave)) for name, (share, flat, ref, concave) in flags.items()}
 
-        def logp(z, group, before=before, site=site, cuts=cuts):
-            vals, logdet = {}, 0.0
-            for g, part in zip(group, jnp.split(z, cuts, axis=-1) if len(group) > 1 else [z]):
-                vals[g.name], ld = g.constrain(part)
-                logdet = logdet + jnp.sum(ld)
-            lp = log_joint(model, {**plates, **before, **vals}, args, kwargs, per_element_of=site.name)
-            return lp + logdet
 
-        def quadratic(start, fixed, group):
-            f = functools.partial(logp, group=group)
-            z, chol, report = newton_iterate(f, start)
-            ok = report.converged()
-            shift = solve_lower(chol, jnp.full_like(z, 1.0 / math.sqrt(z.shape[-1])), transpose=True)
+def _probe_site(model, structure, trace, plates, site, args, kwargs) -> tuple[jax.Array, ...]:
+    """:func:`_probe`'s flags of one local site, traced: ``(converged share, quadratic, from
+    reference, concave)``."""
+    latent = structure.latent
+    names = list(latent)
+    before = {n: trace[n]["value"] for n in names[: names.index(site.name)]}
+    later = names[names.index(site.name) + 1 :]
+    group = [site] + [latent[n] for n in later if latent[n].plates == site.plates]
+    cuts = np.cumsum([g.dim for g in group])[:-1].tolist()
 
-            def concave_around(_):
-                def at(flag, r):
-                    _, h = grad_and_blocks(f, z + r * shift)
-                    return flag & (precision_chol(h, with_concave=True)[1] | ~ok), None
+    def logp(z, group, before=before, site=site, cuts=cuts):
+        vals, logdet = {}, 0.0
+        for g, part in zip(group, jnp.split(z, cuts, axis=-1) if len(group) > 1 else [z]):
+            vals[g.name], ld = g.constrain(part)
+            logdet = logdet + jnp.sum(ld)
+        lp = log_joint(model, {**plates, **before, **vals}, args, kwargs, per_element_of=site.name)
+        return lp + logdet
 
-                radii = jnp.asarray([r * sign for r in PROBE_RADII_SDS for sign in (1.0, -1.0)], z.dtype)
-                flags, _ = jax.lax.scan(at, report.concave | ~ok, radii)
-                return jnp.all(flags) & jnp.any(ok)
+    def quadratic(start, fixed, group):
+        f = functools.partial(logp, group=group)
+        z, chol, report = newton_iterate(f, start)
+        ok = report.converged()
+        shift = solve_lower(chol, jnp.full_like(z, 1.0 / math.sqrt(z.shape[-1])), transpose=True)
 
-            h0, h1 = (grad_and_blocks(f, v)[1] for v in (z, z + shift))
-            same = jnp.all(jnp.abs(h1 - h0) <= 1e-3 * (jnp.abs(h0) + 1e-6), (-2, -1))
-            # and the one Newton step such a site will take lands on the mode from both starts
-            # it will take it from (training's prior location, draws' fixed start): a smooth
-            # likelihood with a lot of data (Poisson counts of 1e7) has a nearly constant
-            # curvature near its mode, not out at the prior mean
-            lands = []
-            for s0 in (start, fixed):
-                one_step = one_step_base(f, s0, None)[0]
-                miss = jnp.linalg.norm(jnp.einsum("...ji,...j->...i", chol, one_step - z), axis=-1)  # |L^T s|: sds
-                lands.append(jnp.all(same & (miss <= ONE_STEP_TOL_SDS) | ~ok) & jnp.any(ok))
-            # a quadratic site takes one step from a fixed start: no iterations to shorten
-            concave = jax.lax.cond(lands[0], lambda _: jnp.array(False), concave_around, None)
-            return ok, lands[0], lands[0] & lands[1], concave
+        def concave_around(_):
+            def at(flag, r):
+                _, h = grad_and_blocks(f, z + r * shift)
+                return flag & (precision_chol(h, with_concave=True)[1] | ~ok), None
 
-        def run(z_site, z_group, f_site, f_group, group=group):
-            ok, *flags = quadratic(z_site, f_site, [group[0]])
-            if len(group) == 1:
-                return ok, *flags
-            return (ok, *quadratic(z_group, f_group, group)[1:])
+            radii = jnp.asarray([r * sign for r in PROBE_RADII_SDS for sign in (1.0, -1.0)], z.dtype)
+            flags, _ = jax.lax.scan(at, report.concave | ~ok, radii)
+            return jnp.all(flags) & jnp.any(ok)
 
-        ref = reference_trace(model, {**plates, **before}, args, kwargs)
-        start = canonical_values(ref, group)
-        fixed = draw_start(model, group, plates, args, kwargs)
-        # compiled as one program: run eagerly, every op of the loop compiles on first use
-        converged, flat, flat_ref, concave = run_once(run, start[..., : site.dim], start, fixed[..., : site.dim], fixed)
-        share = float(_data.scored_mean(site, converged, trace.get(site.name)))
-        out[site.name] = (share, bool(flat), bool(flat_ref), bool(concave))
-    return out
+        h0, h1 = (grad_and_blocks(f, v)[1] for v in (z, z + shift))
+        same = jnp.all(jnp.abs(h1 - h0) <= 1e-3 * (jnp.abs(h0) + 1e-6), (-2, -1))
+        # and the one Newton step such a site will take lands on the mode from both starts
+        # it will take it from (training's prior location, draws' fixed start): a smooth
+        # likelihood with a lot of data (Poisson counts of 1e7) has a nearly constant
+        # curvature near its mode, not out at the prior mean
+        lands = []
+        for s0 in (start, fixed):
+            one_step = one_step_base(f, s0, None)[0]
+            miss = jnp.linalg.norm(jnp.einsum("...ji,...j->...i", chol, one_step - z), axis=-1)  # |L^T s|: sds
+            lands.append(jnp.all(same & (miss <= ONE_STEP_TOL_SDS) | ~ok) & jnp.any(ok))
+        # a quadratic site takes one step from a fixed start: no iterations to shorten
+        concave = jax.lax.cond(lands[0], lambda _: jnp.array(False), concave_around, None)
+        return ok, lands[0], lands[0] & lands[1], concave
+
+    def run(z_site, z_group, f_site, f_group, group=group):
+        ok, *flags = quadratic(z_site, f_site, [group[0]])
+        if len(group) == 1:
+            return ok, *flags
+        return (ok, *quadratic(z_group, f_group, group)[1:])
+
+    ref = reference_trace(model, {**plates, **before}, args, kwargs)
+    start = canonical_values(ref, group)
+    fixed = draw_start(model, group, plates, args, kwargs)
+    converged, flat, flat_ref, concave = run(start[..., : site.dim], start, fixed[..., : site.dim], fixed)
+    return _data.scored_mean(site, converged, trace.get(site.name)), flat, flat_ref, concave
 
 
 def _laplace_sites(model, structure, options, trace, args, kwargs) -> tuple[frozenset, ...]:
