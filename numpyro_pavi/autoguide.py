@@ -29,7 +29,7 @@ from numpyro.infer.autoguide import AutoGuide
 from numpyro.infer.initialization import init_to_median
 
 from . import data as _data
-from .compiling import run_once
+from .compiling import array_leaves, run_once
 from .data import Ragged
 from .encoders import SetEncoder
 from .laplace import LaplaceWarning
@@ -68,8 +68,13 @@ def _compiled_initial_values(model: Callable, rng_key, init: Callable, args: tup
     ``svi.init`` compiled on epil.
     """
 
+    # NumPy data as JAX arrays (still concrete): indexed with a traced subsample, a NumPy
+    # array raises where the training step's (traced) data would not
+    arrays, rebuild = array_leaves((args, kwargs))
+    args_, kwargs_ = rebuild(arrays)
+
     def values(key):
-        trace = handlers.trace(seeded_model(model, key, init=init)).get_trace(*args, **kwargs)
+        trace = handlers.trace(seeded_model(model, key, init=init)).get_trace(*args_, **kwargs_)
         out = {}
         for name, site in trace.items():
             if site["type"] != "sample" or site["is_observed"] or isinstance(site["fn"], dist.Unit):

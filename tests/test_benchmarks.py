@@ -147,8 +147,9 @@ def test_constant_rate_quick(tmp_path):
 
 
 def test_model_calls_quick(tmp_path):
-    """The guide's passes through the model: ``svi.init`` runs it twice (the guide's one setup
-    trace and the ELBO's), a training step traces it twice (the guide reads the batch's data)
+    """The guide's passes through the model: ``svi.init`` runs it three times, as for
+    AutoNormal (the guide's compiled trace of the init strategy, its setup trace and the
+    ELBO's), a training step traces it twice (the guide reads the batch's data)
     plus three traces per local site on a Laplace base, and a compiled step never retraces."""
     mod = _load("model_calls")
     out = tmp_path / "m.json"
@@ -158,7 +159,7 @@ def test_model_calls_quick(tmp_path):
     for name, row in rows.items():
         assert row["retraces_in_20_steps"] == 0, name
     for name in ("AutoPAVI(laplace=False)", "AutoPAVI(encoding='free', laplace=False)"):
-        assert rows[name]["svi_init_model_calls"] == 2 and rows[name]["step_traces"] == 2, rows[name]
+        assert rows[name]["svi_init_model_calls"] == 3 and rows[name]["step_traces"] == 2, rows[name]
     # one local site (b), Gaussian in its likelihood: two more traces per step (the prior
     # location, the one Newton step that is its exact base) and, at setup, ten for the
     # convergence probe (the prior location, the loop's body three times, the curvature at
@@ -167,7 +168,7 @@ def test_model_calls_quick(tmp_path):
     # around the mode, traced though not run for a Gaussian site: plan.warm_start) and two for
     # the guide's first draw; a posterior draw traces the reference point too (its start)
     laplace = rows["AutoPAVI()"]
-    assert laplace["svi_init_model_calls"] == 14 and laplace["step_traces"] == 4, laplace
+    assert laplace["svi_init_model_calls"] == 15 and laplace["step_traces"] == 4, laplace
     assert laplace["sample_posterior_model_calls"] == 4, laplace
     assert rows["AutoPAVI(laplace=False)"]["sample_posterior_model_calls"] == 1
 

@@ -156,23 +156,24 @@ def _glmm(x, y, host_read=False):
     tau = numpyro.sample("tau", dist.HalfNormal(1.0))
     if host_read and float(tau) > 100.0:  # a latent read on the host: cannot be traced
         tau = tau + 1.0
-    with numpyro.plate("g", x.shape[0]):
+    with numpyro.plate("g", x.shape[0], subsample_size=4) as idx:
         u = numpyro.sample("u", dist.Normal(0.0, tau))
-        numpyro.sample("y", dist.Poisson(jnp.exp(b0 + u + x)), obs=y)
+        numpyro.sample("y", dist.Poisson(jnp.exp(b0 + u + x[idx])), obs=y[idx])
 
 
 @pytest.mark.parametrize("host_read", [False, True])
 def test_setup_takes_the_init_strategys_values_from_one_compiled_trace(host_read):
     """The guide's set-up computes the init strategy's values (and their unconstrained images
     and log densities) in one compiled trace of the model, the eager trace's values up to
-    float32 round-off; a model that reads a latent on the host gets the eager trace as before."""
+    float32 round-off (NumPy data indexed by a subsample included); a model that reads a
+    latent on the host gets the eager trace as before."""
     from numpyro.infer.initialization import init_to_median
 
     from numpyro_pavi import AutoPAVI, autoguide
     from numpyro_pavi.structure import seeded_model
 
-    x = jnp.linspace(-1.0, 1.0, 5)
-    y = jnp.array([0.0, 1.0, 3.0, 2.0, 5.0])
+    x = np.linspace(-1.0, 1.0, 5, dtype=np.float32)
+    y = np.array([0.0, 1.0, 3.0, 2.0, 5.0], np.float32)
     key = jax.random.PRNGKey(3)
     got = autoguide._compiled_initial_values(_glmm, key, init_to_median, (x, y, host_read), {})
     if host_read:
