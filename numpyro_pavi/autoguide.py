@@ -165,7 +165,7 @@ def _warn_unconverged(site: str, converged: jax.Array, warned: set, below: float
 
     def once(fraction):
         # under vmap (particles, lax.map) the cond below runs both branches: check here too
-        if fraction < below and site not in warned:
+        if float(fraction) < below and site not in warned:
             warned.add(site)
             warn(fraction)
 

@@ -429,7 +429,6 @@ def build_plan(
     """
     kwargs = dict(kwargs or {})
     features, stats, masked = _data_statistics(structure, options, model, trace, args, kwargs)
-    keys = jax.random.split(rng_key, len(structure.latent) + len(structure.plates) + 1)
     laplace_sites, gaussian, reference_start, warm_start = _laplace_sites(
         model, structure, options, trace, args, kwargs
     )
@@ -469,8 +468,8 @@ def build_plan(
         for name, site in structure.latent.items()
         if site.plates in data_less and name not in gaussian and (stored is None or name not in stored.sites)
     )
-    flows, init_values, flow_inputs = {}, {}, {}
-    for k, (name, site) in zip(keys, structure.latent.items()):
+    flows, flow_inputs = {}, {}
+    for name, site in structure.latent.items():
         laplace = name in laplace_sites
         # sized after no_encoding is known: an encoding that is always zero would only give
         # the flow weights that never get a gradient
@@ -488,21 +487,25 @@ def build_plan(
         )
         flows[name] = flow
         skip = _encoding_skip(structure, site, width, laplace)
-        flow_inputs[f"{name}_{options.prefix}_flow"] = (k, None if laplace else init_locs[name], skip)
+        flow_inputs[f"{name}_{options.prefix}_flow"] = (None if laplace else init_locs[name], skip)
 
-    def init_flow(site, flow, k, loc, skip):
-        loc = jnp.zeros(site.dim) if loc is None else jnp.mean(jnp.reshape(site.to_canonical(loc), (-1, site.dim)), 0)
-        return flow.init(k, loc=loc, skip=skip)
+    def initial_values(rng_key, inputs):
+        keys = jax.random.split(rng_key, len(structure.latent) + len(structure.plates) + 1)
+        values = {}
+        # inputs in the model's order (a dict's keys would come back sorted)
+        for k, site, flow, name, (loc, skip) in zip(keys, structure.latent.values(), flows.values(), flow_inputs, inputs):
+            loc = jnp.zeros(site.dim) if loc is None else jnp.mean(jnp.reshape(site.to_canonical(loc), (-1, site.dim)), 0)
+            values[name] = flow.init(k, loc=loc, skip=skip)
+        for k, (plate_set, src) in zip(keys[len(structure.latent) :], sources.items()):
+            _init_encoding(no_encoding, k, plate_set, src, features, structure, options, values, residual)
+        order[:] = list(values)
+        return values
 
-    # one compiled program for all sites: eagerly, each initializer's ops would compile on
-    # first use; one program per site compiles the shared parts once per site
-    flow_params = run_once(
-        lambda inputs: [init_flow(s, f, *i) for s, f, i in zip(structure.latent.values(), flows.values(), inputs)],
-        tuple(flow_inputs.values()),
-    )
-    init_values.update(zip(flow_inputs, flow_params))
-    for k, (plate_set, src) in zip(keys[len(structure.latent) :], sources.items()):
-        _init_encoding(no_encoding, k, plate_set, src, features, structure, options, init_values, residual)
+    # one compiled program for all initial values: eagerly, each initializer's ops would
+    # compile on first use; one program per site compiles the shared parts once per site
+    order: list = []  # the params' order of creation (a program's dict output comes back sorted)
+    values = run_once(initial_values, rng_key, list(flow_inputs.values()))
+    init_values = {name: values[name] for name in order}
     return GuidePlan(
         model=model,
         structure=structure,
