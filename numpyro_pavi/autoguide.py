@@ -1,7 +1,7 @@
 """``AutoPAVI``: a plate-amortized autoguide for NumPyro models.
 
-The guide traces the model once (:mod:`numpyro_pavi.structure`), plans its variational
-family from that trace (:mod:`numpyro_pavi.plan`: one conditional normalizing flow per
+The guide reads the model from one trace of it (:mod:`numpyro_pavi.structure`), plans its
+variational family from that trace (:mod:`numpyro_pavi.plan`: one conditional normalizing flow per
 latent site, shared by all elements of the site's plates, and each plate set's encodings),
 and samples with the pure :func:`numpyro_pavi.sampling.sample_latents`. An element's flow is
 conditioned on a small per-element *encoding* for each plate it sits in and on the sampled
@@ -63,18 +63,20 @@ def _compiled_initial_values(model: Callable, rng_key, init: Callable, args: tup
     the host) or tracing fails for any other reason: the eager trace then runs as before
     and raises whatever the model raises.
 
+    The model's NumPy data are passed as JAX arrays first (a NumPy array indexed with a
+    traced subsample raises where the training step's traced data would not), then, where
+    that fails, as they are (a model that reads its data on the host: ``int(mask.sum())``).
+    A model that caches arrays it computes between calls (a module-level dict) would cache
+    this trace's tracers; such a model cannot train under ``jit`` either.
+
     On small models the eager alternative compiles every operation of the init strategy
     and of the bijections on first use, one program each: 66 of the 174 programs that
     ``svi.init`` compiled on epil.
     """
-
-    # NumPy data as JAX arrays (still concrete): indexed with a traced subsample, a NumPy
-    # array raises where the training step's (traced) data would not
     arrays, rebuild = array_leaves((args, kwargs))
-    args_, kwargs_ = rebuild(arrays)
 
-    def values(key):
-        trace = handlers.trace(seeded_model(model, key, init=init)).get_trace(*args_, **kwargs_)
+    def values(key, args, kwargs):
+        trace = handlers.trace(seeded_model(model, key, init=init)).get_trace(*args, **kwargs)
         out = {}
         for name, site in trace.items():
             if site["type"] != "sample" or site["is_observed"] or isinstance(site["fn"], dist.Unit):
@@ -85,11 +87,13 @@ def _compiled_initial_values(model: Callable, rng_key, init: Callable, args: tup
                 continue  # no bijection (a discrete site): model_structure names it
         return out
 
-    try:
-        with handlers.block():
-            return run_once(values, rng_key)
-    except Exception:  # noqa: BLE001 - the eager trace reproduces genuine errors with the model's own message
-        return None
+    for inputs in (rebuild(arrays), (args, kwargs)):
+        try:
+            with handlers.block():
+                return run_once(lambda key, inputs=inputs: values(key, *inputs), rng_key)
+        except Exception:  # noqa: BLE001, S112 - the eager trace reproduces genuine errors with the model's own message
+            continue
+    return None
 
 
 def _initial_locations(structure: ModelStructure, trace: dict, compiled: dict | None = None) -> dict:
@@ -422,9 +426,10 @@ class AutoPAVI(AutoGuide):
             raise
 
     def _setup(self, *args, **kwargs):
-        # One trace of the model gives everything: the structure, the checks, the data
-        # statistics, the initial values (the init strategy substituted into it) and the
-        # plate indices of the guide's first call (see ``__call__``).
+        # One eager trace of the model gives everything: the structure, the checks, the data
+        # statistics, the initial values (the init strategy's, computed in one compiled
+        # trace and substituted into it) and the plate indices of the guide's first call
+        # (see ``__call__``).
         rng_key = numpyro.prng_key()
         compiled = _compiled_initial_values(self.model, rng_key, self.init_loc_fn, args, kwargs)
         known = {name: v[0] for name, v in (compiled or {}).items()}
@@ -599,19 +604,27 @@ class AutoPAVI(AutoGuide):
             # instead of hundreds of op-by-op dispatches, each compiled on first use (13 of
             # the 19 s that svi.init took on epil)
             values, densities, shares, new_state = run_once(sample, params, key, state)
+            # what NumPyro's validation of the Delta sites below would have caught, by name
+            bad = [name for name in self.structure.latent if not _all_finite(densities[name])]
+            if bad:
+                raise ValueError(
+                    f"AutoPAVI's log density of site '{bad[0]}' is not finite at this draw: check the "
+                    "params passed (a diverged fit) and the site's prior and data for NaN or inf."
+                )
         else:
             values, densities, shares, new_state = sample(params, key, state)
         if stored is not None:
             stored["state"] = new_state[0]
-        for name, share in shares.items():
-            _warn_unconverged(name, share, self.__dict__.setdefault("_warned", set()))
+        for name in self.structure.latent:  # in the model's order (a program's dict comes back sorted)
+            if name in shares:
+                _warn_unconverged(name, shares[name], self.__dict__.setdefault("_warned", set()))
         result = {}
         for name, site in self.structure.latent.items():
             with ExitStack() as stack:
                 for p in site.plates:
                     stack.enter_context(plates[p])
-                # our own values and densities: validating them (eagerly, under svi.init) would
-                # compile every check op on first use and check nothing a user passed
+                # our own values and densities (checked above when concrete): validating them
+                # eagerly, under svi.init, would compile every check op on first use
                 fn = dist.Delta(
                     values[name], log_density=densities[name], event_dim=len(site.event_shape), validate_args=False
                 )

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import data as _data
-from .compiling import run_once
+from .compiling import SMALL_DATA, run_once
 from .base_state import StoredSpec, stored_spec
 from .data import Ragged
 from .encoders import SetEncoder, init_readout
@@ -564,12 +564,17 @@ def _probe(model, structure, trace, args, kwargs) -> dict[str, tuple[float, bool
     kwargs = dict(kwargs or {})
     latent = structure.latent
     plates = {p: trace[p]["value"] for p in structure.plates if p in trace}
+    local = [s for s in latent.values() if s.plates]
     # one compiled program for every site: run eagerly, every op (of the model's reference
-    # traces and of the loops) compiles on first use, and each program has a fixed cost
-    flags = run_once(
-        lambda: {s.name: _probe_site(model, structure, trace, plates, s, args, kwargs) for s in latent.values() if s.plates}
-    )
-    return {name: (float(share), bool(flat), bool(ref), bool(concave)) for name, (share, flat, ref, concave) in flags.items()}
+    # traces and of the loops) compiles on first use, and each program has a fixed cost;
+    # on large data one per site, so that no two sites' working memory is live at once
+    size = sum(int(np.size(x)) for x in jax.tree.leaves((args, kwargs)) if hasattr(x, "shape"))
+    batches = [local] if size <= SMALL_DATA else [[s] for s in local]
+    flags = {}
+    for batch in batches:
+        flags.update(run_once(lambda b=batch: {s.name: _probe_site(model, structure, trace, plates, s, args, kwargs) for s in b}))
+    # in the model's order (a program's dict comes back sorted): the warnings follow it
+    return {s.name: tuple(f(v) for f, v in zip((float, bool, bool, bool), flags[s.name])) for s in local}
 
 
 def _probe_site(model, structure, trace, plates, site, args, kwargs) -> tuple[jax.Array, ...]:

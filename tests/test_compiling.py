@@ -161,6 +161,24 @@ def _glmm(x, y, host_read=False):
         numpyro.sample("y", dist.Poisson(jnp.exp(b0 + u + x[idx])), obs=y[idx])
 
 
+def _host_data(x, y, mask):
+    # reads its data on the host (a plate size from a NumPy mask): traced as it is
+    n = int(mask.sum())
+    b0 = numpyro.sample("b0", dist.Normal(0.0, 2.0))
+    with numpyro.plate("g", n):
+        numpyro.sample("y", dist.Poisson(jnp.exp(b0 + x[mask])), obs=y[mask])
+
+
+def test_compiled_init_values_of_a_model_that_reads_its_data_on_the_host():
+    from numpyro.infer.initialization import init_to_median
+
+    from numpyro_pavi import autoguide
+
+    x, y = np.linspace(-1.0, 1.0, 5, dtype=np.float32), np.array([0.0, 1.0, 3.0, 2.0, 5.0], np.float32)
+    got = autoguide._compiled_initial_values(_host_data, jax.random.PRNGKey(0), init_to_median, (x, y, x > -0.6), {})
+    assert got is not None and sorted(got) == ["b0"]
+
+
 @pytest.mark.parametrize("host_read", [False, True])
 def test_setup_takes_the_init_strategys_values_from_one_compiled_trace(host_read):
     """The guide's set-up computes the init strategy's values (and their unconstrained images
@@ -189,3 +207,8 @@ def test_setup_takes_the_init_strategys_values_from_one_compiled_trace(host_read
     with numpyro.handlers.seed(rng_seed=3):
         draws = guide(x, y)
     assert set(draws) == {"b0", "tau", "u"} and np.all(np.isfinite(draws["u"]))
+    # an eager call checks its densities (the Delta sites are not validated), naming the site
+    nan = {"u_auto_flow": jax.tree.map(lambda v: jnp.full_like(v, jnp.nan), guide.plan.init_values["u_auto_flow"])}
+    with pytest.raises(ValueError, match="log density of site 'u' is not finite"):
+        with numpyro.handlers.seed(rng_seed=4), numpyro.handlers.substitute(data=nan):
+            guide(x, y)
