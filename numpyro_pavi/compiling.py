@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
 
-__all__ = ["HOST_VALUE_ERRORS", "SMALL_DATA", "array_leaves", "as_inputs", "hoisted", "run_once"]
+__all__ = ["HOST_VALUE_ERRORS", "SMALL_DATA", "array_leaves", "as_inputs", "data_size", "hoisted", "run_once"]
 
 #: Number of array elements above which a one-shot program's run may cost more than what
 #: a cheap compilation saves (such programs compile as usual), and above which the model's
@@ -97,6 +97,12 @@ def _numeric(x: Any) -> bool:
     return isinstance(x, np.ndarray) and x.dtype.kind in "biufc"
 
 
+def data_size(tree: Any) -> int:
+    """Number of elements in the numeric array leaves of ``tree`` (the model's arguments),
+    to compare with :data:`SMALL_DATA`."""
+    return sum(int(np.size(x)) for x in jax.tree.leaves(tree) if _numeric(x))
+
+
 def array_leaves(tree: Any) -> tuple[list, Callable[[list], Any]]:
     """The numeric array leaves of ``tree`` (the model's arguments), NumPy ones put on the
     device once, and ``arrays -> tree`` rebuilding it with new ones, every other leaf
@@ -134,7 +140,7 @@ def as_inputs(
     15% faster) and they compile quickly. A model that reads its data's values on the host
     cannot take them as tracers at all.
     """
-    if sum(int(np.size(x)) for x in jax.tree.leaves(tree) if _numeric(x)) <= SMALL_DATA:
+    if data_size(tree) <= SMALL_DATA:
         return [], lambda _: tree
     arrays, rebuild = array_leaves(tree)
     try:

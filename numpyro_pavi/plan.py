@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import data as _data
-from .compiling import SMALL_DATA, run_once
+from .compiling import SMALL_DATA, data_size, run_once
 from .base_state import StoredSpec, stored_spec
 from .data import Ragged
 from .encoders import SetEncoder, init_readout
@@ -568,8 +568,7 @@ def _probe(model, structure, trace, args, kwargs) -> dict[str, tuple[float, bool
     # one compiled program for every site: run eagerly, every op (of the model's reference
     # traces and of the loops) compiles on first use, and each program has a fixed cost;
     # on large data one per site, so that no two sites' working memory is live at once
-    size = sum(int(np.size(x)) for x in jax.tree.leaves((args, kwargs)) if hasattr(x, "shape"))
-    batches = [local] if size <= SMALL_DATA else [[s] for s in local]
+    batches = [local] if data_size((args, kwargs)) <= SMALL_DATA else [[s] for s in local]
     flags = {}
     for batch in batches:
         flags.update(run_once(lambda b=batch: {s.name: _probe_site(model, structure, trace, plates, s, args, kwargs) for s in b}))
