@@ -96,9 +96,6 @@ finite_cotangent.defvjp(_finite_cotangent_fwd, _finite_cotangent_bwd)
 #: started in the tails (StudentT(3), Cauchy) needed 10-20 in the likelihood matrix
 #: (``benchmarks/likelihoods.py``).
 NEWTON_STEPS = 24
-#: Iterations run as straight-line code before the ``while_loop`` (the start's evaluation
-#: counts as one): see :func:`newton_iterate`.
-STRAIGHT_ITERATIONS = 2
 
 #: Smallest precision an element gets (unconstrained units): a flat or non-concave log joint
 #: then gives an sd of at most 10 instead of an infinite or negative variance.
@@ -471,8 +468,8 @@ def newton_iterate(
     then the radius doubles if the step reached it. Otherwise the element stays and the
     radius shrinks to a quarter of the step. The first step is the full Newton step (radius
     ``MAX_RADIUS_SDS``): exact for a Gaussian likelihood from any start; rejected, the
-    region restarts at ``INITIAL_RADIUS_SDS``. The start's evaluation and the first step
-    run before the loop (see the code). Heavy tails (StudentT, Cauchy) are not
+    region restarts at ``INITIAL_RADIUS_SDS``. The start's evaluation is the loop's first
+    iteration, so the model's derivatives are traced and compiled once. Heavy tails (StudentT, Cauchy) are not
     log-concave: from a start in the tails, length-damped Newton steps were thrown tens of
     units past the mode and bounced between the tails (a StudentT(30) group started 5
     scales from its data ended 30 units off after eight iterations).
@@ -534,12 +531,11 @@ def newton_iterate(
     radius = jnp.full(z_init.shape[:-1], MAX_RADIUS_SDS, z_init.dtype)
     flags = jnp.zeros(z_init.shape[:-1], bool)
     state = (jnp.array(0), z_init, jnp.zeros_like(z_init), flags, eye, radius, eye)
-    # the evaluation of the start and the first step run as straight-line code, the loop only
-    # for what is left (nothing for a Gaussian likelihood): XLA runs a loop's body as a
-    # program of its own, and on a CPU those two iterations cost 4x more inside the loop
-    # than outside it (65,536 groups: 30 ms against 7.6 ms)
-    for _ in range(STRAIGHT_ITERATIONS):
-        state = body(state)
+    # all iterations, the start's evaluation included, in one loop body: the model's second
+    # derivatives are compiled once. Two of them as straight-line code before the loop cost
+    # each small model 0.4-0.9 s more to compile and 0.6-0.7 s more in `svi.init`, its steps
+    # were no faster (epil 0.41 against 0.46 ms), nor were a 65,536-group Poisson intercept's
+    # (RESULTS section 21)
     _, z, g, concave, chol, _, _ = jax.lax.stop_gradient(jax.lax.while_loop(cond, body, state))
     out = (z, chol, report(g, concave, chol))
     return out + (g,) if with_gradient else out

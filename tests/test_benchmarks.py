@@ -161,14 +161,14 @@ def test_model_calls_quick(tmp_path):
     for name in ("AutoPAVI(laplace=False)", "AutoPAVI(encoding='free', laplace=False)"):
         assert rows[name]["svi_init_model_calls"] == 3 and rows[name]["step_traces"] == 2, rows[name]
     # one local site (b), Gaussian in its likelihood: two more traces per step (the prior
-    # location, the one Newton step that is its exact base) and, at setup, ten for the
-    # convergence probe (the prior location, the loop's body three times, the curvature at
+    # location, the one Newton step that is its exact base) and, at setup, eight for the
+    # convergence probe (the prior location, the loop's body, the curvature at
     # the mode and one sd away, the model's reference point and one Newton step from it and
     # from the prior location: whether the likelihood is Gaussian in the site; the curvature
     # around the mode, traced though not run for a Gaussian site: plan.warm_start) and two for
     # the guide's first draw; a posterior draw traces the reference point too (its start)
     laplace = rows["AutoPAVI()"]
-    assert laplace["svi_init_model_calls"] == 15 and laplace["step_traces"] == 4, laplace
+    assert laplace["svi_init_model_calls"] == 13 and laplace["step_traces"] == 4, laplace
     assert laplace["sample_posterior_model_calls"] == 4, laplace
     assert rows["AutoPAVI(laplace=False)"]["sample_posterior_model_calls"] == 1
 
