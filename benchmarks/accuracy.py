@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.models, args.rates, args.steps, args.burn_in = "poisson_glmm", "5e-3", 300, 200
         args.draws, args.nuts_warmup, args.nuts_samples = 200, 100, 100
-    t_start = time.time()
+    t_start = time.perf_counter()
     info = _common.machine_info()
     results = {}
     for name in _common.parse_list(args.models, str):

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         for cfg in settings.values():
             cfg.update(G=40, M=5, B=8)
         args.steps, args.eval_every, args.eval_particles, args.draws = 200, 100, 4, 50
-    t_start = time.time()
+    t_start = time.perf_counter()
     info = _common.machine_info()
     results = {
         k: run_setting(k, cfg, args.steps, args.eval_every, args.eval_particles, args.seed, args.draws, _common.parse_list(args.methods, str))

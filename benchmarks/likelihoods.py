@@ -14,6 +14,7 @@ the globals, median on the locals), plus the guide's Laplace warnings.
     python benchmarks/likelihoods.py                 # 16 families, random intercept
     python benchmarks/likelihoods.py --slope         # the same with a random slope
     python benchmarks/likelihoods.py --families studentt30,cauchy --steps 500
+    python benchmarks/likelihoods.py --families normalmixture --keys 0,1,2,3   # pass share over keys
 """
 
 from __future__ import annotations
@@ -137,39 +138,55 @@ def score(ref: dict, draws: dict) -> dict:
     return out
 
 
+def passes(pavi: dict, normal: dict) -> bool:
+    """The issue's bar: median z <= 0.1, max z on the globals <= 0.3, loss at most 0.5% above
+    AutoNormal's."""
+    excess = (pavi["loss_last100"] - normal["loss_last100"]) / abs(normal["loss_last100"])
+    return bool(pavi["median"] <= 0.1 and pavi["max_global"] <= 0.3 and excess <= 0.005)
+
+
 def one_family(family, slope, args) -> dict:
+    """One cell: NUTS once, then both guides from each key of ``args.keys``. The row's guide
+    entries are the first key's; ``row["keys"]`` holds every key's, and ``row["pass_share"]``
+    the share of keys that pass (a cell whose fit switches modes under round-off, like the
+    normal mixtures, passes or fails with the key: RESULTS section 21)."""
     x, y = simulate(family, slope, args.groups, args.per_group, args.seed)
     t0 = time.perf_counter()
     ref = nuts(family, slope, x, y, args.warmup, args.samples)
-    row = {"family": family, "slope": slope, "nuts_s": time.perf_counter() - t0}
-    for label, make in (("AutoPAVI", AutoPAVI), ("AutoNormal", AutoNormal)):
-        guide = make(model)
-        params, losses, secs, noted, bases = fit(guide, family, slope, x, y, args.lr, args.steps)
-        draws = guide.sample_posterior(
-            jax.random.PRNGKey(1), params, x, y, family=family, slope=slope, sample_shape=(args.draws,)
-        )
-        s = score(ref, draws)
-        row[label] = {
-            "loss_last100": float(np.mean(losses[-100:])),
-            "finite": bool(np.all(np.isfinite(losses))),
-            "train_s": secs,
-            "ms_per_step": 1e3 * secs / args.steps,
-            "warnings": noted,
-            "bases": bases,
-            **s,
-        }
+    row = {"family": family, "slope": slope, "nuts_s": time.perf_counter() - t0, "keys": []}
+    for key in getattr(args, "keys", (0,)):
+        fits = {}
+        for label, make in (("AutoPAVI", AutoPAVI), ("AutoNormal", AutoNormal)):
+            guide = make(model)
+            params, losses, secs, noted, bases = fit(guide, family, slope, x, y, args.lr, args.steps, key=key)
+            draws = guide.sample_posterior(
+                jax.random.PRNGKey(1), params, x, y, family=family, slope=slope, sample_shape=(args.draws,)
+            )
+            fits[label] = {
+                "loss_last100": float(np.mean(losses[-100:])),
+                "finite": bool(np.all(np.isfinite(losses))),
+                "train_s": secs,
+                "ms_per_step": 1e3 * secs / args.steps,
+                "warnings": noted,
+                "bases": bases,
+                **score(ref, draws),
+            }
+        row["keys"].append({"key": key, **fits, "pass": passes(fits["AutoPAVI"], fits["AutoNormal"])})
+    first = row["keys"][0]
+    row["AutoPAVI"], row["AutoNormal"] = first["AutoPAVI"], first["AutoNormal"]
     pavi, normal = row["AutoPAVI"], row["AutoNormal"]
     row["loss_excess_rel"] = (pavi["loss_last100"] - normal["loss_last100"]) / abs(normal["loss_last100"])
     row["step_cost_ratio"] = pavi["ms_per_step"] / normal["ms_per_step"]
-    row["pass"] = bool(pavi["median"] <= 0.1 and pavi["max_global"] <= 0.3 and row["loss_excess_rel"] <= 0.005)
+    row["pass"] = first["pass"]
+    row["pass_share"] = float(np.mean([k["pass"] for k in row["keys"]]))
     return row
 
 
 def table(rows) -> str:
     head = (
         "| likelihood | slope | PAVI loss | AutoNormal loss | excess | PAVI median z | PAVI max global z"
-        " | AutoNormal median z | AutoNormal max global z | ms/step PAVI / AN | pass | multimodal % | warnings |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        " | AutoNormal median z | AutoNormal max global z | ms/step PAVI / AN | pass | keys passing | multimodal % | warnings |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     num = lambda v: float("nan") if v is None else v  # non-finite values are stored as null
@@ -182,9 +199,15 @@ def table(rows) -> str:
             f"| {r['family']} | {'yes' if r['slope'] else 'no'} | {p['loss_last100']:.2f} | {n['loss_last100']:.2f}"
             f" | {100 * r['loss_excess_rel']:+.2f}% | {p['median']:.3f} | {p['max_global']:.3f}"
             f" | {n['median']:.3f} | {n['max_global']:.3f} | {p['ms_per_step']:.3f} / {n['ms_per_step']:.3f}"
-            f" | {'yes' if r['pass'] else '**no**'} | {multi} | {'; '.join(p['warnings']) or '-'} |"
+            f" | {'yes' if r['pass'] else '**no**'} | {keys_passing(r)} | {multi} | {'; '.join(p['warnings']) or '-'} |"
         )
     return "\n".join(lines)
+
+
+def keys_passing(row: dict) -> str:
+    """``"k/K"`` over the row's guide keys (``"-"`` for rows of runs before ``--keys``)."""
+    keys = row.get("keys")
+    return f"{sum(k['pass'] for k in keys)}/{len(keys)}" if keys else "-"
 
 
 def merge(folder: str) -> list:
@@ -226,6 +249,9 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1000)
     p.add_argument("--samples", type=int, default=2000)
     p.add_argument("--draws", type=int, default=4000)
+    p.add_argument(
+        "--keys", default="0", help="comma list of guide keys (both guides fit from each; the first key's fit is the row's)"
+    )
     p.add_argument("--out", default=None)
     p.add_argument("--merge", default=None, help="merge the cell_*.json of this folder (see likelihoods_parallel.sh)")
     p.add_argument("--quick", action="store_true", help="smoke mode: two families, short NUTS and fits")
@@ -234,6 +260,7 @@ def main(argv=None):
         args.families, args.steps, args.warmup, args.samples, args.draws = "normal,studentt30", 200, 200, 200, 500
     if args.merge:
         return merge(args.merge)
+    args.keys = _common.parse_list(args.keys, int)
     t_start, info = time.perf_counter(), _common.machine_info()
     rows = []
     for family in args.families.split(","):

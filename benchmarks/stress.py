@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.models, args.rates, args.keys, args.flow_layers = "crossed_bernoulli", "5e-3", "0", "1"
         args.steps, args.burn_in = 400, 300
-    t_start = time.time()
+    t_start = time.perf_counter()
     info = _common.machine_info()
     rates = _common.parse_list(args.rates)
     keys = _common.parse_list(args.keys, int)

@@ -26,7 +26,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _common
 import jax
-import numpy as np
 import optax
 from accuracy import compare
 from numpyro.infer import MCMC, NUTS, SVI, Trace_ELBO
@@ -94,7 +93,7 @@ def main(argv=None):
     if args.quick:
         args.models, args.every, args.max_steps, args.draws = "poisson_glmm", 50, 100, 100
         args.chains, args.nuts_warmup, args.nuts_samples = 1, 100, 100
-    t_start = time.time()
+    t_start = time.perf_counter()
     results = {}
     for name in _common.parse_list(args.models, str):
         model, make_args, kwargs = MODELS[name]

@@ -456,7 +456,9 @@ def newton_iterate(
 ):
     """Trust-region Newton iterations per element, all held constant for gradients; they
     stop as soon as every element has converged (:meth:`NewtonReport.converged`), so a
-    Gaussian likelihood, exact after one step, costs two evaluations.
+    Gaussian likelihood, exact after one step, costs two evaluations, and a start where
+    every element has already converged (a warm start: posterior draws from the guide's
+    center, stored modes) one: the caller takes the last Newton step from there.
 
     Each element has a trust radius, measured in the sds of its curvature at the start
     (the metric is frozen there, so a region where the log joint is convex, whose lifted
@@ -532,10 +534,9 @@ def newton_iterate(
     flags = jnp.zeros(z_init.shape[:-1], bool)
     state = (jnp.array(0), z_init, jnp.zeros_like(z_init), flags, eye, radius, eye)
     # all iterations, the start's evaluation included, in one loop body: the model's second
-    # derivatives are compiled once. Two of them as straight-line code before the loop cost
-    # each small model 0.4-0.9 s more to compile and 0.6-0.7 s more in `svi.init`, its steps
-    # were no faster (epil 0.41 against 0.46 ms), nor were a 65,536-group Poisson intercept's
-    # (RESULTS section 21)
+    # derivatives are compiled once. Two of them as straight-line code before the loop made
+    # small models' `svi.init` and compiling slower, and their steps (and a 65,536-group
+    # Poisson intercept's) no faster (RESULTS section 21)
     _, z, g, concave, chol, _, _ = jax.lax.stop_gradient(jax.lax.while_loop(cond, body, state))
     out = (z, chol, report(g, concave, chol))
     return out + (g,) if with_gradient else out

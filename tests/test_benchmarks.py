@@ -150,7 +150,8 @@ def test_model_calls_quick(tmp_path):
     """The guide's passes through the model: ``svi.init`` runs it three times, as for
     AutoNormal (the guide's compiled trace of the init strategy, its setup trace and the
     ELBO's), a training step traces it twice (the guide reads the batch's data)
-    plus three traces per local site on a Laplace base, and a compiled step never retraces."""
+    plus two per local site on a Laplace base whose likelihood is Gaussian in it (four
+    otherwise), and a compiled step never retraces."""
     mod = _load("model_calls")
     out = tmp_path / "m.json"
     mod.main(["--quick", "--out", str(out)])
