@@ -106,6 +106,31 @@ def test_newton_base_does_not_overshoot_an_exp_link_from_below():
     np.testing.assert_allclose(np.asarray(chol[:, 0, 0]) ** 2, 4 * np.exp(offset + z) + 1 / prior_sd**2, rtol=1e-2)
 
 
+def test_newton_iterate_takes_no_step_from_a_converged_start():
+    """Started where every element has converged (a warm start: the guide's center for
+    posterior draws, stored modes), the iterations stop at the start's evaluation and return
+    it unchanged, with its gradient; the caller takes the last Newton step. From a start
+    that has not converged they move."""
+    from numpyro_pavi.laplace import newton_iterate
+
+    counts = jnp.array([[40.0, 60, 35, 50], [9, 14, 11, 7], [0, 1, 0, 2]])
+
+    def logp(z):  # z (3, 1), a Poisson log link under a N(0, 1.6) prior
+        eta = -1.3 + z[:, 0]
+        return jnp.sum(counts * eta[:, None] - jnp.exp(eta)[:, None]) - 0.5 * jnp.sum((z[:, 0] / 1.6) ** 2)
+
+    mode, chol, rep, _ = newton_iterate(logp, jnp.zeros((3, 1)), with_gradient=True)
+    assert bool(jnp.all(rep.converged())) and not np.allclose(np.asarray(mode), 0.0)
+    # half the stopping tolerance (STOP_TOL, 1e-3 sds) from the mode: converged, yet a Newton
+    # step from there would move it (the code before always took one: by 4e-5 to 3e-4)
+    start = mode + 5e-4 / chol[:, :, 0]
+    again, _, rep2, g = newton_iterate(logp, start, with_gradient=True)
+    assert bool(jnp.all(rep2.converged()))
+    np.testing.assert_allclose(np.asarray(rep2.decrement), 5e-4, rtol=0.05)
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(start))
+    np.testing.assert_allclose(np.asarray(g), np.asarray(jax.grad(logp)(start)), rtol=1e-5, atol=1e-4)
+
+
 def test_log_joint_counts_each_element_once_under_subsampling():
     """The per-element joint must not carry the plate's N / B factor: otherwise the
     precision of every element would be N / B times too large in training."""
