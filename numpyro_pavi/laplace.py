@@ -471,8 +471,8 @@ def newton_iterate(
     radius shrinks to a quarter of the step. The first step is the full Newton step (radius
     ``MAX_RADIUS_SDS``): exact for a Gaussian likelihood from any start; rejected, the
     region restarts at ``INITIAL_RADIUS_SDS``. The start's evaluation is the loop's first
-    iteration, so the model's derivatives are traced and compiled once. Heavy tails (StudentT, Cauchy) are not
-    log-concave: from a start in the tails, length-damped Newton steps were thrown tens of
+    iteration, so the model's derivatives are traced and compiled once. Heavy tails
+    (StudentT, Cauchy) are not log-concave: from a start in the tails, length-damped Newton steps were thrown tens of
     units past the mode and bounced between the tails (a StudentT(30) group started 5
     scales from its data ended 30 units off after eight iterations).
 

@@ -162,6 +162,7 @@ def test_fit_matches_nuts(family, median_bar):
 
     class Args:
         groups, per_group, seed, lr, steps, warmup, samples, draws = 15, 6, 0, 5e-3, 2000, 1000, 2000, 4000
+        keys = (0,)
 
     row = likelihoods.one_family(family, False, Args)
     assert row["AutoPAVI"]["median"] <= median_bar and row["AutoPAVI"]["max_global"] <= 0.3, row["AutoPAVI"]
