@@ -35,7 +35,7 @@ from .encoders import SetEncoder
 from .laplace import LaplaceWarning
 from .plan import GuideOptions, GuidePlan, build_plan, with_encoder_width
 from .base_state import init_state
-from .sampling import PlateInputs, draw_starts, sample_latents
+from .sampling import PlateInputs, draw_starts, encodings, sample_latents
 from .structure import ModelStructure, full_indices, model_structure, plate_sizes, seeded_model
 
 __all__ = ["AutoPAVI"]
@@ -805,6 +805,32 @@ class AutoPAVI(AutoGuide):
         trace = self._trace_full(data, args, kwargs, full_plates=bool(args or kwargs))
         return {k: s["value"] for k, s in trace.items() if s["type"] == "deterministic"}
 
+    def _sampler(self, params, args, kwargs, num_draws: int, **options) -> tuple[Callable, int]:
+        """:meth:`full_plate_sampler` and how many of ``num_draws`` draws it runs at once
+        (:meth:`draw_batch`)."""
+        one, sizes, state = self._full_plate_sampler(params, args, kwargs, **options)
+        return one, self.draw_batch(sizes, num_draws, with_state=state is not None)
+
+    def draw_batch(self, sizes: dict, num_draws: int, with_state: bool = True) -> int:
+        """How many posterior draws :meth:`sample_posterior` vectorizes at once over plates of
+        ``sizes``: as many as keep ``chunk_size`` latent values in all (a divisor of
+        ``num_draws``, so one program serves every batch), and 1 (one draw at a time, as a
+        ``lax.map``) where a site computes a Laplace base per draw (Newton iterations run to
+        the slowest draw of a batch, their branches both run, and a batch of LAPACK calls can
+        deadlock jaxlib's CPU thread pool: :func:`~numpyro_pavi.laplace.in_pieces`) or a
+        stored base is wider than 2 (a triangular solve), or the stored bases are not given
+        (``with_state`` False: each draw then solves for them). A draw of a long table's
+        crossed factors costs a few small kernels per site: one at a time, their launches
+        were most of its time (RESULTS section 22).
+        """
+        stored = self.plan.stored.sites if self.plan.stored is not None and with_state else ()
+        for name, site in self.structure.latent.items():
+            if (site.dim > 2) if name in stored else self.plan.on_laplace(site):
+                return 1
+        per_draw = sum(math.prod(sizes[p] for p in site.plates) * site.dim for site in self.structure.latent.values())
+        most = max(1, min(num_draws, self.chunk_size // max(per_draw, 1)))
+        return max(k for k in range(1, most + 1) if num_draws % k == 0)
+
     def full_plate_sampler(
         self, params, *args, with_log_prob=False, deterministic=True, center_starts=True, **kwargs
     ) -> Callable:
@@ -815,6 +841,13 @@ class AutoPAVI(AutoGuide):
         With ``center_starts`` the Newton iterations of ``plan.warm_start``'s bases start at
         the guide's center draw, computed here once for all the sampler's draws
         (:func:`~numpyro_pavi.sampling.draw_starts`): worth it from two draws on."""
+        return self._full_plate_sampler(
+            params, args, kwargs, with_log_prob=with_log_prob, deterministic=deterministic, center_starts=center_starts
+        )[0]
+
+    def _full_plate_sampler(self, params, args, kwargs, with_log_prob=False, deterministic=True, center_starts=True):
+        """:meth:`full_plate_sampler`, the plate sizes it draws over and the stored bases it
+        uses (None: none, or computed at each draw)."""
         self._check_params(params)
         sizes, indices, trace, bound, (args, kwargs) = self.plate_inputs(*args, **kwargs)
         deterministic = deterministic and any(s["type"] == "deterministic" for s in self.prototype_trace.values())
@@ -831,6 +864,9 @@ class AutoPAVI(AutoGuide):
                 ),
                 params,
             )  # fmt: skip
+        # the encodings depend on the params and data, not on the draw: computed once here,
+        # outside the draws' loop, not left to the compiler to hoist
+        enc = encodings(self.plan, params, indices, trace, sizes, bound)
 
         def one(key):
             values, _, logqs = sample_latents(
@@ -846,6 +882,7 @@ class AutoPAVI(AutoGuide):
                 laplace_state=state,
                 differentiate=False,
                 starts=starts,
+                enc=enc,
             )
             if with_log_prob:
                 return values, logqs
@@ -853,7 +890,7 @@ class AutoPAVI(AutoGuide):
                 values.update(self._deterministic(values, indices, args, kwargs))
             return values
 
-        return one
+        return one, sizes, state
 
     @property
     def _state_name(self) -> str:
@@ -968,9 +1005,11 @@ class AutoPAVI(AutoGuide):
     def sample_posterior(self, rng_key, params, *args, sample_shape=(), **kwargs):
         """Draw latent samples over the **full** plates (plus the model's deterministic sites).
 
-        Samples are drawn one at a time (``lax.map``) and, within a sample, each site's
-        flow runs along its plate elements in chunks of ``chunk_size``, so the flows' memory
-        is one chunk of intermediates. Per-step Laplace bases are computed on the full
+        Samples are drawn one at a time (``lax.map``), or several at once where a draw
+        solves no Newton problem and is small (:meth:`draw_batch`: ``chunk_size`` latent
+        values per batch), and, within a sample, each site's flow runs along its plate
+        elements in chunks of ``chunk_size``, so the flows' memory is one chunk of
+        intermediates. Per-step Laplace bases are computed on the full
         plates (the model's gradient and ``d`` curvature columns over all its data), their
         Newton iterations started, where the setup probe found the site concave around its
         mode (``plan.warm_start``), at the mode of the guide's center draw, computed once
@@ -986,8 +1025,8 @@ class AutoPAVI(AutoGuide):
         :return: ``{site: array of shape sample_shape + full site shape}``.
         """
         sample_shape = self._check_call(rng_key, params, sample_shape)
-        sampler = self.full_plate_sampler(params, *args, center_starts=math.prod(sample_shape) > 1, **kwargs)
-        return self._draws(sampler, rng_key, sample_shape)
+        sampler, batch = self._sampler(params, args, kwargs, math.prod(sample_shape), center_starts=math.prod(sample_shape) > 1)
+        return self._draws(sampler, rng_key, sample_shape, batch=batch)
 
     def sample_with_log_prob(self, rng_key, params, *args, sample_shape=(), **kwargs):
         """Full-plate samples with their log density under the guide.
@@ -998,17 +1037,17 @@ class AutoPAVI(AutoGuide):
         """
         sample_shape = self._check_call(rng_key, params, sample_shape)
         many = math.prod(sample_shape) > 1
-        one = self.full_plate_sampler(params, *args, with_log_prob=True, center_starts=many, **kwargs)
-        return self._draws(one, rng_key, sample_shape or (1,), squeeze=not sample_shape)
+        one, batch = self._sampler(params, args, kwargs, math.prod(sample_shape), with_log_prob=True, center_starts=many)
+        return self._draws(one, rng_key, sample_shape or (1,), squeeze=not sample_shape, batch=batch)
 
     @staticmethod
-    def _draws(one: Callable, rng_key, sample_shape: tuple, squeeze: bool = False):
+    def _draws(one: Callable, rng_key, sample_shape: tuple, squeeze: bool = False, batch: int = 1):
         keys = jax.random.split(rng_key, max(math.prod(sample_shape), 1))
         if not sample_shape:
             return one(keys[0])
         if math.prod(sample_shape) == 0:
             return _empty(jax.eval_shape(one, keys[0]), sample_shape)
-        out = jax.lax.map(one, keys)
+        out = jax.lax.map(one, keys, batch_size=batch if batch > 1 else None)
         if squeeze:
             return jax.tree.map(lambda v: v[0], out)
         return jax.tree.map(lambda v: jnp.reshape(v, sample_shape + v.shape[1:]), out)

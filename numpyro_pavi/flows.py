@@ -256,6 +256,7 @@ class ConditionalCoupling:
 
     def _shift_log_scale(self, params: dict, kept: jax.Array, c: jax.Array):
         keep = self._mask()
+        c = jnp.broadcast_to(c, jnp.shape(kept)[:-1] + jnp.shape(c)[-1:])  # a context shared by all rows
         out = resnet(params["net"], jnp.concatenate([kept, c], -1))
         shift, raw = out[..., : self.dim], out[..., self.dim :]
         return (1 - keep) * shift, (1 - keep) * _bounded_log_scale(raw)

@@ -211,11 +211,18 @@ def _sample_site(plan: GuidePlan, site, params, enc, unc, centers, noise, chunk_
         base_in = []
         if m is not None and site.name in plan.base_context:
             base_in = [m, jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1))]
+        # a context that is the same for every element (no encoding, no base inputs, global
+        # parents only: the stored bases of a long table's crossed factors) stays one row:
+        # the flow's conditioner then runs once, not once per element (it was most of a
+        # posterior draw's time there), and its outputs broadcast against the noise
+        shared = own.shape[-1] == 0 and not base_in and all(not par.plates for par, _, _ in parents)
+        lead = (1,) if shared else jnp.shape(r)
+        own = own[:1] if shared else own
         deltas = []
         for par, value, center in parents:
             at = tuple(pos[p] for p in par.plates)
             delta = value[at] - center[at] if with_parents else jnp.zeros_like(center[at])
-            deltas.append(jnp.broadcast_to(delta, jnp.shape(r) + (par.dim,)))
+            deltas.append(jnp.broadcast_to(delta, lead + (par.dim,)))
         x, logq = flow.sample_and_log_prob(fparams, z, jnp.concatenate([own, *base_in, *deltas], -1))
         if path_gradient and with_parents:
             # Sticking the landing: score the sample with the variational parameters held
@@ -382,6 +389,7 @@ def sample_latents(
     probe_modes: bool = False,
     starts: Mapping[str, jax.Array] | None = None,
     at_center: bool = False,
+    enc: dict | None = None,
 ):
     """Top-down sample of every latent site on the given plate elements.
 
@@ -415,11 +423,14 @@ def sample_latents(
     :param starts: ``{site: canonical (*grid, sum of d)}``, where the Newton iterations of
         those sites' per-step bases start (posterior draws only, see :func:`draw_starts`).
     :param at_center: draw every site at zero noise (the guide's center), not from the key.
+    :param enc: the :func:`encodings` of these elements, computed once by a caller that
+        draws many times from the same params and data (None: computed here).
     :return: constrained site-layout values, canonical unconstrained values ``(*grid, d)``
         and per-element ``log q (*grid)`` (support log-det included), then the reports
         with ``with_reports``, then the new state with ``with_state``.
     """
-    enc = encodings(plan, params, indices, trace, sizes, bound)
+    if enc is None:
+        enc = encodings(plan, params, indices, trace, sizes, bound)
     values, unc, centers, logqs, reports = {}, {}, {}, {}, {}
     theta = None  # the globals' vector, once the first site with a stored base is reached
     keys = jax.random.split(rng_key, len(plan.structure.latent))

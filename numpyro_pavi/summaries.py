@@ -382,7 +382,8 @@ def posterior_moments(
         if not isinstance(n, (int, np.integer)) or n < low:
             raise ValueError(f"{name} must be an int >= {low}, got {n!r}.")
     batch_size = min(batch_size, num_samples)  # no padded draws beyond the ones asked for
-    args, kwargs = guide.plate_inputs(*args, **kwargs).model_args  # the training ones where none are given
+    inputs = guide.plate_inputs(*args, **kwargs)
+    args, kwargs = inputs.model_args  # the training ones where none are given
     keys = jax.random.split(rng_key, num_samples)
 
     def draw(key, params, data, rebuild):
@@ -395,12 +396,16 @@ def posterior_moments(
 
     data, rebuild = as_inputs((args, kwargs), check)
 
+    # draws vectorized together within a batch (AutoPAVI.draw_batch), where that is safe
+    together = guide.draw_batch(inputs.sizes, batch_size, with_state=guide.stored_state(params, inputs.sizes) is not None)
+    together = together if together > 1 else None
+
     @jax.jit
     def fold(state, batch_keys, valid, params, data):
         # a short last batch is padded with repeated keys, weighted out by ``valid``
         # one sampler for the batch: its draws' Newton starts (draw_starts) computed once
         a, kw = rebuild(data)
-        values = jax.lax.map(guide.full_plate_sampler(params, *a, **kw), batch_keys)
+        values = jax.lax.map(guide.full_plate_sampler(params, *a, **kw), batch_keys, batch_size=together)
         count, mean, m2 = state
         b = jnp.sum(valid.astype(jnp.float32))
         total = count + b

@@ -157,6 +157,25 @@ def test_state_is_kept_and_warm_equals_cold(fitted, data):
 
 
 @pytest.mark.slow
+def test_draws_from_stored_bases_run_several_at_once(fitted, data):
+    """Draws from the stored bases solve nothing per draw: vectorized (draw_batch > 1) and
+    equal to each draw alone; without the state each draw solves for its bases: one at a
+    time."""
+    s, l, y = data
+    guide, svi, state = fitted
+    params = {**svi.get_params(state), **state.mutable_state}
+    sizes = {"students": S, "lecturers": L, "ratings": N}
+    assert guide.draw_batch(sizes, 8) == 8
+    assert guide.draw_batch(sizes, 8, with_state=False) == 1
+    key = jax.random.PRNGKey(7)
+    batched = guide.sample_posterior(key, params, s, l, y, sample_shape=(8,))
+    one = guide.full_plate_sampler(params, s, l, y)
+    alone = [one(k) for k in jax.random.split(key, 8)]
+    for name in ("mu", "a", "b"):
+        np.testing.assert_allclose(batched[name], np.stack([a[name] for a in alone]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_rows_subsampled_fit_matches_exact_posterior(data):
     """Rows subsampled 100 of 600, default guide, constant adam 5e-3: posterior means and
     sds of (mu, a, b) against the exact Gaussian posterior (1,000 draws: the Monte Carlo

@@ -98,6 +98,20 @@ def test_flow_log_prob_matches_sampling_density(layer_kind, num_layers):
     np.testing.assert_allclose(flow.log_prob(params, x, c), logq, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_context_shared_by_all_rows_stays_one_row(kind):
+    """A context the same for every element (global parents only) is passed as one row; the
+    flow's outputs broadcast against the noise and equal those of the broadcast context."""
+    layer, params, _, c = _setup(kind, 2, 3, True, 0, 1.0)
+    z = jax.random.normal(jax.random.PRNGKey(9), (5, 2))
+    shared = layer.forward(params, z, c[None])
+    full = layer.forward(params, z, jnp.broadcast_to(c, (5, 3)))
+    for a, b in zip(shared, full):  # a lone affine layer's log-det stays one row too
+        np.testing.assert_allclose(np.broadcast_to(a, b.shape), b, rtol=1e-6, atol=1e-6)
+    back = layer.inverse(params, full[0], c[None])
+    np.testing.assert_allclose(back[0], z, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 def test_made_jacobian_is_triangular(reverse):
     d = 5

@@ -74,6 +74,22 @@ def test_chunking_does_not_change_the_draws(free_guide):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
+def test_small_draws_run_several_at_once_with_the_same_values(free_guide):
+    """A draw that solves no Newton problem is vectorized with others (draw_batch: a divisor
+    of the number of draws, within chunk_size values); each equals its own draw alone."""
+    guide, params = free_guide
+    sizes = {"groups": G, "obs": M}
+    assert guide.draw_batch(sizes, 6) == 6
+    assert guide.draw_batch(sizes, 7) == 7
+    assert guide.draw_batch({"groups": 10**5, "obs": M}, 6) == 1  # past chunk_size values: one at a time
+    key = jax.random.PRNGKey(6)
+    batched = guide.sample_posterior(key, params, X, sample_shape=(6,))
+    one = guide.full_plate_sampler(params, X)
+    alone = [one(k) for k in jax.random.split(key, 6)]
+    for name in ("mu", "mu_g"):
+        np.testing.assert_allclose(batched[name], np.stack([a[name] for a in alone]), rtol=1e-5, atol=1e-6)
+
+
 def test_build_plan_is_deterministic_and_names_params_as_numpyro(free_guide):
     guide, _ = free_guide
     plan = guide.plan
