@@ -813,21 +813,40 @@ class AutoPAVI(AutoGuide):
 
     def draw_batch(self, sizes: dict, num_draws: int, with_state: bool = True) -> int:
         """How many posterior draws :meth:`sample_posterior` vectorizes at once over plates of
-        ``sizes``: as many as keep ``chunk_size`` latent values in all (a divisor of
-        ``num_draws``, so one program serves every batch), and 1 (one draw at a time, as a
-        ``lax.map``) where a site computes a Laplace base per draw (Newton iterations run to
-        the slowest draw of a batch, their branches both run, and a batch of LAPACK calls can
-        deadlock jaxlib's CPU thread pool: :func:`~numpyro_pavi.laplace.in_pieces`) or a
-        stored base is wider than 2 (a triangular solve), or the stored bases are not given
-        (``with_state`` False: each draw then solves for them). A draw of a long table's
-        crossed factors costs a few small kernels per site: one at a time, their launches
-        were most of its time (RESULTS section 22).
+        ``sizes``: as many as keep ``chunk_size`` values in all (latent values and, where a
+        draw passes through the model, the observed ones; a divisor of ``num_draws``, so one
+        program serves every batch).
+
+        1 (one draw at a time, a ``lax.map``) where a draw iterates: a site whose per-draw
+        Laplace base is not quadratic (Newton iterations would run to the slowest draw of a
+        batch, both branches of their conditionals for all of them: the crossed Bernoulli's
+        draws took 1.6x as long), or where a draw would batch LAPACK calls, which can
+        deadlock jaxlib's CPU thread pool (:func:`~numpyro_pavi.laplace.in_pieces`): a base
+        wider than 2, or sharing its plates with another site (its Schur complement). Also
+        1 where stored bases are not given (``with_state`` False: each draw solves for
+        them). A draw costs a few small kernels per site: one at a time, their launches
+        were most of a draw's time (RESULTS section 22).
         """
+        latent = self.structure.latent
         stored = self.plan.stored.sites if self.plan.stored is not None and with_state else ()
-        for name, site in self.structure.latent.items():
-            if (site.dim > 2) if name in stored else self.plan.on_laplace(site):
-                return 1
-        per_draw = sum(math.prod(sizes[p] for p in site.plates) * site.dim for site in self.structure.latent.values())
+        through_model = False
+        for name, site in latent.items():
+            if name in stored:
+                if site.dim > 2:
+                    return 1
+            elif self.plan.on_laplace(site):
+                shared = any(s.plates == site.plates for s in latent.values() if s is not site)
+                if name not in self.plan.quadratic or site.dim > 2 or shared:
+                    return 1
+                through_model = True
+        per_draw = sum(math.prod(sizes[p] for p in site.plates) * site.dim for site in latent.values())
+        if through_model:  # the observed values over the full plates (the setup trace holds a batch)
+            plates = self.structure.plates
+            for s in self.prototype_trace.values():
+                if s["type"] == "sample" and s["is_observed"]:
+                    scale = math.prod(plates[f.name].size / plates[f.name].subsample_size
+                                      for f in s["cond_indep_stack"] if f.name in plates)  # fmt: skip
+                    per_draw += int(np.size(s["value"]) * scale)
         most = max(1, min(num_draws, self.chunk_size // max(per_draw, 1)))
         return max(k for k in range(1, most + 1) if num_draws % k == 0)
 

@@ -182,6 +182,11 @@ def posterior_summary(
         guide.plan.on_laplace(s) and s.name not in stored_sites for s in structure.latent.values()
     )
 
+    # draws vectorized together where that is safe (AutoPAVI.draw_batch; full plate sizes:
+    # a chunk only holds fewer values)
+    together = guide.draw_batch(sizes, num_samples, with_state=guide.stored_state(params, sizes) is not None)
+    together = together if together > 1 else None
+
     def program(chunked, names):
         """The compiled summary of sites ``names`` on a chunk of ``chunked``'s elements,
         every other plate at full size; draws of the other sites are dropped as made."""
@@ -216,7 +221,7 @@ def posterior_summary(
                 )  # fmt: skip
                 return {k: cut(k, values[k], idx) for k in names}
 
-            v = jax.lax.map(one, keys)
+            v = jax.lax.map(one, keys, batch_size=together)
             stats = {
                 k: {"mean": jnp.mean(x, 0), "sd": jnp.std(x, 0, ddof=1), "quantiles": jnp.quantile(x, qs, axis=0)}
                 for k, x in v.items()

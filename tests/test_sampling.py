@@ -90,6 +90,29 @@ def test_small_draws_run_several_at_once_with_the_same_values(free_guide):
         np.testing.assert_allclose(batched[name], np.stack([a[name] for a in alone]), rtol=1e-5, atol=1e-6)
 
 
+def test_gaussian_laplace_draws_run_several_at_once():
+    """A Laplace base quadratic in its site (one Newton step, closed forms up to 2 x 2) is
+    vectorized across draws too, with the same values; an iterated one is not."""
+    guide = AutoPAVI(models.random_effects, encoding="free", encoding_dim=2, hidden_dims=(4,))
+    handlers.seed(guide, 0)(X)
+    assert guide.plan.quadratic == {"mu_g"}
+    sizes = {"groups": G, "obs": M}
+    assert guide.draw_batch(sizes, 4) == 4
+    params = guide.plan.init_values
+    key = jax.random.PRNGKey(8)
+    batched = guide.sample_posterior(key, params, X, sample_shape=(4,))
+    one = guide.full_plate_sampler(params, X)
+    alone = [one(k) for k in jax.random.split(key, 4)]
+    for name in ("mu", "mu_g"):
+        np.testing.assert_allclose(batched[name], np.stack([a[name] for a in alone]), rtol=1e-5, atol=1e-5)
+    quadratic = guide.plan
+    guide.plan = dataclasses.replace(quadratic, quadratic=frozenset())  # as if Newton iterated
+    try:
+        assert guide.draw_batch(sizes, 4) == 1
+    finally:
+        guide.plan = quadratic
+
+
 def test_build_plan_is_deterministic_and_names_params_as_numpyro(free_guide):
     guide, _ = free_guide
     plan = guide.plan
