@@ -23,7 +23,7 @@ from numpyro.infer import MCMC, NUTS
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common
 from numpyro.infer.autoguide import AutoNormal
-from stress import MODELS, train
+from stress import MODELS, TRAIN_KWARGS, train
 
 from numpyro_pavi import AutoPAVI
 from numpyro_pavi.monitor import check_losses
@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--nuts-samples", type=int, default=2000)
     p.add_argument("--key", type=int, default=0)
     p.add_argument("--decay", type=float, default=1.0, help="rate at the last step / first rate (1: constant)")
+    p.add_argument("--average", type=int, default=0, help="score the iterates averaged over this many last steps (AverageParams)")
     p.add_argument("--quick", action="store_true", help="smoke mode: the Poisson GLMM, tiny NUTS, 300 steps, one rate")
     p.add_argument("--out", default=os.path.join(_common.RESULTS_DIR, "accuracy.json"))
     args = p.parse_args(argv)
@@ -99,7 +100,11 @@ def main(argv: list[str] | None = None) -> dict:
             make = GUIDES[gname]
             for lr in _common.parse_list(args.rates):
                 guide = make(model)
-                losses, secs, params, _ = train(model, guide, data, kwargs, lr, args.key, args.steps, decay=args.decay)
+                # training's own arguments (rows subsampled); NUTS and the draws use the full data
+                tkw = {**kwargs, **TRAIN_KWARGS.get(name, {})}
+                losses, secs, params, _ = train(
+                    model, guide, data, tkw, lr, args.key, args.steps, decay=args.decay, average=args.average
+                )
                 rep = check_losses(losses, 100, 0.05, args.burn_in)
                 draws = guide.sample_posterior(
                     jax.random.PRNGKey(7), params, *data, sample_shape=(args.draws,), **kwargs
@@ -108,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
                 row = {
                     "lr": lr,
                     "decay": args.decay,
+                    "average": args.average,
                     "last100": float(np.mean(losses[-100:])),
                     "worst_over_best": rep.worst / rep.best,
                     "train_seconds": secs,

@@ -29,7 +29,7 @@ from numpyro.infer.autoguide import AutoGuide
 from numpyro.infer.initialization import init_to_median
 
 from . import data as _data
-from .compiling import array_leaves, run_once
+from .compiling import array_leaves, run_once, uses_linalg
 from .data import Ragged
 from .encoders import SetEncoder
 from .laplace import LaplaceWarning
@@ -288,10 +288,10 @@ class AutoPAVI(AutoGuide):
         :class:`~numpyro_pavi.LaplaceWarning`; see :meth:`check_bases`. Where a plate set has
         no data inside it (crossed effects of a long table), unless the likelihood is
         Gaussian in the site (found at setup, so a setup traced under ``jit`` gives every
-        such site these inputs) or the bases are stored (below), the sites' flows read each
-        element's base (its mode and ``log diag L``), beside a free encoding (``"auto"``,
-        plates not subsampled) or as its only per-element input (``"set"``, or subsampled
-        plates). Posteriors run on the model's arguments (the training ones when none are
+        such site these inputs), the sites' flows read each element's base (its mode and
+        ``log diag L``, stored bases too), beside a free encoding (``"auto"``, plates not
+        subsampled) or as its only per-element input (``"set"``, subsampled plates, stored
+        bases). Posteriors run on the model's arguments (the training ones when none are
         given); with ``encoding="set"``, new data gives new groups their posterior without
         retraining. On a CPU, elements of more than 2 coordinates call LAPACK in pieces
         (:func:`~numpyro_pavi.laplace.in_pieces`: jaxlib's batched kernels can deadlock a
@@ -809,9 +809,9 @@ class AutoPAVI(AutoGuide):
         """:meth:`full_plate_sampler` and how many of ``num_draws`` draws it runs at once
         (:meth:`draw_batch`)."""
         one, sizes, state = self._full_plate_sampler(params, args, kwargs, **options)
-        return one, self.draw_batch(sizes, num_draws, with_state=state is not None)
+        return one, self.draw_batch(sizes, num_draws, with_state=state is not None, sampler=one)
 
-    def draw_batch(self, sizes: dict, num_draws: int, with_state: bool = True) -> int:
+    def draw_batch(self, sizes: dict, num_draws: int, with_state: bool = True, sampler: Callable | None = None) -> int:
         """How many posterior draws :meth:`sample_posterior` vectorizes at once over plates of
         ``sizes``: as many as keep ``chunk_size`` values in all (latent values and, where a
         draw passes through the model, the observed ones; a divisor of ``num_draws``, so one
@@ -820,16 +820,21 @@ class AutoPAVI(AutoGuide):
         1 (one draw at a time, a ``lax.map``) where a draw iterates: a site whose per-draw
         Laplace base is not quadratic (Newton iterations would run to the slowest draw of a
         batch, both branches of their conditionals for all of them: the crossed Bernoulli's
-        draws took 1.6x as long), or where a draw would batch LAPACK calls, which can
+        draws took 1.1-1.6x as long), or stored bases not given (``with_state`` False: each
+        draw solves for them). Also 1 where a draw would batch LAPACK calls, which can
         deadlock jaxlib's CPU thread pool (:func:`~numpyro_pavi.laplace.in_pieces`): a base
-        wider than 2, or sharing its plates with another site (its Schur complement). Also
-        1 where stored bases are not given (``with_state`` False: each draw solves for
-        them). A draw costs a few small kernels per site: one at a time, their launches
-        were most of a draw's time (RESULTS section 22).
+        wider than 2, or sharing its plates with another site (its Schur complement), or a
+        draw that passes through the model (Gaussian bases, deterministic sites) where the
+        model's own operations hold one (read from ``sampler``'s jaxpr, a draw
+        ``key -> values``; without it such draws are not vectorized). A draw costs a few
+        small kernels per site: one at a time, their launches were most of a draw's time
+        (RESULTS section 22).
         """
         latent = self.structure.latent
-        stored = self.plan.stored.sites if self.plan.stored is not None and with_state else ()
-        through_model = False
+        if self.plan.stored is not None and not with_state:
+            return 1
+        stored = self.plan.stored.sites if self.plan.stored is not None else ()
+        through_model = any(s["type"] == "deterministic" for s in self.prototype_trace.values())
         for name, site in latent.items():
             if name in stored:
                 if site.dim > 2:
@@ -839,16 +844,20 @@ class AutoPAVI(AutoGuide):
                 if name not in self.plan.quadratic or site.dim > 2 or shared:
                     return 1
                 through_model = True
-        per_draw = sum(math.prod(sizes[p] for p in site.plates) * site.dim for site in latent.values())
+        plates = self.structure.plates
+        size = lambda p: sizes.get(p, plates[p].size if p in plates else 1)  # noqa: E731
+        per_draw = sum(math.prod(size(p) for p in site.plates) * site.dim for site in latent.values())
         if through_model:  # the observed values over the full plates (the setup trace holds a batch)
-            plates = self.structure.plates
             for s in self.prototype_trace.values():
                 if s["type"] == "sample" and s["is_observed"]:
-                    scale = math.prod(plates[f.name].size / plates[f.name].subsample_size
-                                      for f in s["cond_indep_stack"] if f.name in plates)  # fmt: skip
+                    frames = [f.name for f in s["cond_indep_stack"] if f.name in plates]
+                    scale = math.prod(size(f) / plates[f].subsample_size for f in frames)
                     per_draw += int(np.size(s["value"]) * scale)
         most = max(1, min(num_draws, self.chunk_size // max(per_draw, 1)))
-        return max(k for k in range(1, most + 1) if num_draws % k == 0)
+        k = max(k for k in range(1, most + 1) if num_draws % k == 0)
+        if k > 1 and through_model and (sampler is None or uses_linalg(jax.make_jaxpr(sampler)(jax.random.PRNGKey(0)))):
+            return 1
+        return k
 
     def full_plate_sampler(
         self, params, *args, with_log_prob=False, deterministic=True, center_starts=True, **kwargs
@@ -884,8 +893,8 @@ class AutoPAVI(AutoGuide):
                 params,
             )  # fmt: skip
         # the encodings depend on the params and data, not on the draw: computed once here,
-        # outside the draws' loop, not left to the compiler to hoist
-        enc = encodings(self.plan, params, indices, trace, sizes, bound)
+        # outside the draws' loop, not left to the compiler to hoist (one program when eager)
+        enc = run_once(lambda p: encodings(self.plan, p, indices, trace, sizes, bound), params)
 
         def one(key):
             values, _, logqs = sample_latents(

@@ -21,7 +21,16 @@ import jax
 import numpy as np
 from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
 
-__all__ = ["HOST_VALUE_ERRORS", "SMALL_DATA", "array_leaves", "as_inputs", "data_size", "hoisted", "run_once"]
+__all__ = [
+    "HOST_VALUE_ERRORS",
+    "SMALL_DATA",
+    "array_leaves",
+    "as_inputs",
+    "data_size",
+    "hoisted",
+    "run_once",
+    "uses_linalg",
+]
 
 #: Number of array elements above which a one-shot program's run may cost more than what
 #: a cheap compilation saves (such programs compile as usual), and above which the model's
@@ -149,3 +158,26 @@ def as_inputs(
     except HOST_VALUE_ERRORS:
         return [], lambda _: tree
     return arrays, rebuild
+
+
+#: ``jax.lax.linalg`` primitives: on a CPU, LAPACK calls (see
+#: :func:`~numpyro_pavi.laplace.in_pieces` for what a batch of them can do there).
+LINALG_PRIMITIVES = frozenset(
+    {"cholesky", "eig", "eigh", "hessenberg", "householder_product", "lu", "qr", "schur", "svd",
+     "triangular_solve", "tridiagonal", "tridiagonal_solve"}
+)  # fmt: skip
+
+
+def uses_linalg(jaxpr: Any) -> bool:
+    """Whether a (closed) jaxpr, its sub-jaxprs included (loops, branches, calls), holds a
+    :data:`LINALG_PRIMITIVES` operation."""
+    inner = getattr(jaxpr, "jaxpr", jaxpr)
+    for eqn in inner.eqns:
+        if eqn.primitive.name in LINALG_PRIMITIVES:
+            return True
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                    if uses_linalg(sub):
+                        return True
+    return False

@@ -94,8 +94,8 @@ class GuidePlan:
         ``options.laplace``, as in plans pickled before the setup probe).
     :param stored: the local sites whose bases are a state kept across steps (long-format
         data with rows subsampled, :mod:`numpyro_pavi.base_state`), or None.
-    :param base_context: sites of plate sets with no data inside, all on per-step bases
-        (``no_encoding``, or with free encodings under ``"auto"``), whose flow reads each
+    :param base_context: sites of plate sets with no data inside, all on Laplace bases (per
+        step or stored; ``no_encoding``, or with free encodings under ``"auto"``), whose flow reads each
         element's base, its mode and the log of its precision factor's diagonal
         (``2 d`` values), beside its encoding if it has one. Not the sites whose Newton problem was
         found quadratic at setup (a Gaussian likelihood: the base is exact), which a setup
@@ -457,16 +457,15 @@ def build_plan(
         for plate_set, src in sources.items()
         if src and (options.encoding == "hybrid" or plate_set in learned)
     )
-    # without an encoding, a per-step base is all an element's flow could tell it apart by:
-    # read it (on issue 15's crossed Bernoulli the subject effects kept 0.05-0.06 sd of error
-    # with every variant of the bases until the flow could shape each element's skew). Not
-    # where the base is already exact (a likelihood Gaussian in the site: the inputs only
-    # added noise, sleepstudy 0.062 -> 0.079 sd) nor on stored bases (gap 0.0031 -> 0.0048
-    # nats/latent on crossed_long.py's Gaussian table)
+    # without an encoding, a base (per step or stored) is all an element's flow could tell
+    # it apart by: read it (on issue 15's crossed Bernoulli the subject effects kept 0.05-0.06
+    # sd of error with every variant of the bases until the flow could shape each element's
+    # skew; with its rows subsampled, on stored bases, 0.064 -> 0.022: RESULTS section 22).
+    # Not where the base is already exact (a likelihood Gaussian in the site: the inputs only
+    # added noise, sleepstudy 0.062 -> 0.079 sd, and a Gaussian long table's gap 0.0031 ->
+    # 0.0048 nats/latent)
     base_context = frozenset(
-        name
-        for name, site in structure.latent.items()
-        if site.plates in data_less and name not in gaussian and (stored is None or name not in stored.sites)
+        name for name, site in structure.latent.items() if site.plates in data_less and name not in gaussian
     )
     flows, flow_inputs = {}, {}
     for name, site in structure.latent.items():

@@ -217,7 +217,7 @@ def _sample_site(plan: GuidePlan, site, params, enc, unc, centers, noise, chunk_
         # posterior draw's time there), and its outputs broadcast against the noise
         shared = own.shape[-1] == 0 and not base_in and all(not par.plates for par, _, _ in parents)
         lead = (1,) if shared else jnp.shape(r)
-        own = own[:1] if shared else own
+        own = jnp.zeros(lead + (0,), own.dtype) if shared else own
         deltas = []
         for par, value, center in parents:
             at = tuple(pos[p] for p in par.plates)

@@ -175,6 +175,32 @@ def test_draws_from_stored_bases_run_several_at_once(fitted, data):
         np.testing.assert_allclose(batched[name], np.stack([a[name] for a in alone]), rtol=1e-5, atol=1e-5)
 
 
+def bernoulli_long_model(s, l, y, batch=None):
+    """``long_model``'s crossed intercepts under a Bernoulli likelihood: bases not exact."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    with numpyro.plate("students", S):
+        a = numpyro.sample("a", dist.Normal(0.0, SD_A))
+    with numpyro.plate("lecturers", L):
+        b = numpyro.sample("b", dist.Normal(0.0, SD_B))
+    with numpyro.plate("ratings", y.shape[0], subsample_size=batch) as r:
+        numpyro.sample("y", dist.Bernoulli(logits=mu + a[s[r]] + b[l[r]]), obs=y[r])
+
+
+@pytest.mark.slow
+def test_stored_bases_are_read_by_the_flows_where_not_exact(data):
+    """An element of a long table's crossed factor has no encoding: where its stored base
+    is not exact (a Bernoulli likelihood) its flow reads the base, as per-step bases' flows
+    do; a Gaussian likelihood's base is exact and is not read."""
+    s, l, y = data
+    guide = AutoPAVI(bernoulli_long_model)
+    numpyro.handlers.seed(guide, 0)(s, l, (y > 0.3).astype(jnp.float32), 100)
+    assert guide.plan.stored.sites == ("a", "b")
+    assert guide.plan.base_context == {"a", "b"}
+    exact = AutoPAVI(long_model)
+    numpyro.handlers.seed(exact, 0)(s, l, y, 100)
+    assert exact.plan.stored.sites == ("a", "b") and not exact.plan.base_context
+
+
 @pytest.mark.slow
 def test_rows_subsampled_fit_matches_exact_posterior(data):
     """Rows subsampled 100 of 600, default guide, constant adam 5e-3: posterior means and

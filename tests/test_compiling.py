@@ -212,3 +212,13 @@ def test_setup_takes_the_init_strategys_values_from_one_compiled_trace(host_read
     with pytest.raises(ValueError, match="log density of site 'u' is not finite"):
         with numpyro.handlers.seed(rng_seed=4), numpyro.handlers.substitute(data=nan):
             guide(x, y)
+
+
+def test_uses_linalg_finds_lapack_calls_inside_loops_and_branches():
+    eye = jnp.eye(3)
+    assert compiling.uses_linalg(jax.make_jaxpr(jnp.linalg.cholesky)(eye))
+    in_map = jax.make_jaxpr(lambda x: jax.lax.map(lambda y: jax.scipy.linalg.solve_triangular(y, y[0]), x))
+    assert compiling.uses_linalg(in_map(jnp.ones((2, 3, 3))))
+    in_cond = jax.make_jaxpr(lambda x: jax.lax.cond(x[0, 0] > 0, lambda y: jnp.linalg.eigh(y)[0], lambda y: y[0], x))
+    assert compiling.uses_linalg(in_cond(eye))
+    assert not compiling.uses_linalg(jax.make_jaxpr(lambda x: jnp.sin(x) @ x)(eye))

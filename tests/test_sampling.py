@@ -74,7 +74,19 @@ def test_chunking_does_not_change_the_draws(free_guide):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
-def test_small_draws_run_several_at_once_with_the_same_values(free_guide):
+def _recording_map(monkeypatch) -> list:
+    """Record the ``batch_size`` of every ``jax.lax.map`` call (None: one at a time)."""
+    sizes, original = [], jax.lax.map
+
+    def recording(f, xs, *, batch_size=None):
+        sizes.append(batch_size)
+        return original(f, xs, batch_size=batch_size)
+
+    monkeypatch.setattr(jax.lax, "map", recording)
+    return sizes
+
+
+def test_small_draws_run_several_at_once_with_the_same_values(free_guide, monkeypatch):
     """A draw that solves no Newton problem is vectorized with others (draw_batch: a divisor
     of the number of draws, within chunk_size values); each equals its own draw alone."""
     guide, params = free_guide
@@ -83,32 +95,39 @@ def test_small_draws_run_several_at_once_with_the_same_values(free_guide):
     assert guide.draw_batch(sizes, 7) == 7
     assert guide.draw_batch({"groups": 10**5, "obs": M}, 6) == 1  # past chunk_size values: one at a time
     key = jax.random.PRNGKey(6)
+    recorded = _recording_map(monkeypatch)
     batched = guide.sample_posterior(key, params, X, sample_shape=(6,))
+    assert 6 in recorded
     one = guide.full_plate_sampler(params, X)
     alone = [one(k) for k in jax.random.split(key, 6)]
     for name in ("mu", "mu_g"):
         np.testing.assert_allclose(batched[name], np.stack([a[name] for a in alone]), rtol=1e-5, atol=1e-6)
 
 
-def test_gaussian_laplace_draws_run_several_at_once():
+def test_gaussian_laplace_draws_run_several_at_once(monkeypatch):
     """A Laplace base quadratic in its site (one Newton step, closed forms up to 2 x 2) is
-    vectorized across draws too, with the same values; an iterated one is not."""
+    vectorized across draws too, with the same values, where the model's own operations
+    hold no LAPACK call (read from a draw's jaxpr); an iterated base is not."""
     guide = AutoPAVI(models.random_effects, encoding="free", encoding_dim=2, hidden_dims=(4,))
     handlers.seed(guide, 0)(X)
     assert guide.plan.quadratic == {"mu_g"}
     sizes = {"groups": G, "obs": M}
-    assert guide.draw_batch(sizes, 4) == 4
     params = guide.plan.init_values
-    key = jax.random.PRNGKey(8)
-    batched = guide.sample_posterior(key, params, X, sample_shape=(4,))
     one = guide.full_plate_sampler(params, X)
+    assert guide.draw_batch(sizes, 4, sampler=one) == 4
+    assert guide.draw_batch(sizes, 4) == 1  # passes through the model: not without its jaxpr
+    assert guide.draw_batch(sizes, 4, sampler=lambda k: jnp.linalg.cholesky(jnp.eye(2) + k[0])) == 1
+    key = jax.random.PRNGKey(8)
+    recorded = _recording_map(monkeypatch)
+    batched = guide.sample_posterior(key, params, X, sample_shape=(4,))
+    assert 4 in recorded
     alone = [one(k) for k in jax.random.split(key, 4)]
     for name in ("mu", "mu_g"):
         np.testing.assert_allclose(batched[name], np.stack([a[name] for a in alone]), rtol=1e-5, atol=1e-5)
     quadratic = guide.plan
     guide.plan = dataclasses.replace(quadratic, quadratic=frozenset())  # as if Newton iterated
     try:
-        assert guide.draw_batch(sizes, 4) == 1
+        assert guide.draw_batch(sizes, 4, sampler=one) == 1
     finally:
         guide.plan = quadratic
 
