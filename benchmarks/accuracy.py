@@ -8,6 +8,9 @@ the mean loss of the last 100 steps, the worst 100-step running mean after ``--b
 relative to the best (the stability criterion), and, against NUTS, the median and 90th
 percentile over every latent coordinate (all sites, all elements) of
 ``|mean_VI - mean_NUTS| / sd_NUTS``, plus the median of ``|log(sd_VI / sd_NUTS)|``.
+``crossed_bernoulli_rows`` trains on 1,024 rows per step (stored Laplace bases, passed to the
+draws with the params); ``--average W`` scores the iterates averaged over about ``W`` last
+steps (``AverageParams``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common
 from numpyro.infer.autoguide import AutoNormal
 from stress import MODELS, TRAIN_KWARGS, train
+
+#: models trained on subsampled rows here (the full data for NUTS and the draws)
+ROWS = {"crossed_bernoulli_rows": TRAIN_KWARGS["crossed_bernoulli_rows"]}
 
 from numpyro_pavi import AutoPAVI
 from numpyro_pavi.monitor import check_losses
@@ -101,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
             for lr in _common.parse_list(args.rates):
                 guide = make(model)
                 # training's own arguments (rows subsampled); NUTS and the draws use the full data
-                tkw = {**kwargs, **TRAIN_KWARGS.get(name, {})}
+                tkw = {**kwargs, **ROWS.get(name, {})}
                 losses, secs, params, _ = train(
                     model, guide, data, tkw, lr, args.key, args.steps, decay=args.decay, average=args.average
                 )

@@ -809,9 +809,17 @@ class AutoPAVI(AutoGuide):
         """:meth:`full_plate_sampler` and how many of ``num_draws`` draws it runs at once
         (:meth:`draw_batch`)."""
         one, sizes, state = self._full_plate_sampler(params, args, kwargs, **options)
-        return one, self.draw_batch(sizes, num_draws, with_state=state is not None, sampler=one)
+        with_values = not options.get("with_log_prob", False) and options.get("deterministic", True)
+        return one, self.draw_batch(sizes, num_draws, with_state=state is not None, sampler=one, deterministic=with_values)
 
-    def draw_batch(self, sizes: dict, num_draws: int, with_state: bool = True, sampler: Callable | None = None) -> int:
+    def draw_batch(
+        self,
+        sizes: dict,
+        num_draws: int,
+        with_state: bool = True,
+        sampler: Callable | None = None,
+        deterministic: bool = True,
+    ) -> int:
         """How many posterior draws :meth:`sample_posterior` vectorizes at once over plates of
         ``sizes``: as many as keep ``chunk_size`` values in all (latent values and, where a
         draw passes through the model, the observed ones; a divisor of ``num_draws``, so one
@@ -820,13 +828,15 @@ class AutoPAVI(AutoGuide):
         1 (one draw at a time, a ``lax.map``) where a draw iterates: a site whose per-draw
         Laplace base is not quadratic (Newton iterations would run to the slowest draw of a
         batch, both branches of their conditionals for all of them: the crossed Bernoulli's
-        draws took 1.1-1.6x as long), or stored bases not given (``with_state`` False: each
+        draws took 1.1-1.7x as long), or stored bases not given (``with_state`` False: each
         draw solves for them). Also 1 where a draw would batch LAPACK calls, which can
         deadlock jaxlib's CPU thread pool (:func:`~numpyro_pavi.laplace.in_pieces`): a base
         wider than 2, or sharing its plates with another site (its Schur complement), or a
         draw that passes through the model (Gaussian bases, deterministic sites) where the
         model's own operations hold one (read from ``sampler``'s jaxpr, a draw
-        ``key -> values``; without it such draws are not vectorized). A draw costs a few
+        ``key -> values``, traced once more for it; without it such draws are not
+        vectorized). ``deterministic``: the draws also compute the model's deterministic
+        sites (a pass through the model). A draw costs a few
         small kernels per site: one at a time, their launches were most of a draw's time
         (RESULTS section 22).
         """
@@ -834,7 +844,7 @@ class AutoPAVI(AutoGuide):
         if self.plan.stored is not None and not with_state:
             return 1
         stored = self.plan.stored.sites if self.plan.stored is not None else ()
-        through_model = any(s["type"] == "deterministic" for s in self.prototype_trace.values())
+        through_model = deterministic and any(s["type"] == "deterministic" for s in self.prototype_trace.values())
         for name, site in latent.items():
             if name in stored:
                 if site.dim > 2:
@@ -1034,10 +1044,9 @@ class AutoPAVI(AutoGuide):
         """Draw latent samples over the **full** plates (plus the model's deterministic sites).
 
         Samples are drawn one at a time (``lax.map``), or several at once where a draw
-        solves no Newton problem and is small (:meth:`draw_batch`: ``chunk_size`` latent
-        values per batch), and, within a sample, each site's flow runs along its plate
-        elements in chunks of ``chunk_size``, so the flows' memory is one chunk of
-        intermediates. Per-step Laplace bases are computed on the full
+        iterates no Newton steps and is small (:meth:`draw_batch`: ``chunk_size`` values per
+        batch), and, within a sample, each site's flow runs along its plate elements in
+        chunks of ``chunk_size``, so the flows' memory is one chunk of intermediates. Per-step Laplace bases are computed on the full
         plates (the model's gradient and ``d`` curvature columns over all its data), their
         Newton iterations started, where the setup probe found the site concave around its
         mode (``plan.warm_start``), at the mode of the guide's center draw, computed once

@@ -163,8 +163,8 @@ def as_inputs(
 #: ``jax.lax.linalg`` primitives: on a CPU, LAPACK calls (see
 #: :func:`~numpyro_pavi.laplace.in_pieces` for what a batch of them can do there).
 LINALG_PRIMITIVES = frozenset(
-    {"cholesky", "eig", "eigh", "hessenberg", "householder_product", "lu", "qr", "schur", "svd",
-     "triangular_solve", "tridiagonal", "tridiagonal_solve"}
+    {"cholesky", "eig", "eigh", "geqp3", "geqrf", "hessenberg", "householder_product", "lu", "ormqr", "qr",
+     "schur", "svd", "triangular_solve", "tridiagonal", "tridiagonal_solve"}
 )  # fmt: skip
 
 

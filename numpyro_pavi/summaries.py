@@ -182,9 +182,11 @@ def posterior_summary(
         guide.plan.on_laplace(s) and s.name not in stored_sites for s in structure.latent.values()
     )
 
-    # draws vectorized together where that is safe (AutoPAVI.draw_batch; full plate sizes:
-    # a chunk only holds fewer values)
-    together = guide.draw_batch(sizes, num_samples, with_state=guide.stored_state(params, sizes) is not None)
+    # draws vectorized together where they pass through no model (AutoPAVI.draw_batch, given
+    # no sampler: Gaussian bases stay one at a time here; full plate sizes: a chunk holds fewer
+    # values); no deterministic site is computed here
+    with_state = guide.stored_state(params, sizes) is not None
+    together = guide.draw_batch(sizes, num_samples, with_state=with_state, deterministic=False)
     together = together if together > 1 else None
 
     def program(chunked, names):
@@ -401,7 +403,9 @@ def posterior_moments(
 
     data, rebuild = as_inputs((args, kwargs), check)
 
-    # draws vectorized together within a batch (AutoPAVI.draw_batch), where that is safe
+    # draws vectorized together within a batch where they pass through no model
+    # (AutoPAVI.draw_batch, given no sampler: Gaussian bases and deterministic sites stay
+    # one at a time here)
     together = guide.draw_batch(inputs.sizes, batch_size, with_state=guide.stored_state(params, inputs.sizes) is not None)
     together = together if together > 1 else None
 
