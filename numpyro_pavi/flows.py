@@ -64,6 +64,22 @@ def init_resnet(key, n_in: int, n_out: int, hidden: tuple[int, ...], out_bias=No
     }
 
 
+#: Largest product ``rows x n_in x n_out`` that :func:`linear` computes as a broadcast
+#: multiply and a sum: below it a matrix product is a separate CPU kernel (a library call
+#: costing microseconds) for a few hundred multiply-adds, where the elementwise form fuses
+#: with the bias, the activation and its neighbours. A global site's conditioner (one row)
+#: is all such products.
+SMALL_PRODUCT = 4096
+
+
+def linear(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x (..., n_in) @ w (n_in, n_out) -> (..., n_out)``, elementwise where it is small
+    (:data:`SMALL_PRODUCT`)."""
+    if math.prod(x.shape) * w.shape[-1] > SMALL_PRODUCT:
+        return x @ w
+    return jnp.sum(x[..., :, None] * w, axis=-2)
+
+
 def resnet(params: dict, c: jax.Array) -> jax.Array:
     """``c (..., n_in) -> (..., n_out)``.
 
@@ -76,10 +92,10 @@ def resnet(params: dict, c: jax.Array) -> jax.Array:
     """
     h = c
     for layer in params["hidden"]:
-        h = jnp.tanh(h @ layer["w"] + layer["b"])
-    out = params["out"]["b"] + c @ params["skip"]
+        h = jnp.tanh(linear(h, layer["w"]) + layer["b"])
+    out = params["out"]["b"] + linear(c, params["skip"])
     if params["hidden"]:
-        out = out + (h @ params["out"]["w"]) / h.shape[-1]
+        out = out + linear(h, params["out"]["w"]) / h.shape[-1]
     return out
 
 
@@ -205,12 +221,12 @@ class ConditionalAutoregressive:
         masks, out_mask = _made_masks(self.dim, self.hidden)
         h = z
         for i, (layer, m) in enumerate(zip(params["hidden"], masks)):
-            pre = h @ _masked(layer["w"], m) + layer["b"]
+            pre = linear(h, _masked(layer["w"], m)) + layer["b"]
             if i == 0:
-                pre = pre + c @ layer["wc"]
+                pre = pre + linear(c, layer["wc"])
             h = jnp.tanh(pre)
         h = h / h.shape[-1]  # maximal-update output scaling, see resnet
-        out = h @ _masked(params["out"]["w"], out_mask) + params["out"]["b"]
+        out = linear(h, _masked(params["out"]["w"], out_mask)) + params["out"]["b"]
         return out[..., : self.dim], _bounded_log_scale(out[..., self.dim :])
 
     def forward(self, params: dict, z: jax.Array, c: jax.Array):

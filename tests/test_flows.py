@@ -14,6 +14,8 @@ from numpyro_pavi.flows import (
     ConditionalAutoregressive,
     ConditionalCoupling,
     ConditionalFlow,
+    SMALL_PRODUCT,
+    linear,
 )
 
 SETTINGS = settings(max_examples=12, deadline=None, derandomize=True)
@@ -141,3 +143,17 @@ def test_inner_layers_start_as_identity_and_keep_bounded_scales(layer_kind):
         wild = _perturb(p, jax.random.PRNGKey(3), 100.0)
         _, logdet = layer.forward(wild, z, c)
         assert abs(float(logdet)) <= 3 * INNER_LOG_SCALE_BOUND + 1e-4
+
+
+@pytest.mark.parametrize("rows", [1, 7, 1 + SMALL_PRODUCT // 32])
+def test_linear_is_the_matrix_product_on_both_sides_of_its_threshold(rows):
+    """``linear`` computes small products elementwise and large ones as ``@``: the values
+    and both gradients equal the matrix product's either way."""
+    kx, kw, kg = jax.random.split(jax.random.PRNGKey(3), 3)
+    x, w = jax.random.normal(kx, (rows, 4)), jax.random.normal(kw, (4, 8))
+    g = jax.random.normal(kg, (rows, 8))
+    np.testing.assert_allclose(linear(x, w), x @ w, rtol=1e-5, atol=1e-5)
+    ours = jax.grad(lambda x, w: jnp.sum(g * linear(x, w)), (0, 1))(x, w)
+    ref = jax.grad(lambda x, w: jnp.sum(g * (x @ w)), (0, 1))(x, w)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
