@@ -151,7 +151,11 @@ class ConditionalAffine:
         out = resnet(params["net"], c)
         if "bilinear" in params:
             k = self.bilinear
-            out = out + jnp.einsum("...i,...j,ijk->...k", c[..., :k], c[..., k:], params["bilinear"])
+            enc, parents, t = c[..., :k], c[..., k:], params["bilinear"]
+            if math.prod(c.shape[:-1]) * t.size > SMALL_PRODUCT:
+                out = out + jnp.einsum("...i,...j,ijk->...k", enc, parents, t)
+            else:  # elementwise, as in `linear`: it fuses where a product would be a library call
+                out = out + jnp.sum(enc[..., :, None, None] * parents[..., None, :, None] * t, axis=(-3, -2))
         shift, raw = out[..., : self.dim], out[..., self.dim :]
         # init_scale is static (not trained): it is the scale when the conditioner outputs 0
         return shift, _positive(raw, init_scale)

@@ -16,6 +16,7 @@ from numpyro_pavi.flows import (
     ConditionalFlow,
     SMALL_PRODUCT,
     linear,
+    resnet,
 )
 
 SETTINGS = settings(max_examples=12, deadline=None, derandomize=True)
@@ -152,8 +153,35 @@ def test_linear_is_the_matrix_product_on_both_sides_of_its_threshold(rows):
     kx, kw, kg = jax.random.split(jax.random.PRNGKey(3), 3)
     x, w = jax.random.normal(kx, (rows, 4)), jax.random.normal(kw, (4, 8))
     g = jax.random.normal(kg, (rows, 8))
-    np.testing.assert_allclose(linear(x, w), x @ w, rtol=1e-5, atol=1e-5)
-    ours = jax.grad(lambda x, w: jnp.sum(g * linear(x, w)), (0, 1))(x, w)
-    ref = jax.grad(lambda x, w: jnp.sum(g * (x @ w)), (0, 1))(x, w)
+    small = rows * 4 * 8 <= SMALL_PRODUCT
+    assert ("dot_general" in str(jax.make_jaxpr(linear)(x, w))) is not small
+    with jax.default_matmul_precision("highest"):  # a GPU's default f32 product is TF32
+        np.testing.assert_allclose(linear(x, w), x @ w, rtol=1e-5, atol=1e-5)
+        ours = jax.grad(lambda x, w: jnp.sum(g * linear(x, w)), (0, 1))(x, w)
+        ref = jax.grad(lambda x, w: jnp.sum(g * (x @ w)), (0, 1))(x, w)
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [3, 1 + SMALL_PRODUCT // 24])
+def test_bilinear_term_is_the_einsum_on_both_sides_of_the_threshold(rows):
+    """The bilinear term ``enc^T T_k parents`` of an affine layer, elementwise for small
+    inputs and an einsum for large ones, equals the einsum (values and gradients)."""
+    layer = ConditionalAffine(2, 5, (8,), bilinear=2)
+    params = _perturb(layer.init(jax.random.PRNGKey(0)), jax.random.PRNGKey(1), 0.5)
+    c = jax.random.normal(jax.random.PRNGKey(2), (rows, 5))
+
+    def reference(params, c):
+        out = resnet(params["net"], c)
+        out = out + jnp.einsum("...i,...j,ijk->...k", c[..., :2], c[..., 2:], params["bilinear"])
+        return out[..., :2], out[..., 2:]
+
+    with jax.default_matmul_precision("highest"):  # a GPU's default f32 product is TF32
+        ours = layer._shift_scale(params, c, 1.0)
+        shift, raw = reference(params, c)
+        loss = lambda f: lambda p, c: jnp.sum(f(p, c)[0] ** 2)
+        g_ours = jax.grad(loss(lambda p, c: layer._shift_scale(p, c, 1.0)), (0, 1))(params, c)
+        g_ref = jax.grad(loss(reference), (0, 1))(params, c)
+    np.testing.assert_allclose(ours[0], shift, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
