@@ -27,7 +27,9 @@ __all__ = [
     "ConditionalAutoregressive",
     "ConditionalCoupling",
     "ConditionalFlow",
+    "SMALL_PRODUCT",
     "init_resnet",
+    "linear",
     "resnet",
 ]
 
