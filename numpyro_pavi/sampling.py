@@ -71,27 +71,6 @@ def element_noise(key: jax.Array, indices: list, dim: int) -> jax.Array:
     return jax.vmap(lambda i: element_noise(jax.random.fold_in(key, i), indices[1:], dim))(indices[0])
 
 
-def _noise(plan: GuidePlan, rng_key, indices: dict, at_center: bool, element_keys: bool) -> list:
-    """Every latent site's standard normal noise ``(*grid, d)``, in model order.
-
-    One ``jax.random.normal`` call for all the sites: on a CPU each call is a loop of
-    threefry rounds (tens of small kernels a step, and as many fusions to compile), once per
-    site before. With ``element_keys`` each site's elements keep their own keys
-    (:func:`element_noise`)."""
-    sites = list(plan.structure.latent.values())
-    grids = [tuple(int(indices[p].shape[0]) for p in site.plates) for site in sites]
-    shapes = [grid + (site.dim,) for grid, site in zip(grids, sites)]
-    if at_center:
-        return [jnp.zeros(shape) for shape in shapes]
-    if element_keys:
-        keys = jax.random.split(rng_key, len(sites))
-        return [element_noise(k, [indices[p] for p in site.plates], site.dim) for k, site in zip(keys, sites)]
-    sizes = [math.prod(shape) for shape in shapes]
-    flat = jax.random.normal(rng_key, (sum(sizes),))
-    ends = np.cumsum(sizes)
-    return [jnp.reshape(flat[end - size : end], shape) for end, size, shape in zip(ends, sizes, shapes)]
-
-
 def masked_density(site: LatentSite, logq: jax.Array, trace_site: dict | None, grid: tuple) -> jax.Array:
     """Per-element ``logq (*grid)`` with the cells the model masks out removed.
 
@@ -454,9 +433,15 @@ def sample_latents(
         enc = encodings(plan, params, indices, trace, sizes, bound)
     values, unc, centers, logqs, reports = {}, {}, {}, {}, {}
     theta = None  # the globals' vector, once the first site with a stored base is reached
-    noises = _noise(plan, rng_key, indices, at_center, element_keys)
-    for (name, site), noise in zip(plan.structure.latent.items(), noises):
+    keys = jax.random.split(rng_key, len(plan.structure.latent))
+    for site_key, (name, site) in zip(keys, plan.structure.latent.items()):
         grid = tuple(int(indices[p].shape[0]) for p in site.plates)
+        if at_center:
+            noise = jnp.zeros(grid + (site.dim,))
+        elif element_keys:
+            noise = element_noise(site_key, [indices[p] for p in site.plates], site.dim)
+        else:
+            noise = jax.random.normal(site_key, grid + (site.dim,))
         base = None
         if plan.stored is not None and name in plan.stored.sites:
             if theta is None:
