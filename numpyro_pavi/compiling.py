@@ -28,6 +28,7 @@ __all__ = [
     "as_inputs",
     "data_size",
     "hoisted",
+    "primitives_in",
     "run_once",
     "uses_linalg",
 ]
@@ -168,16 +169,21 @@ LINALG_PRIMITIVES = frozenset(
 )  # fmt: skip
 
 
-def uses_linalg(jaxpr: Any) -> bool:
-    """Whether a (closed) jaxpr, its sub-jaxprs included (loops, branches, calls), holds a
-    :data:`LINALG_PRIMITIVES` operation."""
+def primitives_in(jaxpr: Any) -> set[str]:
+    """Names of the primitives of a (closed) jaxpr, its sub-jaxprs included (loops,
+    branches, calls)."""
     inner = getattr(jaxpr, "jaxpr", jaxpr)
+    names = set()
     for eqn in inner.eqns:
-        if eqn.primitive.name in LINALG_PRIMITIVES:
-            return True
+        names.add(eqn.primitive.name)
         for value in eqn.params.values():
             for sub in value if isinstance(value, (tuple, list)) else (value,):
                 if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
-                    if uses_linalg(sub):
-                        return True
-    return False
+                    names |= primitives_in(sub)
+    return names
+
+
+def uses_linalg(jaxpr: Any) -> bool:
+    """Whether a (closed) jaxpr, its sub-jaxprs included, holds a :data:`LINALG_PRIMITIVES`
+    operation."""
+    return not LINALG_PRIMITIVES.isdisjoint(primitives_in(jaxpr))
