@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib.util
 import json
 import math
 import os
@@ -69,6 +70,8 @@ def machine_info() -> dict:
         "numpyro": numpyro.__version__,
         "optax": optax.__version__,
         "git_commit": _run(["git", "rev-parse", "--short", "HEAD"]),
+        # the package that ran: another tree's (a before snapshot on PYTHONPATH) is not this commit's
+        "numpyro_pavi_path": os.path.dirname(importlib.util.find_spec("numpyro_pavi").origin),
         # uncommitted changes in the library at run time (the working tree was being edited)
         "git_dirty_files": [
             ln.split()[-1] for ln in _run(["git", "status", "--short", "--", "numpyro_pavi"]).splitlines() if ln.strip()
@@ -236,7 +239,7 @@ class Harness:
             update.lower(state, *self.train_args).compile()
             self.compile_s = time.perf_counter() - t0
             # steps call the jit-wrapped update, as users do: calling the compiled object
-            # goes through JAX's Python dispatch, 0.6-1.4 ms a call more at 96 state leaves.
+            # goes through JAX's Python dispatch, 0.45-1.5 ms a call more at 96 state leaves.
             # The wrapper compiles on its first call (not timed, result discarded).
             jax.block_until_ready(update(state, *self.train_args))
             self._update = update

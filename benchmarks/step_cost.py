@@ -145,13 +145,14 @@ def measure(model, guide_fn, args, kwargs, block: int, blocks: int, draws: int) 
         return svi.update(st, *a, **kw)
 
     one_c = jax.jit(one)
-    state, loss = one_c(state, data)
+    # on a copy: the draws below read the params of the blocks above, as before this column
+    st, loss = one_c(state, data)
     jax.block_until_ready(loss)
     per_call = []
     for _ in range(blocks):
         t0 = time.perf_counter()
         for _ in range(block):
-            state, loss = one_c(state, data)
+            st, loss = one_c(st, data)
         jax.block_until_ready(loss)
         per_call.append((time.perf_counter() - t0) / block)
     params = svi.get_params(state)
