@@ -33,9 +33,10 @@ between evaluations against 1.2-1.3 ms in a plain loop of an ad-hoc script, RESU
 section 24), so ``--retime`` trains a run that
 reached tolerance again from its start, with the same key, for the same number of steps
 without evaluations, and reports that time as its time to tolerance (the first is kept as
-``time_to_tol_with_evals_s``, the replay's own gap as ``retimed_gap_per_group``: PAVI-E's
-replays did not reproduce their run's fit, RESULTS section 24, so this is the time of as
-many steps). A run stops at tolerance, at
+``time_to_tol_with_evals_s``, the replay's gap at one more key as
+``retimed_gap_per_group``). A 1-particle evaluation of PAVI-E's gap varies far more than
+AutoNormal's (one global draw shifts every group's term: 0.022-0.20 nats/group over six
+keys at one state at 1e5, RESULTS section 24): give it ``--eval-particles 8``. A run stops at tolerance, at
 ``--max-seconds`` of training time, or at ``--max-steps``. With ``--race`` (default) a grid
 member is also stopped once its training time exceeds the best time-to-tolerance found so
 far for that method and size: it can no longer be the best.
@@ -356,9 +357,9 @@ def main(argv: list[str] | None = None) -> dict:
                     again.train(r["steps_to_tol"])
                     r["time_to_tol_with_evals_s"] = r["time_to_tol_s"]
                     r["time_to_tol_s"] = again.train_s
-                    # the replay's own gap (not timed): AutoNormal's matched its run's, PAVI-E's
-                    # did not (0.110 against 0.016 at 1e5, RESULTS 24): a replay is the time of
-                    # as many steps, not a second fit to tolerance
+                    # the replay's own gap (not timed, one more key): the replay is the same
+                    # trajectory, but a 1-particle gap can be far from its mean (PAVI-E at 1e5:
+                    # 0.022-0.20 over six keys at one state, RESULTS 24): use --eval-particles 8
                     r["retimed_gap_per_group"] = (again.full_loss(jax.random.PRNGKey(args.seed + 7)) + log_z) / N
                 runs.append(r)
                 if r["reached"]:
