@@ -36,8 +36,8 @@ without evaluations, and reports that time as its time to tolerance (the first i
 ``time_to_tol_with_evals_s``, the replay's gap at one more key as
 ``retimed_gap_per_group``). A 1-particle evaluation of PAVI-E's gap varies far more than
 AutoNormal's (one global draw shifts every group's term: 0.022-0.20 nats/group over six
-keys at one state at 1e5, RESULTS section 24): give it ``--eval-particles 8``. A run stops at tolerance, at
-``--max-seconds`` of training time, or at ``--max-steps``. With ``--race`` (default) a grid
+keys at one state at 1e5, RESULTS section 24): give it ``--eval-particles 8``. A run
+stops at tolerance, at ``--max-seconds`` of training time, or at ``--max-steps``. With ``--race`` (default) a grid
 member is also stopped once its training time exceeds the best time-to-tolerance found so
 far for that method and size: it can no longer be the best.
 

@@ -123,9 +123,12 @@ def measure(model, guide_fn, args, kwargs, block: int, blocks: int, draws: int) 
     # large data are the programs' inputs, small ones constants, as in numpyro_pavi.fit
     data, rebuild = as_inputs((args, kwargs))
 
-    def run(st, data):
+    def one(st, data):
         a, kw = rebuild(data)
-        return jax.lax.scan(lambda s, _: svi.update(s, *a, **kw), st, None, length=block)
+        return svi.update(st, *a, **kw)
+
+    def run(st, data):
+        return jax.lax.scan(lambda s, _: one(s, data), st, None, length=block)
 
     t0 = time.perf_counter()
     run_c = jax.jit(run).lower(state, data).compile()
@@ -140,10 +143,6 @@ def measure(model, guide_fn, args, kwargs, block: int, blocks: int, draws: int) 
 
     # one compiled step called from Python, as svi.run (with its progress bar) and fit do:
     # adds JAX's per-call dispatch, which a program holding a host callback pays in Python
-    def one(st, data):
-        a, kw = rebuild(data)
-        return svi.update(st, *a, **kw)
-
     one_c = jax.jit(one)
     # on a copy: the draws below read the params of the blocks above, as before this column
     st, loss = one_c(state, data)
