@@ -38,6 +38,8 @@ from numpyro import handlers
 from numpyro.distributions.transforms import biject_to
 from numpyro.infer.util import log_density
 
+from .data import site_mask
+
 __all__ = [
     "NEWTON_STEPS",
     "LaplaceWarning",
@@ -47,6 +49,7 @@ __all__ = [
     "draw_start",
     "finite_cotangent",
     "grad_and_blocks",
+    "group_log_joint",
     "log_joint",
     "newton_base",
     "higher_modes",
@@ -218,6 +221,50 @@ def log_joint(
         scale = trace[per_element_of]["scale"]
         lp = lp if scale is None else lp / scale
     return lp
+
+
+def unscored_coordinates(site, trace_site: dict | None) -> jax.Array | None:
+    """``(*grid, d)``: True at the unconstrained coordinates of ``site``'s cells that the
+    model does not score (``handlers.mask``, ``fn.mask``, an ``obs_mask`` imputation site at
+    its observed cells), or None where it scores them all (or the mask does not line up)."""
+    mask = site_mask(trace_site)
+    if mask is None:
+        return None
+    n_batch = len(site.batch_shape)
+    batch = jnp.shape(trace_site["value"])[:n_batch]
+    try:
+        mask = jnp.broadcast_to(mask, batch)
+    except ValueError:
+        return None
+    out = jnp.reshape(~mask, batch + (1,) * len(site.unconstrained_event_shape))
+    return site.to_canonical(jnp.broadcast_to(out, batch + tuple(site.unconstrained_event_shape)))
+
+
+def group_log_joint(model: Callable, group, args: tuple, kwargs: dict, trace: Mapping | None = None) -> Callable:
+    """``logp(z, known)`` of a Newton group: a site and its later siblings of the same
+    plates (``z``: their canonical unconstrained values concatenated, ``(*grid, sum of
+    d)``), the rest of the joint at ``known`` (site or plate name -> value) and reference
+    values (:func:`log_joint`, per element of the group's first site).
+
+    A sibling's cells the model does not score (read from ``trace``, a trace of the model on
+    these elements) add nothing to the joint, so their coordinates are flat directions of
+    it: no element with one converges, and each would fall back to its prior location. They
+    get a unit quadratic instead; the site's curvature, its Schur complement, is unchanged,
+    since nothing the model scores depends on them.
+    """
+    cuts = np.cumsum([g.dim for g in group])[:-1].tolist()
+    unscored = [None] + [None if trace is None else unscored_coordinates(g, trace.get(g.name)) for g in group[1:]]
+
+    def logp(z, known):
+        vals, extra = {}, 0.0
+        for g, part, out in zip(group, jnp.split(z, cuts, axis=-1) if len(group) > 1 else [z], unscored):
+            vals[g.name], ld = g.constrain(part)
+            extra = extra + jnp.sum(ld)
+            if out is not None:
+                extra = extra - 0.5 * jnp.sum(jnp.where(out, part, 0.0) ** 2)
+        return log_joint(model, {**known, **vals}, args, kwargs, per_element_of=group[0].name) + extra
+
+    return logp
 
 
 #: Largest element size ``d`` whose ``d`` Hessian-vector products in :func:`grad_and_blocks`

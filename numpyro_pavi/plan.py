@@ -11,7 +11,6 @@ Sampling (:mod:`numpyro_pavi.sampling`) reads the plan and never changes it.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import warnings
 import zlib
@@ -36,7 +35,7 @@ from .laplace import (
     draw_start,
     one_step_base,
     grad_and_blocks,
-    log_joint,
+    group_log_joint,
     newton_iterate,
     precision_chol,
     reference_trace,
@@ -583,18 +582,13 @@ def _probe_site(model, structure, trace, plates, site, args, kwargs) -> tuple[ja
     before = {n: trace[n]["value"] for n in names[: names.index(site.name)]}
     later = names[names.index(site.name) + 1 :]
     group = [site] + [latent[n] for n in later if latent[n].plates == site.plates]
-    cuts = np.cumsum([g.dim for g in group])[:-1].tolist()
+    ref = reference_trace(model, {**plates, **before}, args, kwargs)
+    joint = group_log_joint(model, group, args, kwargs, ref)
 
-    def logp(z, group, before=before, site=site, cuts=cuts):
-        vals, logdet = {}, 0.0
-        for g, part in zip(group, jnp.split(z, cuts, axis=-1) if len(group) > 1 else [z]):
-            vals[g.name], ld = g.constrain(part)
-            logdet = logdet + jnp.sum(ld)
-        lp = log_joint(model, {**plates, **before, **vals}, args, kwargs, per_element_of=site.name)
-        return lp + logdet
+    def logp(z):
+        return joint(z, {**plates, **before})
 
-    def quadratic(start, fixed, group):
-        f = functools.partial(logp, group=group)
+    def quadratic(start, fixed, f=logp):
         z, chol, report = newton_iterate(f, start)
         ok = report.converged()
         shift = solve_lower(chol, jnp.full_like(z, 1.0 / math.sqrt(z.shape[-1])), transpose=True)
@@ -623,16 +617,11 @@ def _probe_site(model, structure, trace, plates, site, args, kwargs) -> tuple[ja
         concave = jax.lax.cond(lands[0], lambda _: jnp.array(False), concave_around, None)
         return ok, lands[0], lands[0] & lands[1], concave
 
-    def run(z_site, z_group, f_site, f_group, group=group):
-        ok, *flags = quadratic(z_site, f_site, [group[0]])
-        if len(group) == 1:
-            return ok, *flags
-        return (ok, *quadratic(z_group, f_group, group)[1:])
-
-    ref = reference_trace(model, {**plates, **before}, args, kwargs)
+    # the site's whole Newton problem, as the step solves it: its convergence too (a
+    # sibling's flat direction would leave every element of the site on its prior location)
     start = canonical_values(ref, group)
     fixed = draw_start(model, group, plates, args, kwargs)
-    converged, flat, flat_ref, concave = run(start[..., : site.dim], start, fixed[..., : site.dim], fixed)
+    converged, flat, flat_ref, concave = quadratic(start, fixed)
     return _data.scored_mean(site, converged, trace.get(site.name)), flat, flat_ref, concave
 
 

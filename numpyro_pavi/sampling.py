@@ -18,19 +18,19 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from . import base_state as _state
 from . import data as _data
 from .encoders import readout
 from .laplace import (
     NEWTON_STEPS,
-    grad_and_blocks,
+    at_least,
     canonical_values,
     draw_start,
     finite_cotangent,
+    grad_and_blocks,
+    group_log_joint,
     in_pieces,
-    log_joint,
     newton_base,
     precision,
     reference_trace,
@@ -305,15 +305,6 @@ def laplace_base(
     plates = {p: indices[p] for p in plan.structure.plates if p in indices}
     names = list(latent)
     group = [site] + [s for s in (latent[n] for n in names[names.index(site.name) + 1 :]) if s.plates == site.plates]
-    cuts = np.cumsum([g.dim for g in group])[:-1].tolist()
-
-    def logp(z, known):
-        vals, logdet = {}, 0.0
-        for g, part in zip(group, jnp.split(z, cuts, axis=-1)):
-            vals[g.name], ld = g.constrain(part)
-            logdet = logdet + jnp.sum(ld)
-        lp = log_joint(plan.model, {**plates, **known, **vals}, args, kwargs, per_element_of=site.name)
-        return lp + logdet
 
     values = {k: finite_cotangent(v) for k, v in values.items()}
     frozen = jax.lax.stop_gradient(values)
@@ -322,14 +313,20 @@ def laplace_base(
     # differentiable as the base of elements whose iterations do not converge
     trace = reference_trace(plan.model, {**plates, **values}, args, kwargs)
     prior = canonical_values(trace, group)
+    joint = group_log_joint(plan.model, group, args, kwargs, trace)
 
-    def log_prior(z):
-        # the group's own prior given its parents (no likelihood, no model pass)
-        lp = 0.0
-        for g, part in zip(group, jnp.split(z, cuts, axis=-1)):
-            value, ld = g.constrain(part)
-            lp = lp + jnp.sum(trace[g.name]["fn"].log_prob(value)) + jnp.sum(ld)
-        return lp
+    def floor(m):
+        # never wider than the prior (see laplace.at_least): where the likelihood is convex
+        # at the base (a mixture's shoulder, an unconverged element) its curvature alone is
+        # not. The site's own prior given its parents (no likelihood, no model pass), on its
+        # marginal: a later sibling's prior in the trace is at the site's reference value,
+        # so a joint floor would miss their coupling (an imputed observation's prior is the
+        # site's likelihood) and tighten the site's marginal
+        def log_prior(z):
+            value, ld = site.constrain(z)
+            return jnp.sum(trace[site.name]["fn"].log_prob(value)) + jnp.sum(ld)
+
+        return precision(grad_and_blocks(log_prior, m)[1])
 
     quadratic = site.name in plan.quadratic
     # draws of a quadratic site step from a start that does not depend on the draw (see
@@ -341,14 +338,12 @@ def laplace_base(
     if start is None:
         start = draw_start(plan.model, group, plates, args, kwargs) if fixed_start else prior
     m, chol, report = newton_base(
-        lambda z: logp(z, values),
-        lambda z: logp(z, frozen),
+        lambda z: joint(z, {**plates, **values}),
+        lambda z: joint(z, {**plates, **frozen}),
         start,
         NEWTON_STEPS,
         fallback=prior,
-        # never wider than the prior (see laplace.at_least): where the likelihood is convex
-        # at the base (a mixture's shoulder, an unconverged element) its curvature alone is not
-        floor=lambda m: precision(grad_and_blocks(log_prior, m)[1]),
+        floor=floor if len(group) == 1 else None,
         report=True,
         differentiate=differentiate,
         probe_modes=probe_modes,
@@ -362,7 +357,7 @@ def laplace_base(
     cov = in_pieces(lambda c, e: jax.scipy.linalg.cho_solve((c, True), e), chol, eye)[..., :d, :d]
     # the inverse of a marginal covariance: precision() of its negative symmetrizes it
     marginal = in_pieces(lambda c: jnp.linalg.cholesky(precision(-jnp.linalg.inv(c))), cov)
-    return m[..., :d], marginal, report
+    return m[..., :d], at_least(marginal, floor(m[..., :d])), report
 
 
 # ---------------------------------------------------------------------------------------

@@ -608,6 +608,37 @@ def test_a_gaussian_likelihood_takes_one_newton_step_with_the_same_base_and_deri
     assert other.plan.quadratic == frozenset()
 
 
+def test_a_sibling_masked_out_at_some_cells_leaves_the_sites_base_exact():
+    """``obs_mask`` imputes the missing cells as a later latent sibling of a group's effect,
+    which the model does not score at the observed cells. Its base is still each group's
+    exact posterior: observed groups' conjugate update, missing groups' prior (no element
+    falls back to the prior location for the sibling's sake), and the setup keeps it."""
+    from numpyro_pavi.sampling import laplace_base
+
+    def model(y, seen):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        with numpyro.plate("groups", y.shape[0]):
+            theta = numpyro.sample("theta", dist.Normal(mu, S_B))
+            numpyro.sample("y", dist.Normal(theta, S_Y), obs=y, obs_mask=seen)
+
+    y = jnp.asarray(np.random.default_rng(5).normal(size=6), jnp.float32)
+    seen = jnp.array([True, False, True, True, False, True])
+    guide = AutoPAVI(model)
+    SVI(model, guide, optax.adam(5e-3), Trace_ELBO()).init(jax.random.PRNGKey(0), y, seen)
+    assert guide.plan.on_laplace(guide.structure.latent["theta"])
+    mu = 0.4
+    precision = np.where(seen, 1 / S_B**2 + 1 / S_Y**2, 1 / S_B**2)
+    mean = np.where(seen, (mu / S_B**2 + np.asarray(y) / S_Y**2), mu / S_B**2) / precision
+    for differentiate in (True, False):
+        m, chol, report = laplace_base(
+            guide.plan, guide.structure.latent["theta"], {"mu": jnp.asarray(mu)}, {"groups": jnp.arange(6)},
+            ((y, seen), {}), differentiate=differentiate,
+        )
+        np.testing.assert_allclose(m[:, 0], mean, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(chol[:, 0, 0] ** 2, precision, rtol=1e-4)
+        assert bool(jnp.all(report.converged()))
+
+
 def test_draws_of_a_quadratic_site_step_from_a_start_that_does_not_depend_on_the_draw():
     """Posterior draws of a site Gaussian in its likelihood take their one Newton step from
     the model's reference point (every latent at its own reference): the same base, to
