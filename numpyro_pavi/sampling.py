@@ -24,7 +24,6 @@ from . import data as _data
 from .encoders import readout
 from .laplace import (
     NEWTON_STEPS,
-    at_least,
     canonical_values,
     draw_start,
     finite_cotangent,
@@ -315,18 +314,19 @@ def laplace_base(
     prior = canonical_values(trace, group)
     joint = group_log_joint(plan.model, group, args, kwargs, trace)
 
-    def floor(m):
-        # never wider than the prior (see laplace.at_least): where the likelihood is convex
-        # at the base (a mixture's shoulder, an unconverged element) its curvature alone is
-        # not. The site's own prior given its parents (no likelihood, no model pass), on its
-        # marginal: a later sibling's prior in the trace is at the site's reference value,
-        # so a joint floor would miss their coupling (an imputed observation's prior is the
-        # site's likelihood) and tighten the site's marginal
-        def log_prior(z):
-            value, ld = site.constrain(z)
-            return jnp.sum(trace[site.name]["fn"].log_prob(value)) + jnp.sum(ld)
+    cuts = [sum(g.dim for g in group[: i + 1]) for i in range(len(group) - 1)]
 
-        return precision(grad_and_blocks(log_prior, m)[1])
+    def log_prior(z):
+        # the group's own prior given its parents (no likelihood). A later sibling's prior
+        # may read the site (an imputed observation's is the site's likelihood): it is
+        # traced at z, so the floor holds their coupling (XLA drops the trace's unused
+        # likelihood terms from a compiled step)
+        vals, lp = {}, 0.0
+        for g, part in zip(group, jnp.split(z, cuts, axis=-1) if cuts else [z]):
+            vals[g.name], ld = g.constrain(part)
+            lp = lp + jnp.sum(ld)
+        fns = trace if not cuts else reference_trace(plan.model, {**plates, **values, **vals}, args, kwargs)
+        return lp + sum(jnp.sum(fns[g.name]["fn"].log_prob(vals[g.name])) for g in group)
 
     quadratic = site.name in plan.quadratic
     # draws of a quadratic site step from a start that does not depend on the draw (see
@@ -343,7 +343,9 @@ def laplace_base(
         start,
         NEWTON_STEPS,
         fallback=prior,
-        floor=floor if len(group) == 1 else None,
+        # never wider than the prior (see laplace.at_least): where the likelihood is convex
+        # at the base (a mixture's shoulder, an unconverged element) its curvature alone is not
+        floor=lambda m: precision(grad_and_blocks(log_prior, m)[1]),
         report=True,
         differentiate=differentiate,
         probe_modes=probe_modes,
@@ -357,7 +359,7 @@ def laplace_base(
     cov = in_pieces(lambda c, e: jax.scipy.linalg.cho_solve((c, True), e), chol, eye)[..., :d, :d]
     # the inverse of a marginal covariance: precision() of its negative symmetrizes it
     marginal = in_pieces(lambda c: jnp.linalg.cholesky(precision(-jnp.linalg.inv(c))), cov)
-    return m[..., :d], at_least(marginal, floor(m[..., :d])), report
+    return m[..., :d], marginal, report
 
 
 # ---------------------------------------------------------------------------------------
