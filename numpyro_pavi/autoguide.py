@@ -990,13 +990,15 @@ class AutoPAVI(AutoGuide):
                 chunk_size=self.chunk_size, with_reports=True, differentiate=False, probe_modes=True,
             )[3]  # fmt: skip
             latent = self.structure.latent
-            scored = lambda n, v: _data.scored_mean(latent[n], v, None if trace is None else trace.get(n))
+            scored = lambda n, v, if_none=1.0: _data.scored_mean(  # noqa: E731
+                latent[n], v, None if trace is None else trace.get(n), if_none
+            )
             return {
                 n: (
                     scored(n, r.converged()),
                     scored(n, r.concave),
                     r.decrement,
-                    jnp.nan if r.higher_mode is None else scored(n, r.higher_mode),
+                    jnp.nan if r.higher_mode is None else scored(n, r.higher_mode, 0.0),
                 )
                 for n, r in reports.items()
             }

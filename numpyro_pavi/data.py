@@ -132,17 +132,20 @@ def site_mask(site: dict | None):
     return jnp.asarray(mask, bool)
 
 
-def scored_mean(site, values: jax.Array, trace_site: dict | None) -> jax.Array:
+def scored_mean(site, values: jax.Array, trace_site: dict | None, if_none: float = 1.0) -> jax.Array:
     """Mean of per-element ``values (*grid)`` of latent ``site`` over the elements the model
     scores: cells that ``handlers.mask``/``obs_mask`` leave out (an imputation site's
     observed cells) have a flat log joint, so their Newton problems never converge and must
-    not count against the site's."""
+    not count against the site's. ``if_none`` where the model scores none of them (an
+    imputation site where nothing is missing): 1 for a share of successes, 0 for a share
+    of failures."""
     mask = site_mask(trace_site)
     share = None if mask is None else site.element_share(mask, values.shape)
     if share is None:
         return jnp.mean(values)
     scored = share > 0
-    return jnp.sum(jnp.where(scored, values, 0.0)) / jnp.maximum(jnp.sum(scored), 1)
+    count = jnp.sum(scored)
+    return jnp.where(count > 0, jnp.sum(jnp.where(scored, values, 0.0)) / jnp.maximum(count, 1), if_none)
 
 
 def check_observed_finite(trace) -> None:
