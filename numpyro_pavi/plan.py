@@ -114,12 +114,6 @@ class GuidePlan:
         iterations at the mode of the guide's center draw
         (:func:`~numpyro_pavi.sampling.draw_starts`) instead of the prior location. Empty
         under tracing and in plans pickled before.
-    :param own_prior_floor: Laplace sites with later siblings of the same plates none of
-        whose priors reads the site (a group's intercept and slope; not an imputed
-        observation of the group): the floor of their base (:func:`~numpyro_pavi.laplace.at_least`)
-        takes the siblings' priors from the step's reference trace instead of tracing them
-        at each Newton point. Empty under tracing and in plans pickled before (the traced
-        floor, right for any model).
     """
 
     model: Callable
@@ -139,7 +133,6 @@ class GuidePlan:
     quadratic: frozenset = frozenset()
     reference_start: frozenset = frozenset()
     warm_start: frozenset = frozenset()
-    own_prior_floor: frozenset = frozenset()
 
     def param_name(self, name: str, what: str) -> str:
         """NumPyro's naming: ``{site or plate set}_{prefix}_{what}``."""
@@ -435,7 +428,7 @@ def build_plan(
     """
     kwargs = dict(kwargs or {})
     features, stats, masked = _data_statistics(structure, options, model, trace, args, kwargs)
-    laplace_sites, gaussian, reference_start, warm_start, own_prior_floor = _laplace_sites(
+    laplace_sites, gaussian, reference_start, warm_start = _laplace_sites(
         model, structure, options, trace, args, kwargs
     )
     sources = encoding_sources(structure, options, laplace_sites)
@@ -529,7 +522,6 @@ def build_plan(
         quadratic=gaussian,
         reference_start=reference_start,
         warm_start=warm_start,
-        own_prior_floor=own_prior_floor,
     )
 
 
@@ -551,9 +543,8 @@ def probe_laplace(
     return {name: share for name, (share, *_) in _probe(model, structure, trace, args, kwargs).items()}
 
 
-def _probe(model, structure, trace, args, kwargs) -> dict[str, tuple[float, bool, bool, bool, bool]]:
-    """``{local site: (converged share, quadratic, from reference, concave, own prior
-    floor)}`` (see
+def _probe(model, structure, trace, args, kwargs) -> dict[str, tuple[float, bool, bool, bool]]:
+    """``{local site: (converged share, quadratic, from reference, concave)}`` (see
     :func:`probe_laplace`); ``quadratic``: the log joint of the site's Newton problem (the
     site and its later siblings of the same plates, as in
     :func:`~numpyro_pavi.sampling.laplace_base`) has the same curvature, to round-off, at
@@ -567,8 +558,7 @@ def _probe(model, structure, trace, args, kwargs) -> dict[str, tuple[float, bool
     ``PROBE_RADII_SDS`` sds on both sides of it along ``L^{-T} 1``, so where the draws'
     iterations start does not change where they end (``GuidePlan.warm_start``); a
     heuristic, as the probe sees one point of the parameter space: heavy tails and
-    mixtures, whose curvature turns within a few sds, fail it. ``own prior floor``: the site
-    has later siblings and no sibling's prior reads it (``GuidePlan.own_prior_floor``)."""
+    mixtures, whose curvature turns within a few sds, fail it."""
     kwargs = dict(kwargs or {})
     latent = structure.latent
     plates = {p: trace[p]["value"] for p in structure.plates if p in trace}
@@ -581,12 +571,12 @@ def _probe(model, structure, trace, args, kwargs) -> dict[str, tuple[float, bool
     for batch in batches:
         flags.update(run_once(lambda b=batch: {s.name: _probe_site(model, structure, trace, plates, s, args, kwargs) for s in b}))
     # in the model's order (a program's dict comes back sorted): the warnings follow it
-    return {s.name: tuple(f(v) for f, v in zip((float, bool, bool, bool, bool), flags[s.name])) for s in local}
+    return {s.name: tuple(f(v) for f, v in zip((float, bool, bool, bool), flags[s.name])) for s in local}
 
 
 def _probe_site(model, structure, trace, plates, site, args, kwargs) -> tuple[jax.Array, ...]:
     """:func:`_probe`'s flags of one local site, traced: ``(converged share, quadratic, from
-    reference, concave, own prior floor)``."""
+    reference, concave)``."""
     latent = structure.latent
     names = list(latent)
     before = {n: trace[n]["value"] for n in names[: names.index(site.name)]}
@@ -632,29 +622,7 @@ def _probe_site(model, structure, trace, plates, site, args, kwargs) -> tuple[ja
     start = canonical_values(ref, group)
     fixed = draw_start(model, group, plates, args, kwargs)
     converged, flat, flat_ref, concave = quadratic(start, fixed)
-    return _data.scored_mean(site, converged, trace.get(site.name)), flat, flat_ref, concave, _own_prior(
-        model, group, plates, before, ref, args, kwargs
-    )
-
-
-def _own_prior(model, group, plates, before, ref, args, kwargs) -> jax.Array:
-    """Whether no later sibling's prior reads the site (``group[0]``): the gradient in the
-    site of the siblings' log priors, at points off their means (a location's gradient
-    vanishes at the mean), is zero everywhere."""
-    site = group[0]
-    if len(group) == 1:
-        return jnp.array(False)
-
-    def siblings(z):
-        tr = reference_trace(model, {**plates, **before, site.name: site.constrain(z)[0]}, args, kwargs)
-        lp = 0.0
-        for g in group[1:]:
-            off = canonical_values(ref, [g]) + 0.37
-            lp = lp + jnp.sum(tr[g.name]["fn"].log_prob(g.constrain(off)[0]))
-        return lp
-
-    grad = jax.grad(siblings)(canonical_values(ref, [site]) + 0.29)
-    return jnp.all(grad == 0)
+    return _data.scored_mean(site, converged, trace.get(site.name)), flat, flat_ref, concave
 
 
 def _laplace_sites(model, structure, options, trace, args, kwargs) -> tuple[frozenset, ...]:
@@ -667,16 +635,12 @@ def _laplace_sites(model, structure, options, trace, args, kwargs) -> tuple[froz
     values to look at) every local site keeps its base and none counts as Gaussian."""
     local = frozenset(name for name, s in structure.latent.items() if s.plates)
     if not (options.laplace and local):
-        return (frozenset(),) * 5
+        return frozenset(), frozenset(), frozenset(), frozenset()
     values = [trace[n]["value"] for n in structure.latent] + jax.tree.leaves((args, kwargs))
     if any(isinstance(v, jax.core.Tracer) for v in values):
-        return local, *(frozenset(),) * 4
-    kept, gaussian, reference, warm, own = set(local), set(), set(), set(), set()
-    for name, (share, quadratic, from_reference, concave, independent) in _probe(
-        model, structure, trace, args, kwargs
-    ).items():
-        if independent:
-            own.add(name)
+        return local, frozenset(), frozenset(), frozenset()
+    kept, gaussian, reference, warm = set(local), set(), set(), set()
+    for name, (share, quadratic, from_reference, concave) in _probe(model, structure, trace, args, kwargs).items():
         if quadratic:
             gaussian.add(name)
         if from_reference:
@@ -696,7 +660,7 @@ def _laplace_sites(model, structure, options, trace, args, kwargs) -> tuple[froz
                 LaplaceWarning,
                 stacklevel=5,
             )
-    return tuple(frozenset(x & kept) for x in (kept, gaussian, reference, warm, own))
+    return frozenset(kept), frozenset(gaussian & kept), frozenset(reference & kept), frozenset(warm & kept)
 
 
 def with_encoder_width(encoder: SetEncoder, encoding_dim: int) -> SetEncoder:

@@ -319,14 +319,13 @@ def laplace_base(
     def log_prior(z):
         # the group's own prior given its parents (no likelihood). A later sibling's prior
         # may read the site (an imputed observation's is the site's likelihood): it is
-        # traced at z, so the floor holds their coupling, unless the setup probe found
-        # none does (GuidePlan.own_prior_floor: a model pass fewer)
+        # traced at z, so the floor holds their coupling (XLA drops the trace's unused
+        # likelihood terms from a compiled step)
         vals, lp = {}, 0.0
         for g, part in zip(group, jnp.split(z, cuts, axis=-1) if cuts else [z]):
             vals[g.name], ld = g.constrain(part)
             lp = lp + jnp.sum(ld)
-        own = not cuts or site.name in getattr(plan, "own_prior_floor", frozenset())
-        fns = trace if own else reference_trace(plan.model, {**plates, **values, **vals}, args, kwargs)
+        fns = trace if not cuts else reference_trace(plan.model, {**plates, **values, **vals}, args, kwargs)
         return lp + sum(jnp.sum(fns[g.name]["fn"].log_prob(vals[g.name])) for g in group)
 
     quadratic = site.name in plan.quadratic
