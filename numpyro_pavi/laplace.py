@@ -249,8 +249,10 @@ def group_log_joint(model: Callable, group, args: tuple, kwargs: dict, trace: Ma
     A sibling's cells the model does not score (read from ``trace``, a trace of the model on
     these elements) add nothing to the joint, so their coordinates are flat directions of
     it: no element with one converges, and each would fall back to its prior location. They
-    get a unit quadratic instead; the site's curvature, its Schur complement, is unchanged,
-    since nothing the model scores depends on them.
+    get a unit quadratic instead; the site's curvature, its Schur complement, is unchanged
+    where nothing the model scores reads them (``obs_mask``'s imputed cells). A masked
+    sibling that a scored term still reads (``d.mask(False)`` plus a ``factor``) gets the
+    quadratic too, and the site's base comes out too tight: a known limit.
     """
     cuts = np.cumsum([g.dim for g in group])[:-1].tolist()
     unscored = [None] + [None if trace is None else unscored_coordinates(g, trace.get(g.name)) for g in group[1:]]

@@ -320,7 +320,7 @@ def laplace_base(
         # the group's own prior given its parents (no likelihood). A later sibling's prior
         # may read the site (an imputed observation's is the site's likelihood): it is
         # traced at z, so the floor holds their coupling (XLA drops the trace's unused
-        # likelihood terms from a compiled step)
+        # likelihood terms from a compiled step; an eager call runs the whole model)
         vals, lp = {}, 0.0
         for g, part in zip(group, jnp.split(z, cuts, axis=-1) if cuts else [z]):
             vals[g.name], ld = g.constrain(part)
