@@ -46,6 +46,7 @@ __all__ = [
     "NewtonReport",
     "at_least",
     "canonical_values",
+    "constrain_group",
     "draw_start",
     "finite_cotangent",
     "grad_and_blocks",
@@ -240,6 +241,17 @@ def unscored_coordinates(site, trace_site: dict | None) -> jax.Array | None:
     return site.to_canonical(jnp.broadcast_to(out, batch + tuple(site.unconstrained_event_shape)))
 
 
+def constrain_group(group, z: jax.Array) -> tuple[dict, jax.Array]:
+    """A Newton group's site-layout values ``{name: value}`` from its canonical
+    unconstrained ``z (*grid, sum of d)``, and their summed ``log|det|``."""
+    cuts = np.cumsum([g.dim for g in group])[:-1].tolist()
+    vals, logdet = {}, 0.0
+    for g, part in zip(group, jnp.split(z, cuts, axis=-1) if cuts else [z]):
+        vals[g.name], ld = g.constrain(part)
+        logdet = logdet + jnp.sum(ld)
+    return vals, logdet
+
+
 def group_log_joint(model: Callable, group, args: tuple, kwargs: dict, trace: Mapping | None = None) -> Callable:
     """``logp(z, known)`` of a Newton group: a site and its later siblings of the same
     plates (``z``: their canonical unconstrained values concatenated, ``(*grid, sum of
@@ -254,17 +266,16 @@ def group_log_joint(model: Callable, group, args: tuple, kwargs: dict, trace: Ma
     sibling that a scored term still reads (``d.mask(False)`` plus a ``factor``) gets the
     quadratic too, and the site's base comes out too tight: a known limit.
     """
-    cuts = np.cumsum([g.dim for g in group])[:-1].tolist()
-    unscored = [None] + [None if trace is None else unscored_coordinates(g, trace.get(g.name)) for g in group[1:]]
+    outs = [None] + [None if trace is None else unscored_coordinates(g, trace.get(g.name)) for g in group[1:]]
+    out = None
+    if any(o is not None for o in outs):
+        grid = next(o for o in outs if o is not None).shape[:-1]
+        out = jnp.concatenate([jnp.zeros(grid + (g.dim,), bool) if o is None else o for g, o in zip(group, outs)], -1)
 
     def logp(z, known):
-        vals, extra = {}, 0.0
-        for g, part, out in zip(group, jnp.split(z, cuts, axis=-1) if len(group) > 1 else [z], unscored):
-            vals[g.name], ld = g.constrain(part)
-            extra = extra + jnp.sum(ld)
-            if out is not None:
-                extra = extra - 0.5 * jnp.sum(jnp.where(out, part, 0.0) ** 2)
-        return log_joint(model, {**known, **vals}, args, kwargs, per_element_of=group[0].name) + extra
+        vals, logdet = constrain_group(group, z)
+        extra = 0.0 if out is None else -0.5 * jnp.sum(jnp.where(out, z, 0.0) ** 2)
+        return log_joint(model, {**known, **vals}, args, kwargs, per_element_of=group[0].name) + logdet + extra
 
     return logp
 

@@ -25,6 +25,7 @@ from .encoders import readout
 from .laplace import (
     NEWTON_STEPS,
     canonical_values,
+    constrain_group,
     draw_start,
     finite_cotangent,
     grad_and_blocks,
@@ -314,18 +315,13 @@ def laplace_base(
     prior = canonical_values(trace, group)
     joint = group_log_joint(plan.model, group, args, kwargs, trace)
 
-    cuts = [sum(g.dim for g in group[: i + 1]) for i in range(len(group) - 1)]
-
     def log_prior(z):
         # the group's own prior given its parents (no likelihood). A later sibling's prior
         # may read the site (an imputed observation's is the site's likelihood): it is
         # traced at z, so the floor holds their coupling (XLA drops the trace's unused
         # likelihood terms from a compiled step; an eager call runs the whole model)
-        vals, lp = {}, 0.0
-        for g, part in zip(group, jnp.split(z, cuts, axis=-1) if cuts else [z]):
-            vals[g.name], ld = g.constrain(part)
-            lp = lp + jnp.sum(ld)
-        fns = trace if not cuts else reference_trace(plan.model, {**plates, **values, **vals}, args, kwargs)
+        vals, lp = constrain_group(group, z)
+        fns = trace if len(group) == 1 else reference_trace(plan.model, {**plates, **values, **vals}, args, kwargs)
         return lp + sum(jnp.sum(fns[g.name]["fn"].log_prob(vals[g.name])) for g in group)
 
     quadratic = site.name in plan.quadratic
