@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import NamedTuple
 
 import jax
@@ -49,6 +49,7 @@ __all__ = [
     "constrain_group",
     "draw_start",
     "finite_cotangent",
+    "flat_unscored",
     "grad_and_blocks",
     "group_log_joint",
     "log_joint",
@@ -252,25 +253,25 @@ def constrain_group(group, z: jax.Array) -> tuple[dict, jax.Array]:
     return vals, logdet
 
 
-def group_log_joint(model: Callable, group, args: tuple, kwargs: dict, trace: Mapping | None = None) -> Callable:
+def group_log_joint(
+    model: Callable, group, args: tuple, kwargs: dict, trace: Mapping | None = None, flat: Collection[str] | None = None
+) -> Callable:
     """``logp(z, known)`` of a Newton group: a site and its later siblings of the same
     plates (``z``: their canonical unconstrained values concatenated, ``(*grid, sum of
     d)``), the rest of the joint at ``known`` (site or plate name -> value) and reference
     values (:func:`log_joint`, per element of the group's first site).
 
     A sibling's cells the model does not score (read from ``trace``, a trace of the model on
-    these elements) add nothing to the joint, so their coordinates are flat directions of
-    it: no element with one converges, and each would fall back to its prior location. They
-    get a unit quadratic instead; the site's curvature, its Schur complement, is unchanged
-    where nothing the model scores reads them (``obs_mask``'s imputed cells). A masked
-    sibling that a scored term still reads (``d.mask(False)`` plus a ``factor``) gets the
-    quadratic too, and the site's base comes out too tight: a known limit.
+    these elements) may add nothing to the joint (``obs_mask``'s imputed cells at the
+    observed ones): their coordinates are then flat directions of it, no element with one
+    converges, and each would fall back to its prior location. The siblings in ``flat``
+    (``GuidePlan.flat_unscored``: the setup probe found their unscored coordinates flat;
+    None: every sibling, as under tracing) get a unit quadratic there instead, which leaves
+    the site's curvature, its Schur complement, unchanged: nothing the model scores reads
+    them. A masked sibling that a scored term still reads (``d.mask(False)`` plus a
+    ``factor``) is not flat, and must not get it: the site's base would come out too tight.
     """
-    outs = [None] + [None if trace is None else unscored_coordinates(g, trace.get(g.name)) for g in group[1:]]
-    out = None
-    if any(o is not None for o in outs):
-        grid = next(o for o in outs if o is not None).shape[:-1]
-        out = jnp.concatenate([jnp.zeros(grid + (g.dim,), bool) if o is None else o for g, o in zip(group, outs)], -1)
+    out = _unscored_group_coordinates(group, trace, flat)
 
     def logp(z, known):
         vals, logdet = constrain_group(group, z)
@@ -278,6 +279,48 @@ def group_log_joint(model: Callable, group, args: tuple, kwargs: dict, trace: Ma
         return log_joint(model, {**known, **vals}, args, kwargs, per_element_of=group[0].name) + logdet + extra
 
     return logp
+
+
+def _unscored_group_coordinates(group, trace: Mapping | None, flat) -> jax.Array | None:
+    """``(*grid, sum of d)``: True at the unscored coordinates of the group's later siblings
+    that ``flat`` names (a collection of names, or ``{name: bool}``, possibly traced; None:
+    all), or None where there are none."""
+    if trace is None:
+        return None
+    outs = [None]
+    for g in group[1:]:
+        o = None if flat is not None and g.name not in flat else unscored_coordinates(g, trace.get(g.name))
+        if o is not None and isinstance(flat, Mapping):
+            o = o & jnp.asarray(flat[g.name], bool)
+        outs.append(o)
+    if all(o is None for o in outs):
+        return None
+    grid = next(o for o in outs if o is not None).shape[:-1]
+    return jnp.concatenate([jnp.zeros(grid + (g.dim,), bool) if o is None else o for g, o in zip(group, outs)], -1)
+
+
+def flat_unscored(model: Callable, group, args: tuple, kwargs: dict, trace: Mapping, known: Mapping, z: jax.Array) -> dict:
+    """``{later sibling: flag}`` of a Newton group, for each sibling with cells the model
+    does not score (see :func:`group_log_joint`): True where the group's log joint neither
+    slopes nor curves along any of those coordinates at ``z`` nor one unit away (nothing
+    the model scores reads them: ``obs_mask``'s imputed cells), False where it does (a
+    ``factor`` reads a ``d.mask(False)`` site). ``known``: the rest of the joint, as for
+    the log joint's ``logp``; ``z`` ``(*grid, sum of d)``. Traceable: flags are arrays."""
+    masks = {g.name: unscored_coordinates(g, trace.get(g.name)) for g in group[1:]}
+    masks = {name: o for name, o in masks.items() if o is not None}
+    if not masks:
+        return {}
+    joint = group_log_joint(model, group, args, kwargs, trace, flat=())
+    offsets = dict(zip([g.name for g in group], np.cumsum([0] + [g.dim for g in group])[:-1].tolist()))
+    dims = {g.name: g.dim for g in group}
+    flags = {name: jnp.array(True) for name in masks}
+    for point in (z, z + 1.0):
+        grad, blocks = grad_and_blocks(lambda v: joint(v, known), point)
+        for name, o in masks.items():
+            cut = slice(offsets[name], offsets[name] + dims[name])
+            still = (grad[..., cut] == 0) & jnp.all(blocks[..., cut, :] == 0, -1)
+            flags[name] = flags[name] & jnp.all(still | ~o)
+    return flags
 
 
 #: Largest element size ``d`` whose ``d`` Hessian-vector products in :func:`grad_and_blocks`

@@ -35,6 +35,7 @@ from .laplace import (
     draw_start,
     one_step_base,
     grad_and_blocks,
+    flat_unscored,
     group_log_joint,
     newton_iterate,
     precision_chol,
@@ -114,6 +115,12 @@ class GuidePlan:
         iterations at the mode of the guide's center draw
         (:func:`~numpyro_pavi.sampling.draw_starts`) instead of the prior location. Empty
         under tracing and in plans pickled before.
+    :param flat_unscored: later siblings in a Laplace site's Newton problem whose cells the
+        model does not score are flat directions of it where nothing scored reads them
+        (``obs_mask``'s imputed cells): the setup probe names those
+        (:func:`~numpyro_pavi.laplace.flat_unscored`), which get a unit quadratic there
+        (:func:`~numpyro_pavi.laplace.group_log_joint`). None (under tracing, and in plans
+        pickled before): every such sibling.
     """
 
     model: Callable
@@ -133,6 +140,7 @@ class GuidePlan:
     quadratic: frozenset = frozenset()
     reference_start: frozenset = frozenset()
     warm_start: frozenset = frozenset()
+    flat_unscored: frozenset | None = None
 
     def param_name(self, name: str, what: str) -> str:
         """NumPyro's naming: ``{site or plate set}_{prefix}_{what}``."""
@@ -428,7 +436,7 @@ def build_plan(
     """
     kwargs = dict(kwargs or {})
     features, stats, masked = _data_statistics(structure, options, model, trace, args, kwargs)
-    laplace_sites, gaussian, reference_start, warm_start = _laplace_sites(
+    laplace_sites, gaussian, reference_start, warm_start, flat = _laplace_sites(
         model, structure, options, trace, args, kwargs
     )
     sources = encoding_sources(structure, options, laplace_sites)
@@ -522,6 +530,7 @@ def build_plan(
         quadratic=gaussian,
         reference_start=reference_start,
         warm_start=warm_start,
+        flat_unscored=flat,
     )
 
 
@@ -543,8 +552,8 @@ def probe_laplace(
     return {name: share for name, (share, *_) in _probe(model, structure, trace, args, kwargs).items()}
 
 
-def _probe(model, structure, trace, args, kwargs) -> dict[str, tuple[float, bool, bool, bool]]:
-    """``{local site: (converged share, quadratic, from reference, concave)}`` (see
+def _probe(model, structure, trace, args, kwargs) -> dict[str, tuple]:
+    """``{local site: (converged share, quadratic, from reference, concave, flat)}`` (see
     :func:`probe_laplace`); ``quadratic``: the log joint of the site's Newton problem (the
     site and its later siblings of the same plates, as in
     :func:`~numpyro_pavi.sampling.laplace_base`) has the same curvature, to round-off, at
@@ -558,7 +567,9 @@ def _probe(model, structure, trace, args, kwargs) -> dict[str, tuple[float, bool
     ``PROBE_RADII_SDS`` sds on both sides of it along ``L^{-T} 1``, so where the draws'
     iterations start does not change where they end (``GuidePlan.warm_start``); a
     heuristic, as the probe sees one point of the parameter space: heavy tails and
-    mixtures, whose curvature turns within a few sds, fail it."""
+    mixtures, whose curvature turns within a few sds, fail it. ``flat``: ``{later sibling
+    with unscored cells: whether they are flat directions}``
+    (:func:`~numpyro_pavi.laplace.flat_unscored`)."""
     kwargs = dict(kwargs or {})
     latent = structure.latent
     plates = {p: trace[p]["value"] for p in structure.plates if p in trace}
@@ -571,19 +582,23 @@ def _probe(model, structure, trace, args, kwargs) -> dict[str, tuple[float, bool
     for batch in batches:
         flags.update(run_once(lambda b=batch: {s.name: _probe_site(model, structure, trace, plates, s, args, kwargs) for s in b}))
     # in the model's order (a program's dict comes back sorted): the warnings follow it
-    return {s.name: tuple(f(v) for f, v in zip((float, bool, bool, bool), flags[s.name])) for s in local}
+    def host(share, quadratic, from_reference, concave, flat):
+        return float(share), bool(quadratic), bool(from_reference), bool(concave), {k: bool(v) for k, v in flat.items()}
+
+    return {s.name: host(*flags[s.name]) for s in local}
 
 
 def _probe_site(model, structure, trace, plates, site, args, kwargs) -> tuple[jax.Array, ...]:
     """:func:`_probe`'s flags of one local site, traced: ``(converged share, quadratic, from
-    reference, concave)``."""
+    reference, concave, flat)``."""
     latent = structure.latent
     names = list(latent)
     before = {n: trace[n]["value"] for n in names[: names.index(site.name)]}
-    later = names[names.index(site.name) + 1 :]
-    group = [site] + [latent[n] for n in later if latent[n].plates == site.plates]
+    group = [site] + [latent[n] for n in _later_siblings(structure, site.name)]
     ref = reference_trace(model, {**plates, **before}, args, kwargs)
-    joint = group_log_joint(model, group, args, kwargs, ref)
+    start = canonical_values(ref, group)
+    flat = flat_unscored(model, group, args, kwargs, ref, {**plates, **before}, start)
+    joint = group_log_joint(model, group, args, kwargs, ref, flat=flat)
 
     def logp(z):
         return joint(z, {**plates, **before})
@@ -619,10 +634,16 @@ def _probe_site(model, structure, trace, plates, site, args, kwargs) -> tuple[ja
 
     # the site's whole Newton problem, as the step solves it: its convergence too (a
     # sibling's flat direction would leave every element of the site on its prior location)
-    start = canonical_values(ref, group)
     fixed = draw_start(model, group, plates, args, kwargs)
-    converged, flat, flat_ref, concave = quadratic(start, fixed)
-    return _data.scored_mean(site, converged, trace.get(site.name)), flat, flat_ref, concave
+    converged, one_step, one_step_ref, concave = quadratic(start, fixed)
+    return _data.scored_mean(site, converged, trace.get(site.name)), one_step, one_step_ref, concave, flat
+
+
+def _later_siblings(structure: ModelStructure, name: str) -> list[str]:
+    """The later latent sites of ``name``'s plates, which its Newton problem holds."""
+    names = list(structure.latent)
+    plates = structure.latent[name].plates
+    return [n for n in names[names.index(name) + 1 :] if structure.latent[n].plates == plates]
 
 
 def _laplace_sites(model, structure, options, trace, args, kwargs) -> tuple[frozenset, ...]:
@@ -631,16 +652,22 @@ def _laplace_sites(model, structure, options, trace, args, kwargs) -> tuple[froz
     :class:`~numpyro_pavi.LaplaceWarning` naming each; those of them whose likelihood is
     Gaussian in the site (:func:`_probe`); those of these whose posterior draws may step
     from the model's reference point (``GuidePlan.reference_start``); and the others whose
-    draws may start from the guide's center (``GuidePlan.warm_start``). Under tracing (no
-    values to look at) every local site keeps its base and none counts as Gaussian."""
+    draws may start from the guide's center (``GuidePlan.warm_start``); and the later
+    siblings whose unscored cells are flat directions of a Newton problem
+    (``GuidePlan.flat_unscored``). Under tracing (no values to look at) every local site
+    keeps its base, none counts as Gaussian, and every masked sibling counts as flat (None)."""
     local = frozenset(name for name, s in structure.latent.items() if s.plates)
     if not (options.laplace and local):
-        return frozenset(), frozenset(), frozenset(), frozenset()
+        return frozenset(), frozenset(), frozenset(), frozenset(), None
     values = [trace[n]["value"] for n in structure.latent] + jax.tree.leaves((args, kwargs))
     if any(isinstance(v, jax.core.Tracer) for v in values):
-        return local, frozenset(), frozenset(), frozenset()
+        return local, frozenset(), frozenset(), frozenset(), None
     kept, gaussian, reference, warm = set(local), set(), set(), set()
-    for name, (share, quadratic, from_reference, concave) in _probe(model, structure, trace, args, kwargs).items():
+    # a sibling is flat only where every Newton problem holding it finds it so
+    flat, read = set(), set()
+    for name, (share, quadratic, from_reference, concave, flags) in _probe(model, structure, trace, args, kwargs).items():
+        flat.update(k for k, v in flags.items() if v)
+        read.update(k for k, v in flags.items() if not v)
         if quadratic:
             gaussian.add(name)
         if from_reference:
@@ -649,18 +676,33 @@ def _laplace_sites(model, structure, options, trace, args, kwargs) -> tuple[froz
             warm.add(name)
         if share < MIN_CONVERGED_AT_SETUP:
             kept.discard(name)
+            siblings = _later_siblings(structure, name)
+            # the problem is the group's: a sibling's failure sinks the site too
+            where = (
+                "this site or in a later site of its plates, whose Newton problem it shares ("
+                + ", ".join(f"'{n}'" for n in siblings)
+                + ")"
+                if siblings
+                else "this site"
+            )
             warnings.warn(
                 f"Laplace base of site '{name}' is off: at the initial values its Newton iterations "
                 f"converged for only {100 * share:.0f}% of its elements, so its curvature does not "
                 "locate its posterior (a likelihood that is not smooth, e.g. Laplace, or one "
-                "with several modes in this site). The site is sampled without a base: its flow "
+                f"with several modes, in {where}). The site is sampled without a base: its flow "
                 "on its plates' encodings (with encoding='auto', plus a learned vector per element "
                 "where its plates are not subsampled). AutoPAVI(model, laplace=False) turns the "
                 "bases off for every site, without this warning.",
                 LaplaceWarning,
                 stacklevel=5,
             )
-    return frozenset(kept), frozenset(gaussian & kept), frozenset(reference & kept), frozenset(warm & kept)
+    return (
+        frozenset(kept),
+        frozenset(gaussian & kept),
+        frozenset(reference & kept),
+        frozenset(warm & kept),
+        frozenset(flat - read),
+    )
 
 
 def with_encoder_width(encoder: SetEncoder, encoding_dim: int) -> SetEncoder:

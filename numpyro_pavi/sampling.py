@@ -313,7 +313,7 @@ def laplace_base(
     # differentiable as the base of elements whose iterations do not converge
     trace = reference_trace(plan.model, {**plates, **values}, args, kwargs)
     prior = canonical_values(trace, group)
-    joint = group_log_joint(plan.model, group, args, kwargs, trace)
+    joint = group_log_joint(plan.model, group, args, kwargs, trace, flat=plan.flat_unscored)
 
     def log_prior(z):
         # the group's own prior given its parents (no likelihood). A later sibling's prior

@@ -639,6 +639,43 @@ def test_a_sibling_masked_out_at_some_cells_leaves_the_sites_base_exact():
         assert bool(jnp.all(report.converged()))
 
 
+def test_a_masked_sibling_a_factor_reads_is_not_taken_for_a_flat_direction():
+    """NumPyro's custom-prior idiom: a sibling sampled under ``d.mask(False)`` whose density
+    a ``factor`` supplies. The model scores none of its cells, yet they are not flat: the
+    setup probe leaves it out of ``flat_unscored`` (it got a unit quadratic, and the group
+    effect's base came out too tight, pulled toward 0), so the base is the conjugate
+    posterior, ``y | theta ~ N(theta, S_X^2 + S_Y^2)``, while ``obs_mask``'s imputed
+    sibling still counts as flat."""
+    from numpyro_pavi.sampling import laplace_base
+
+    s_x = 0.4
+
+    def model(y, seen):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        with numpyro.plate("groups", y.shape[0]):
+            theta = numpyro.sample("theta", dist.Normal(mu, S_B))
+            x = numpyro.sample("x", dist.Normal(0.0, 1.0).mask(False))
+            numpyro.factor("x_prior", dist.Normal(theta, s_x).log_prob(x))
+            numpyro.sample("y", dist.Normal(x, S_Y), obs=y, obs_mask=seen)
+
+    y = jnp.asarray(2 * np.random.default_rng(5).normal(size=6), jnp.float32)
+    seen = jnp.array([True, True, True, True, False, True])
+    guide = AutoPAVI(model)
+    SVI(model, guide, optax.adam(5e-3), Trace_ELBO()).init(jax.random.PRNGKey(0), y, seen)
+    assert guide.plan.flat_unscored == {"y_unobserved"}
+    mu, v = 0.4, s_x**2 + S_Y**2
+    precision = np.where(seen, 1 / S_B**2 + 1 / v, 1 / S_B**2)
+    mean = np.where(seen, mu / S_B**2 + np.asarray(y) / v, mu / S_B**2) / precision
+    for differentiate in (True, False):
+        m, chol, report = laplace_base(
+            guide.plan, guide.structure.latent["theta"], {"mu": jnp.asarray(mu)}, {"groups": jnp.arange(6)},
+            ((y, seen), {}), differentiate=differentiate,
+        )
+        np.testing.assert_allclose(m[:, 0], mean, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(chol[:, 0, 0] ** 2, precision, rtol=1e-4)
+        assert bool(jnp.all(report.converged()))
+
+
 def test_an_imputation_site_with_nothing_missing_keeps_its_base_quietly():
     """``obs_mask`` with every cell observed still makes an imputation site, scored nowhere:
     no element's Newton problem counts, so none failed (it was reported as 0% converged,
@@ -715,7 +752,7 @@ def test_draws_keep_the_prior_location_where_the_reference_point_is_too_far_for_
     guide = AutoPAVI(model)
     SVI(model, guide, optax.adam(5e-3), Trace_ELBO()).init(jax.random.PRNGKey(0), y)
     trace = numpyro.handlers.trace(numpyro.handlers.substitute(numpyro.handlers.seed(model, 0), {"mu": 1000.0})).get_trace(y)
-    share, quadratic, from_reference, _ = _probe(model, guide.structure, trace, (y,), {})["b"]
+    share, quadratic, from_reference, *_ = _probe(model, guide.structure, trace, (y,), {})["b"]
     assert share == 1.0 and quadratic and not from_reference
 
 

@@ -109,6 +109,24 @@ def test_non_smooth_likelihood_loses_its_base_with_a_warning():
     assert np.all(np.isfinite(np.asarray(result.losses)))
 
 
+def test_the_setup_warning_names_the_later_sites_a_newton_problem_shares():
+    """A random intercept's Newton problem holds the slope of the same plate: where it
+    fails, the warning says so and names the slope (it blamed the intercept's own
+    likelihood alone); the slope's own warning names no sibling."""
+    from numpyro.infer import SVI, Trace_ELBO
+    from numpyro.optim import Adam
+
+    x, y = likelihoods.simulate("laplace", slope=True, groups=8, per_group=4)
+    guide = AutoPAVI(likelihoods.model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        SVI(likelihoods.model, guide, Adam(5e-3), Trace_ELBO()).init(jax.random.PRNGKey(0), x, y, family="laplace", slope=True)
+    msgs = {m[m.index("'") + 1 : m.index("' is off")]: m for m in (str(w.message) for w in caught) if "' is off" in m}
+    assert set(msgs) == {"u", "v"}, msgs
+    assert "whose Newton problem it shares ('v')" in msgs["u"]
+    assert "Newton problem it shares" not in msgs["v"]
+
+
 @pytest.mark.slow  # quick tier <= 8 min on 2 cores: runs in the slow tier
 def test_check_bases_warns_where_elements_do_not_converge():
     """A site kept on its base whose elements do not converge (here: the Laplace likelihood
