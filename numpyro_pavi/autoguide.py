@@ -210,7 +210,11 @@ class AutoPAVI(AutoGuide):
     The flow (params ``{site}_{prefix}_flow``) is a standard normal on the site's flattened
     unconstrained element, ``num_flows`` conditional autoregressive (or coupling) layers
     when the element has more than one coordinate, a conditional affine layer that sets
-    the element's location and scale, then ``biject_to(support)``.
+    the element's location and scale, then ``biject_to(support)``. A flow's weights, and a
+    set encoder's, are stored packed, one vector per param (``svi.get_params(state)``), so
+    that a step's state has a few leaves per site, as ``AutoNormal``'s;
+    ``guide.plan.unpack(params)`` gives them back as pytrees of layers, and every method
+    taking ``params`` accepts either form.
 
     Subsampling works as with any NumPyro guide: write ``numpyro.plate(name, N,
     subsample_size=B)`` in the model; on each call the guide opens the model's plates with
@@ -447,7 +451,10 @@ class AutoPAVI(AutoGuide):
 
     def _params(self) -> dict:
         self._check_param_clash()
-        return {name: numpyro.param(name, value) for name, value in self.plan.init_values.items()}
+        # flows and encoders live packed, one vector each (GuidePlan.unpack): a step's state
+        # then has a few leaves per site, as AutoNormal's, not one per weight matrix
+        packed = {name: numpyro.param(name, value) for name, value in self.plan.packed_init_values().items()}
+        return self.plan.unpack(packed)
 
     def _check_param_clash(self) -> None:
         """Two guides writing one param name would silently share it (or fail on shapes).
@@ -664,7 +671,7 @@ class AutoPAVI(AutoGuide):
             )
         for name, init in init_values.items():
             want = jax.tree.map(jnp.shape, init)
-            got = jax.tree.map(jnp.shape, params[name])
+            got = jax.tree.map(jnp.shape, self.plan.unpack({name: params[name]})[name])
             if want != got:
                 raise ValueError(
                     f"params['{name}'] does not match this guide (shapes {got} vs {want}): were they "

@@ -193,6 +193,22 @@ class GuidePlan:
     def num_params(self) -> int:
         return int(sum(np.size(leaf) for leaf in jax.tree.leaves(dict(self.init_values))))
 
+    def packed_init_values(self) -> dict:
+        """``{param name: initial value}`` as stored in NumPyro's param store: a flow's or an
+        encoder's pytree of arrays packed into one vector (:func:`pack`), an array as it is."""
+        return {name: pack(value) if is_packed(value) else value for name, value in self.init_values.items()}
+
+    def unpack(self, params: Mapping) -> dict:
+        """``params`` with every packed vector back in its pytree (a flow's layers, an
+        encoder's weights): what the flows and encoders read, and a readable view of an
+        SVI run's params. Pytrees given as they are (params of fits before the packing)
+        pass through, as do names that are not this guide's."""
+        out = dict(params)
+        for name, init in self.init_values.items():
+            if name in out and is_packed(init):
+                out[name] = unpack_like(init, out[name])
+        return out
+
     def describe(self) -> str:
         """A table of sites (plates, flow, context, parameter counts) and plate sets (encodings)."""
         structure = self.structure
@@ -644,6 +660,35 @@ def _later_siblings(structure: ModelStructure, name: str) -> list[str]:
     names = list(structure.latent)
     plates = structure.latent[name].plates
     return [n for n in names[names.index(name) + 1 :] if structure.latent[n].plates == plates]
+
+
+def is_packed(init) -> bool:
+    """Whether a param with initial value ``init`` is stored packed: any pytree that is not
+    a single array (a flow's list of layers, an encoder's dict of weights). Each packed param
+    is one leaf of SVI's state instead of dozens: a step called from Python pays JAX's
+    dispatch per leaf, and Adam runs one kernel per leaf (RESULTS section 26)."""
+    return not hasattr(init, "shape")
+
+
+def pack(tree) -> np.ndarray:
+    """``tree``'s leaves raveled and concatenated in ``jax.tree.leaves`` order, ``(n,)``:
+    the host arrays of a packed param's initial value (NumPy: nothing staged under a trace)."""
+    leaves = [np.ravel(np.asarray(leaf)) for leaf in jax.tree.leaves(tree)]
+    dtype = np.result_type(*leaves) if leaves else np.float32
+    return np.concatenate(leaves).astype(dtype) if leaves else np.zeros((0,), dtype)
+
+
+def unpack_like(init, value):
+    """The pytree of ``init``'s structure and shapes whose leaves are the consecutive pieces
+    of ``value (n,)`` (:func:`pack`'s inverse); ``value`` itself where it is not a vector of
+    that length (a pytree already)."""
+    leaves, treedef = jax.tree.flatten(init)
+    sizes = [int(np.size(leaf)) for leaf in leaves]
+    if not (hasattr(value, "shape") and jnp.ndim(value) == 1 and jnp.shape(value)[0] == sum(sizes)):
+        return value
+    cuts = np.cumsum([0] + sizes).tolist()
+    pieces = [jnp.reshape(value[a:b], np.shape(leaf)) for a, b, leaf in zip(cuts[:-1], cuts[1:], leaves)]
+    return jax.tree.unflatten(treedef, pieces)
 
 
 def _laplace_sites(model, structure, options, trace, args, kwargs) -> tuple[frozenset, ...]:

@@ -153,6 +153,7 @@ def encodings(plan: GuidePlan, params: dict, indices: dict, trace, sizes: dict, 
     :param trace: a model trace on those indices (the encoders' data).
     :param sizes: ``{plate: full size}``; ``bound``: the model's arguments by name.
     """
+    params = plan.unpack(params)
     out = {}
     for plate_set, sources in plan.sources.items():
         if plate_set in plan.no_encoding:
@@ -387,7 +388,8 @@ def sample_latents(
     """Top-down sample of every latent site on the given plate elements.
 
     :param plan: the guide's plan.
-    :param params: the guide's params (``svi.get_params(state)``).
+    :param params: the guide's params (``svi.get_params(state)``: flows and encoders packed,
+        :meth:`GuidePlan.unpack`, or unpacked).
     :param indices: ``{plate: current element indices}``.
     :param trace: a model trace on those indices (observed data for the encoders), or None
         when the guide reads no data.
@@ -422,6 +424,7 @@ def sample_latents(
         and per-element ``log q (*grid)`` (support log-det included), then the reports
         with ``with_reports``, then the new state with ``with_state``.
     """
+    params = plan.unpack(params)
     if enc is None:
         enc = encodings(plan, params, indices, trace, sizes, bound)
     values, unc, centers, logqs, reports = {}, {}, {}, {}, {}

@@ -57,6 +57,24 @@ def test_param_names_follow_numpyro_conventions(fitted):
     assert _tree_size(params["mu_g_auto_flow"]) > 0
 
 
+def test_flows_are_stored_packed_one_vector_per_param(fitted):
+    """A flow's layers are one vector in the param store (a step's state then has a few
+    leaves per site, as AutoNormal's): ``plan.unpack`` gives them back as the flow's
+    pytree, exactly, and the posterior methods take either form."""
+    guide, _, result = fitted
+    params = result.params
+    flow = params["mu_g_auto_flow"]
+    assert flow.ndim == 1 and flow.shape[0] == _tree_size(guide.plan.init_values["mu_g_auto_flow"])
+    unpacked = guide.plan.unpack(params)
+    assert jax.tree.structure(unpacked["mu_g_auto_flow"]) == jax.tree.structure(guide.plan.init_values["mu_g_auto_flow"])
+    np.testing.assert_array_equal(np.concatenate([np.ravel(v) for v in jax.tree.leaves(unpacked["mu_g_auto_flow"])]), flow)
+    assert guide.plan.unpack(unpacked)["mu_g_auto_flow"] is unpacked["mu_g_auto_flow"]
+    key = jax.random.PRNGKey(3)
+    a, b = (guide.sample_posterior(key, p, X, sample_shape=(4,)) for p in (params, unpacked))
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+
+
 # ---------------------------------------------------------------------------------------------
 # subsampling
 # ---------------------------------------------------------------------------------------------

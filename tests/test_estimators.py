@@ -113,7 +113,9 @@ def test_path_derivative_gradient_vanishes_at_the_exact_optimum(estimator):
     m, s = float(jnp.sum(x) / (n + 1)), float(1 / np.sqrt(n + 1))  # exact posterior N(m, s^2)
     guide = AutoPAVI(_conjugate, estimator=estimator, init_scale=0.1)
     svi = SVI(_conjugate, guide, optax.adam(1e-3), Trace_ELBO())
+    # unpacked (GuidePlan.unpack): the flow's layers as a pytree, which the guide also reads
     params = svi.get_params(svi.init(jax.random.PRNGKey(0), x))
+    params = guide.plan.unpack(params)
     affine = params["mu_auto_flow"][-1]
     # conditioner outputs exactly (loc m, scale s): the guide *is* the posterior
     raw = _softplus_inv(s - 1e-6) - _softplus_inv(0.1)

@@ -560,7 +560,7 @@ def test_flows_read_the_base_where_an_element_has_no_encoding():
             # (the element's own inputs come first in its context)
             params = svi.get_params(state)
             grads = jax.grad(lambda p: Trace_ELBO().loss(jax.random.PRNGKey(1), p, model, guide, *args))(params)
-            skip = grads["u_auto_flow"][0]["net"]["skip"]
+            skip = guide.plan.unpack(grads)["u_auto_flow"][0]["net"]["skip"]
             assert skip.shape[0] == parents + 2 and np.all(np.isfinite(skip))
             assert float(jnp.min(jnp.max(jnp.abs(skip[:2]), -1))) > 0
 
