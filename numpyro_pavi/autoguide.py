@@ -33,7 +33,7 @@ from .compiling import array_leaves, run_once, uses_linalg
 from .data import Ragged
 from .encoders import SetEncoder
 from .laplace import LaplaceWarning
-from .plan import GuideOptions, GuidePlan, build_plan, with_encoder_width
+from .plan import GuideOptions, GuidePlan, build_plan, is_packed, packed_size, with_encoder_width
 from .base_state import init_state
 from .sampling import PlateInputs, draw_starts, encodings, sample_latents
 from .structure import ModelStructure, full_indices, model_structure, plate_sizes, seeded_model
@@ -670,8 +670,11 @@ class AutoPAVI(AutoGuide):
                 "of an SVI run with this guide (svi.get_params(state))."
             )
         for name, init in init_values.items():
-            want = jax.tree.map(jnp.shape, init)
-            got = jax.tree.map(jnp.shape, self.plan.unpack({name: params[name]})[name])
+            value = params[name]
+            if is_packed(init) and hasattr(value, "shape"):  # stored packed (GuidePlan.unpack)
+                want, got = (packed_size(init),), tuple(jnp.shape(value))
+            else:
+                want, got = jax.tree.map(jnp.shape, init), jax.tree.map(jnp.shape, value)
             if want != got:
                 raise ValueError(
                     f"params['{name}'] does not match this guide (shapes {got} vs {want}): were they "

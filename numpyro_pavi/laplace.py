@@ -301,21 +301,28 @@ def _unscored_group_coordinates(group, trace: Mapping | None, flat) -> jax.Array
 
 def flat_unscored(model: Callable, group, args: tuple, kwargs: dict, trace: Mapping, known: Mapping, z: jax.Array) -> dict:
     """``{later sibling: flag}`` of a Newton group, for each sibling with cells the model
-    does not score (see :func:`group_log_joint`): True where the group's log joint neither
+    does not score (see :func:`group_log_joint`): True where the model's log joint neither
     slopes nor curves along any of those coordinates at ``z`` nor one unit away (nothing
     the model scores reads them: ``obs_mask``'s imputed cells), False where it does (a
-    ``factor`` reads a ``d.mask(False)`` site). ``known``: the rest of the joint, as for
-    the log joint's ``logp``; ``z`` ``(*grid, sum of d)``. Traceable: flags are arrays."""
+    ``factor`` reads a ``d.mask(False)`` site). The transforms' log-dets are left out: a
+    positive sibling's is linear in its unconstrained value (``exp``), flat cells or not.
+    ``known``: the rest of the joint, as for the log joint's ``logp``; ``z`` ``(*grid, sum
+    of d)``. Traceable: flags are arrays. All or nothing per sibling, on exact zeros: one
+    read cell (or a non-finite derivative) leaves the sibling without the quadratic at
+    every cell, the way that cannot bias a base that was exact without it."""
     masks = {g.name: unscored_coordinates(g, trace.get(g.name)) for g in group[1:]}
     masks = {name: o for name, o in masks.items() if o is not None}
     if not masks:
         return {}
-    joint = group_log_joint(model, group, args, kwargs, trace, flat=())
+
+    def model_only(v):
+        return log_joint(model, {**known, **constrain_group(group, v)[0]}, args, kwargs, per_element_of=group[0].name)
+
     offsets = dict(zip([g.name for g in group], np.cumsum([0] + [g.dim for g in group])[:-1].tolist()))
     dims = {g.name: g.dim for g in group}
     flags = {name: jnp.array(True) for name in masks}
     for point in (z, z + 1.0):
-        grad, blocks = grad_and_blocks(lambda v: joint(v, known), point)
+        grad, blocks = grad_and_blocks(model_only, point)
         for name, o in masks.items():
             cut = slice(offsets[name], offsets[name] + dims[name])
             still = (grad[..., cut] == 0) & jnp.all(blocks[..., cut, :] == 0, -1)

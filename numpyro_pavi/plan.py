@@ -202,7 +202,8 @@ class GuidePlan:
         """``params`` with every packed vector back in its pytree (a flow's layers, an
         encoder's weights): what the flows and encoders read, and a readable view of an
         SVI run's params. Pytrees given as they are (params of fits before the packing)
-        pass through, as do names that are not this guide's."""
+        pass through, as do names that are not this guide's; a vector of another length
+        is a ``ValueError``."""
         out = dict(params)
         for name, init in self.init_values.items():
             if name in out and is_packed(init):
@@ -670,22 +671,37 @@ def is_packed(init) -> bool:
     return not hasattr(init, "shape")
 
 
-def pack(tree) -> np.ndarray:
-    """``tree``'s leaves raveled and concatenated in ``jax.tree.leaves`` order, ``(n,)``:
-    the host arrays of a packed param's initial value (NumPy: nothing staged under a trace)."""
-    leaves = [np.ravel(np.asarray(leaf)) for leaf in jax.tree.leaves(tree)]
-    dtype = np.result_type(*leaves) if leaves else np.float32
-    return np.concatenate(leaves).astype(dtype) if leaves else np.zeros((0,), dtype)
+def pack(tree):
+    """``tree``'s leaves raveled and concatenated in ``jax.tree.leaves`` order, ``(n,)``: a
+    packed param's initial value. Host arrays (NumPy: nothing staged into a compiled step)
+    unless a leaf is traced (a guide set up under ``jit``)."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return np.zeros((0,), jnp.result_type(float))
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+        return jnp.concatenate([jnp.ravel(leaf) for leaf in leaves])
+    flat = [np.ravel(np.asarray(leaf)) for leaf in leaves]
+    return np.concatenate(flat).astype(np.result_type(*flat))
+
+
+def packed_size(init) -> int:
+    """Length of the vector :func:`pack` makes of ``init``."""
+    return int(sum(np.size(leaf) for leaf in jax.tree.leaves(init)))
 
 
 def unpack_like(init, value):
     """The pytree of ``init``'s structure and shapes whose leaves are the consecutive pieces
-    of ``value (n,)`` (:func:`pack`'s inverse); ``value`` itself where it is not a vector of
-    that length (a pytree already)."""
+    of ``value (n,)`` (:func:`pack`'s inverse); ``value`` itself where it is a pytree
+    already (no ``shape``). An array of another shape is a ``ValueError``."""
+    if not hasattr(value, "shape"):
+        return value
     leaves, treedef = jax.tree.flatten(init)
     sizes = [int(np.size(leaf)) for leaf in leaves]
-    if not (hasattr(value, "shape") and jnp.ndim(value) == 1 and jnp.shape(value)[0] == sum(sizes)):
-        return value
+    if jnp.shape(value) != (sum(sizes),):
+        raise ValueError(
+            f"a packed param of this guide is a vector of {sum(sizes)} numbers, got shape {jnp.shape(value)}: "
+            "were the params trained with other options (encoding_dim, hidden_dims, num_flows) or another model?"
+        )
     cuts = np.cumsum([0] + sizes).tolist()
     pieces = [jnp.reshape(value[a:b], np.shape(leaf)) for a, b, leaf in zip(cuts[:-1], cuts[1:], leaves)]
     return jax.tree.unflatten(treedef, pieces)

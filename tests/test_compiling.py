@@ -214,6 +214,34 @@ def test_setup_takes_the_init_strategys_values_from_one_compiled_trace(host_read
             guide(x, y)
 
 
+def test_a_guide_set_up_under_jit_gives_the_eager_params():
+    """``svi.init`` traced under ``jit`` (the guide's setup sees tracers: its packed flows
+    are built from traced initial values) gives the params of an eager ``svi.init``, packed
+    the same way, up to float32 round-off."""
+    import optax
+    from numpyro.infer import SVI, Trace_ELBO
+
+    from numpyro_pavi import AutoPAVI
+
+    def model(y):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        with numpyro.plate("groups", y.shape[0]):
+            theta = numpyro.sample("theta", dist.Normal(mu, 0.5))
+            numpyro.sample("y", dist.Normal(theta, 0.3), obs=y)
+
+    y = jnp.linspace(-1.0, 1.0, 6)
+    states = []
+    for jitted in (True, False):
+        svi = SVI(model, AutoPAVI(model, encoding="free"), optax.adam(5e-3), Trace_ELBO())
+        init = jax.jit(lambda k, svi=svi: svi.init(k, y)) if jitted else (lambda k, svi=svi: svi.init(k, y))
+        states.append(svi.get_params(init(jax.random.PRNGKey(0))))
+    traced, eager = states
+    assert jax.tree.structure(traced) == jax.tree.structure(eager)
+    assert np.ndim(eager["theta_auto_flow"]) == 1
+    for name in eager:
+        np.testing.assert_allclose(traced[name], eager[name], rtol=1e-5, atol=1e-6)
+
+
 def test_uses_linalg_finds_lapack_calls_inside_loops_and_branches():
     eye = jnp.eye(3)
     assert compiling.uses_linalg(jax.make_jaxpr(jnp.linalg.cholesky)(eye))

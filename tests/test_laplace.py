@@ -608,27 +608,34 @@ def test_a_gaussian_likelihood_takes_one_newton_step_with_the_same_base_and_deri
     assert other.plan.quadratic == frozenset()
 
 
-def test_a_sibling_masked_out_at_some_cells_leaves_the_sites_base_exact():
+@pytest.mark.parametrize("family", ["normal", "lognormal"])
+def test_a_sibling_masked_out_at_some_cells_leaves_the_sites_base_exact(family):
     """``obs_mask`` imputes the missing cells as a later latent sibling of a group's effect,
     which the model does not score at the observed cells. Its base is still each group's
     exact posterior: observed groups' conjugate update, missing groups' prior (no element
-    falls back to the prior location for the sibling's sake), and the setup keeps it."""
+    falls back to the prior location for the sibling's sake), and the setup keeps it. A
+    positive observation (log-normal: conjugate in ``log y``) too, whose imputed cells'
+    transform adds a log-det linear in them: they are flat in the model all the same."""
     from numpyro_pavi.sampling import laplace_base
+
+    like = {"normal": dist.Normal, "lognormal": dist.LogNormal}[family]
 
     def model(y, seen):
         mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
         with numpyro.plate("groups", y.shape[0]):
             theta = numpyro.sample("theta", dist.Normal(mu, S_B))
-            numpyro.sample("y", dist.Normal(theta, S_Y), obs=y, obs_mask=seen)
+            numpyro.sample("y", like(theta, S_Y), obs=y, obs_mask=seen)
 
-    y = jnp.asarray(np.random.default_rng(5).normal(size=6), jnp.float32)
+    z = jnp.asarray(np.random.default_rng(5).normal(size=6), jnp.float32)
+    y = z if family == "normal" else jnp.exp(z)
     seen = jnp.array([True, False, True, True, False, True])
     guide = AutoPAVI(model)
     SVI(model, guide, optax.adam(5e-3), Trace_ELBO()).init(jax.random.PRNGKey(0), y, seen)
     assert guide.plan.on_laplace(guide.structure.latent["theta"])
+    assert guide.plan.flat_unscored == {"y_unobserved"}
     mu = 0.4
     precision = np.where(seen, 1 / S_B**2 + 1 / S_Y**2, 1 / S_B**2)
-    mean = np.where(seen, (mu / S_B**2 + np.asarray(y) / S_Y**2), mu / S_B**2) / precision
+    mean = np.where(seen, (mu / S_B**2 + np.asarray(z) / S_Y**2), mu / S_B**2) / precision
     for differentiate in (True, False):
         m, chol, report = laplace_base(
             guide.plan, guide.structure.latent["theta"], {"mu": jnp.asarray(mu)}, {"groups": jnp.arange(6)},
