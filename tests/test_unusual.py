@@ -199,7 +199,9 @@ def test_two_autopavis_with_their_own_prefixes():
     state = svi.init(jax.random.PRNGKey(0), jnp.ones((5, 3)))
     params = svi.get_params(state)
     assert "groups_auto_encoder_out" in params and "groups_pavi2_encoder_out" in params
-    assert params["groups_auto_encoder_out"]["w"].shape != params["groups_pavi2_encoder_out"]["w"].shape
+    # each guide's encoder readout, unpacked by its own plan (GuidePlan.unpack)
+    first, second = (g.plan.unpack(params) for g in guide._guides)
+    assert first["groups_auto_encoder_out"]["w"].shape != second["groups_pavi2_encoder_out"]["w"].shape
     assert np.isfinite(float(svi.update(state, jnp.ones((5, 3)))[1]))
 
 
