@@ -608,6 +608,21 @@ def test_a_gaussian_likelihood_takes_one_newton_step_with_the_same_base_and_deri
     assert other.plan.quadratic == frozenset()
 
 
+def _assert_theta_base(guide, mu: float, args: tuple, mean, precision) -> None:
+    """The Laplace base of site ``theta`` (plate of 6 groups) given ``mu``, in training and
+    in draws: the given mean and precision per group, every element converged."""
+    from numpyro_pavi.sampling import laplace_base
+
+    for differentiate in (True, False):
+        m, chol, report = laplace_base(
+            guide.plan, guide.structure.latent["theta"], {"mu": jnp.asarray(mu)}, {"groups": jnp.arange(6)},
+            (args, {}), differentiate=differentiate,
+        )
+        np.testing.assert_allclose(m[:, 0], mean, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(chol[:, 0, 0] ** 2, precision, rtol=1e-4)
+        assert bool(jnp.all(report.converged()))
+
+
 @pytest.mark.parametrize("family", ["normal", "lognormal"])
 def test_a_sibling_masked_out_at_some_cells_leaves_the_sites_base_exact(family):
     """``obs_mask`` imputes the missing cells as a later latent sibling of a group's effect,
@@ -616,8 +631,6 @@ def test_a_sibling_masked_out_at_some_cells_leaves_the_sites_base_exact(family):
     falls back to the prior location for the sibling's sake), and the setup keeps it. A
     positive observation (log-normal: conjugate in ``log y``) too, whose imputed cells'
     transform adds a log-det linear in them: they are flat in the model all the same."""
-    from numpyro_pavi.sampling import laplace_base
-
     like = {"normal": dist.Normal, "lognormal": dist.LogNormal}[family]
 
     def model(y, seen):
@@ -636,14 +649,7 @@ def test_a_sibling_masked_out_at_some_cells_leaves_the_sites_base_exact(family):
     mu = 0.4
     precision = np.where(seen, 1 / S_B**2 + 1 / S_Y**2, 1 / S_B**2)
     mean = np.where(seen, (mu / S_B**2 + np.asarray(z) / S_Y**2), mu / S_B**2) / precision
-    for differentiate in (True, False):
-        m, chol, report = laplace_base(
-            guide.plan, guide.structure.latent["theta"], {"mu": jnp.asarray(mu)}, {"groups": jnp.arange(6)},
-            ((y, seen), {}), differentiate=differentiate,
-        )
-        np.testing.assert_allclose(m[:, 0], mean, rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(chol[:, 0, 0] ** 2, precision, rtol=1e-4)
-        assert bool(jnp.all(report.converged()))
+    _assert_theta_base(guide, mu, (y, seen), mean, precision)
 
 
 def test_a_masked_sibling_a_factor_reads_is_not_taken_for_a_flat_direction():
@@ -653,8 +659,6 @@ def test_a_masked_sibling_a_factor_reads_is_not_taken_for_a_flat_direction():
     effect's base came out too tight, pulled toward 0), so the base is the conjugate
     posterior, ``y | theta ~ N(theta, S_X^2 + S_Y^2)``, while ``obs_mask``'s imputed
     sibling still counts as flat."""
-    from numpyro_pavi.sampling import laplace_base
-
     s_x = 0.4
 
     def model(y, seen):
@@ -673,14 +677,7 @@ def test_a_masked_sibling_a_factor_reads_is_not_taken_for_a_flat_direction():
     mu, v = 0.4, s_x**2 + S_Y**2
     precision = np.where(seen, 1 / S_B**2 + 1 / v, 1 / S_B**2)
     mean = np.where(seen, mu / S_B**2 + np.asarray(y) / v, mu / S_B**2) / precision
-    for differentiate in (True, False):
-        m, chol, report = laplace_base(
-            guide.plan, guide.structure.latent["theta"], {"mu": jnp.asarray(mu)}, {"groups": jnp.arange(6)},
-            ((y, seen), {}), differentiate=differentiate,
-        )
-        np.testing.assert_allclose(m[:, 0], mean, rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(chol[:, 0, 0] ** 2, precision, rtol=1e-4)
-        assert bool(jnp.all(report.converged()))
+    _assert_theta_base(guide, mu, (y, seen), mean, precision)
 
 
 def test_an_imputation_site_with_nothing_missing_keeps_its_base_quietly():
