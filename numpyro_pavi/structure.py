@@ -30,6 +30,8 @@ from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
 from numpyro.infer.util import helpful_support_errors
 
+from .subsampling import subsample_draws
+
 __all__ = ["LatentSite", "ModelStructure", "ObservedSite", "PlateInfo", "model_structure"]
 
 
@@ -350,7 +352,10 @@ def seeded_model(model, rng_key, data: Mapping[str, Any] | None = None, *, init:
     """``model`` seeded with ``rng_key``, with ``data`` (site or plate name -> value)
     substituted, and a value for every improper latent site (``ImproperUniform``), which
     has no sampler: a uniform draw in ``(-2, 2)`` of its unconstrained space, as NumPyro's
-    ``init_to_uniform`` gives. Every trace this package takes of a user model goes through it.
+    ``init_to_uniform`` gives. Subsampled plates draw their indices with
+    :func:`~numpyro_pavi.subsampling.subsample_indices` where the subsample is small (see
+    :class:`~numpyro_pavi.subsampling.subsample_draws`). Every trace this package takes of a
+    user model goes through it.
 
     :param init: an init strategy (one of NumPyro's ``numpyro.infer.initialization``
         strategies) giving every other latent site its initial value, so one trace serves
@@ -376,7 +381,9 @@ def seeded_model(model, rng_key, data: Mapping[str, Any] | None = None, *, init:
             return init_to_uniform(site)
         return None
 
-    return handlers.substitute(handlers.seed(model, rng_key), substitute_fn=value)
+    # the guide's plates come from these traces: their subsample indices drawn without an
+    # array of the whole plate (subsampling.subsample_draws)
+    return handlers.substitute(handlers.seed(subsample_draws(model), rng_key), substitute_fn=value)
 
 
 def _is_factor(site: dict) -> bool:

@@ -1,0 +1,85 @@
+"""A plate's subsample indices drawn at a cost that grows with the subsample, not the plate.
+
+NumPyro draws the ``B = subsample_size`` indices of ``numpyro.plate(name, N,
+subsample_size=B)`` by a partial Fisher-Yates shuffle of ``arange(N)`` on a CPU (a
+permutation of all ``N`` elsewhere): every training step builds and shuffles an array of
+the whole plate. With ``B = 128`` groups per step that was most of a step of the default
+guide on a large plate (``benchmarks/RESULTS.md``, section 27: 0.6 ms of a 1.3 ms step at
+``N = 1e5``, 1.0 of 2.4 ms at ``N = 1e6``).
+
+:func:`subsample_indices` draws ``2 B`` indices with replacement and keeps the first ``B``
+distinct ones, in the order drawn: ``O(B log B)``, with no array of size ``N``. Taking the
+first distinct values of an i.i.d. uniform sequence is sampling without replacement, so the
+``B`` indices are a uniform random subset in a uniformly random order, as NumPyro's. A draw
+whose ``2 B`` candidates hold fewer than ``B`` distinct values is redrawn whole with a fresh
+key; every relabelling of the plate maps that event to itself, so the subsets it keeps stay
+uniform. Where ``B <= N / 8`` (the only case :class:`subsample_draws` hands it), the
+candidates hold at least ``1.75 B`` distinct values on average and a redraw is rare.
+
+Which indices a key gives differs from NumPyro's draw: the guide draws them (its plates are
+the ones SVI replays into the model), so model and guide still agree.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from numpyro.primitives import Messenger
+
+__all__ = ["FAST_DRAW_UP_TO", "subsample_draws", "subsample_indices"]
+
+#: Largest ``B / N`` for which :class:`subsample_draws` draws the indices with
+#: :func:`subsample_indices`; larger subsamples keep NumPyro's shuffle, whose ``N`` is then
+#: at most a few times the batch the step reads anyway.
+FAST_DRAW_UP_TO = 1 / 8
+
+
+def _candidates(key: jax.Array, size: int, subsample_size: int):
+    """``2 B`` i.i.d. indices and, for each, whether it is the first of its value."""
+    cand = jax.random.randint(key, (2 * subsample_size,), 0, size)
+    order = jnp.argsort(cand, stable=True)
+    ranked = cand[order]
+    first_ranked = jnp.concatenate([jnp.ones((1,), bool), ranked[1:] != ranked[:-1]])
+    first = jnp.zeros_like(first_ranked).at[order].set(first_ranked)
+    return cand, first
+
+
+def subsample_indices(size: int, subsample_size: int, rng_key: jax.Array | None = None) -> jax.Array:
+    """``(subsample_size,)`` distinct indices in ``[0, size)``, a uniform random subset in
+    uniform random order (NumPyro's ``plate`` subsample draw, same signature).
+
+    Cost ``O(B log B)`` per draw, plus a redraw where the ``2 B`` candidates hold fewer than
+    ``B`` distinct values (rare for ``B <= size / 8``; any ``B <= size`` is correct).
+    """
+    if rng_key is None:
+        raise ValueError(
+            "Missing random key to generate subsample indices: run the model under "
+            "numpyro.handlers.seed (SVI does), or give the plate's indices with "
+            "numpyro.handlers.substitute."
+        )
+    if not 0 < subsample_size <= size:
+        raise ValueError(f"subsample_size must be in [1, {size}], got {subsample_size}.")
+
+    def draw(key):
+        key, sub = jax.random.split(key)
+        return (key, *_candidates(sub, size, subsample_size))
+
+    def short(state):
+        return jnp.sum(state[2]) < subsample_size
+
+    _, cand, first = jax.lax.while_loop(short, lambda state: draw(state[0]), draw(rng_key))
+    return cand[jnp.nonzero(first, size=subsample_size)[0]]
+
+
+class subsample_draws(Messenger):
+    """Effect handler: the plates under it draw their subsample indices with
+    :func:`subsample_indices` where ``subsample_size <= FAST_DRAW_UP_TO * size``
+    (NumPyro's shuffle otherwise). Indices given by other handlers (``substitute``,
+    ``replay``, a guide's plates) are left as they are."""
+
+    def process_message(self, msg: dict) -> None:
+        if msg["type"] != "plate" or msg["value"] is not None:
+            return
+        size, subsample_size = msg["args"]
+        if subsample_size is not None and subsample_size <= FAST_DRAW_UP_TO * size:
+            msg["fn"] = subsample_indices
