@@ -39,6 +39,7 @@ from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoNormal
 
 from numpyro_pavi import AutoPAVI
+from numpyro_pavi.subsampling import subsample_draws
 
 SD_A, SD_B, SD_Y = 0.3, 0.4, 0.9
 
@@ -150,7 +151,12 @@ GUIDES = {
     "AutoPAVI(laplace=False)": lambda m: AutoPAVI(m, laplace=False),
     "AutoPAVI(refresh_every=10**9)": lambda m: AutoPAVI(m, refresh_every=10**9),
     "AutoNormal": lambda m: AutoNormal(m),
+    "AutoNormal(fast draw)": lambda m: AutoNormal(m),
 }
+#: the model as a guide trains it: AutoNormal's guide opens no plate of the rows, so the
+#: model draws their indices; "fast draw" draws them as AutoPAVI's plates do
+#: (numpyro_pavi.subsampling), to show what part of a step is NumPyro's O(N) draw
+MODELS = {"AutoNormal(fast draw)": subsample_draws}
 
 
 def score(samples: dict, mean: dict, sd: dict) -> dict:
@@ -183,6 +189,7 @@ def fit(
     block: int = 100, decay: float = 1.0, summarize: bool = False,
 ):  # fmt: skip
     s, l, y = (jnp.asarray(v) for v in data)
+    model = MODELS.get(name, lambda m: m)(globals()["model"])
     guide = GUIDES[name](model)
     svi = SVI(model, guide, _common.adam(lr, decay), Trace_ELBO())
     t0 = time.perf_counter()
