@@ -13,8 +13,9 @@ first distinct values of an i.i.d. uniform sequence is sampling without replacem
 ``B`` indices are a uniform random subset in a uniformly random order, as NumPyro's. A draw
 whose ``2 B`` candidates hold fewer than ``B`` distinct values is redrawn whole with a fresh
 key; every relabelling of the plate maps that event to itself, so the subsets it keeps stay
-uniform. Where ``B <= N / 8`` (the only case :class:`subsample_draws` hands it), the
-candidates hold at least ``1.75 B`` distinct values on average and a redraw is rare.
+uniform. Where ``B <= N / 2`` (the only case :class:`subsample_draws` hands it), the
+candidates hold ``N (1 - exp(-2 B / N)) >= 1.26 B`` distinct values on average, so a
+redraw is rare except on plates of a few dozen elements, where it costs little.
 
 Which indices a key gives differs from NumPyro's draw: the guide draws them (its plates are
 the ones SVI replays into the model), so model and guide still agree.
@@ -31,9 +32,9 @@ from numpyro.primitives import Messenger
 __all__ = ["FAST_DRAW_UP_TO", "subsample_draws", "subsample_indices"]
 
 #: Largest ``B / N`` for which :class:`subsample_draws` draws the indices with
-#: :func:`subsample_indices`; larger subsamples keep NumPyro's shuffle, whose ``N`` is then
-#: at most a few times the batch the step reads anyway.
-FAST_DRAW_UP_TO = 1 / 8
+#: :func:`subsample_indices`; larger subsamples keep NumPyro's shuffle (``B`` sequential
+#: swaps, where the candidates would often hold too few distinct values).
+FAST_DRAW_UP_TO = 1 / 2
 
 
 def _candidates(key: jax.Array, size: int, subsample_size: int):
@@ -51,7 +52,8 @@ def subsample_indices(size: int, subsample_size: int, rng_key: jax.Array | None 
     uniform random order (NumPyro's ``plate`` subsample draw, same signature).
 
     Cost ``O(B log B)`` per draw, plus a redraw where the ``2 B`` candidates hold fewer than
-    ``B`` distinct values (rare for ``B <= size / 8``; any ``B <= size`` is correct).
+    ``B`` distinct values (rare for ``B <= size / 2`` on large plates; any ``B <= size`` is
+    correct).
     """
     if rng_key is None:
         raise ValueError(

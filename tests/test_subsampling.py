@@ -33,15 +33,15 @@ def _chi_square_uniform(counts: np.ndarray) -> None:
     assert statistic < stats.chi2.ppf(1 - LEVEL, counts.size - 1), (statistic, counts.size)
 
 
-def test_ordered_pairs_of_a_small_subsample_are_uniform():
-    # B = N / 8: the largest subsample the plates hand to this draw
-    size, b, n = 16, 2, 60_000
-    draws = _draws(size, b, n)
+@pytest.mark.parametrize("size, b", [(16, 2), (6, 3)])
+def test_ordered_tuples_of_a_subsample_are_uniform(size, b):
+    # B = N / 2: the largest subsample the plates hand to this draw (redraws now and then)
+    draws = _draws(size, b, 60_000)
     assert draws.min() >= 0 and draws.max() < size
-    assert np.all(draws[:, 0] != draws[:, 1])
-    counts = np.zeros((size, size))
-    np.add.at(counts, (draws[:, 0], draws[:, 1]), 1)
-    _chi_square_uniform(counts[~np.eye(size, dtype=bool)])
+    assert all(len(set(d)) == b for d in draws.tolist())
+    index = {t: i for i, t in enumerate(itertools.permutations(range(size), b))}
+    counts = np.bincount([index[tuple(d)] for d in draws.tolist()], minlength=len(index))
+    _chi_square_uniform(counts)
 
 
 def test_a_subsample_of_the_whole_plate_is_a_uniform_permutation():
@@ -71,7 +71,7 @@ def test_bad_sizes_and_a_missing_key_are_clear_errors():
 def _two_plates():
     with numpyro.plate("big", 1000, subsample_size=10) as big:
         numpyro.sample("a", dist.Normal(0.0, 1.0))
-    with numpyro.plate("small", 10, subsample_size=5) as small:
+    with numpyro.plate("small", 10, subsample_size=6) as small:
         numpyro.sample("b", dist.Normal(0.0, 1.0))
     return big, small
 
@@ -88,7 +88,7 @@ def test_the_handler_takes_small_subsamples_only_and_leaves_given_indices():
         with record():  # inside: sees the messages after subsample_draws rewrote them
             big, small = subsample_draws(_two_plates)()
     assert fns["big"] is subsample_indices and fns["small"] is not subsample_indices
-    assert len(set(np.asarray(big).tolist())) == 10 and len(set(np.asarray(small).tolist())) == 5
+    assert len(set(np.asarray(big).tolist())) == 10 and len(set(np.asarray(small).tolist())) == 6
     given = jnp.arange(10)
     big, _ = handlers.substitute(handlers.seed(subsample_draws(_two_plates), 0), data={"big": given})()
     np.testing.assert_array_equal(big, given)
