@@ -52,17 +52,20 @@ def subsample_indices(size: int, subsample_size: int, rng_key: jax.Array | None 
     uniform random order (NumPyro's ``plate`` subsample draw, same signature).
 
     Cost ``O(B log B)`` per draw, plus a redraw where the ``2 B`` candidates hold fewer than
-    ``B`` distinct values (rare for ``B <= size / 2`` on large plates; any ``B <= size`` is
-    correct).
+    ``B`` distinct values (rare for ``B <= size / 2`` on large plates). Larger subsamples
+    are the first ``B`` of a random permutation of the plate, ``O(N log N)``.
     """
     if rng_key is None:
         raise ValueError(
             "Missing random key to generate subsample indices: run the model under "
-            "numpyro.handlers.seed (SVI does), or give the plate's indices with "
-            "numpyro.handlers.substitute."
+            "numpyro.handlers.seed (SVI does; HMC/NUTS do not support subsampling), or give "
+            "the plate's indices with numpyro.handlers.substitute."
         )
     if not 0 < subsample_size <= size:
         raise ValueError(f"subsample_size must be in [1, {size}], got {subsample_size}.")
+    if subsample_size > FAST_DRAW_UP_TO * size:
+        # the candidates would rarely hold B distinct values (never on average past 0.8 N)
+        return jax.random.permutation(rng_key, int(size))[: int(subsample_size)]
     return _subsample_indices(int(size), int(subsample_size), rng_key)
 
 

@@ -35,7 +35,8 @@ def _chi_square_uniform(counts: np.ndarray) -> None:
 
 @pytest.mark.parametrize("size, b", [(16, 2), (6, 3)])
 def test_ordered_tuples_of_a_subsample_are_uniform(size, b):
-    # B = N / 2: the largest subsample the plates hand to this draw (redraws now and then)
+    # B = N / 2: the largest subsample drawn from 2 B candidates (6 of them on 6 elements
+    # hold fewer than 3 distinct values one time in 50: the redraws are exercised)
     draws = _draws(size, b, 60_000)
     assert draws.min() >= 0 and draws.max() < size
     assert all(len(set(d)) == b for d in draws.tolist())
@@ -45,7 +46,7 @@ def test_ordered_tuples_of_a_subsample_are_uniform(size, b):
 
 
 def test_a_subsample_of_the_whole_plate_is_a_uniform_permutation():
-    # 2 B candidates rarely hold all of a 4-element plate: the redraws are exercised
+    # past B = N / 2: a permutation's first B
     size, n = 4, 48_000
     draws = _draws(size, size, n, seed=1)
     assert np.all(np.sort(draws, 1) == np.arange(size))
@@ -94,6 +95,7 @@ def test_the_handler_takes_small_subsamples_only_and_leaves_given_indices():
     np.testing.assert_array_equal(big, given)
     # every trace the guide takes goes through seeded_model, hence through the handler
     trace = handlers.trace(seeded_model(_two_plates, jax.random.PRNGKey(3))).get_trace()
+    assert trace["big"]["fn"] is subsample_indices
     assert len(set(np.asarray(trace["big"]["value"]).tolist())) == 10
 
 
