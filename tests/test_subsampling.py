@@ -33,6 +33,12 @@ def _chi_square_uniform(counts: np.ndarray) -> None:
     assert statistic < stats.chi2.ppf(1 - LEVEL, counts.size - 1), (statistic, counts.size)
 
 
+def _chi_square_uniform_tuples(draws: np.ndarray, size: int, b: int) -> None:
+    """The draws' ordered ``b``-tuples are uniform over all ``size!/(size-b)!`` of them."""
+    index = {t: i for i, t in enumerate(itertools.permutations(range(size), b))}
+    _chi_square_uniform(np.bincount([index[tuple(d)] for d in draws.tolist()], minlength=len(index)))
+
+
 @pytest.mark.parametrize("size, b", [(16, 2), (6, 3)])
 def test_ordered_tuples_of_a_subsample_are_uniform(size, b):
     # B = N / 2: the largest subsample drawn from 2 B candidates (6 of them on 6 elements
@@ -40,9 +46,7 @@ def test_ordered_tuples_of_a_subsample_are_uniform(size, b):
     draws = _draws(size, b, 60_000)
     assert draws.min() >= 0 and draws.max() < size
     assert all(len(set(d)) == b for d in draws.tolist())
-    index = {t: i for i, t in enumerate(itertools.permutations(range(size), b))}
-    counts = np.bincount([index[tuple(d)] for d in draws.tolist()], minlength=len(index))
-    _chi_square_uniform(counts)
+    _chi_square_uniform_tuples(draws, size, b)
 
 
 def test_a_subsample_of_the_whole_plate_is_a_uniform_permutation():
@@ -50,9 +54,7 @@ def test_a_subsample_of_the_whole_plate_is_a_uniform_permutation():
     size, n = 4, 48_000
     draws = _draws(size, size, n, seed=1)
     assert np.all(np.sort(draws, 1) == np.arange(size))
-    index = {p: i for i, p in enumerate(itertools.permutations(range(size)))}
-    counts = np.bincount([index[tuple(d)] for d in draws.tolist()], minlength=len(index))
-    _chi_square_uniform(counts)
+    _chi_square_uniform_tuples(draws, size, size)
 
 
 def test_every_element_is_drawn_as_often_from_a_large_plate():
