@@ -189,9 +189,9 @@ def fit(
     block: int = 100, decay: float = 1.0, summarize: bool = False,
 ):  # fmt: skip
     s, l, y = (jnp.asarray(v) for v in data)
-    model = MODELS.get(name, lambda m: m)(globals()["model"])
-    guide = GUIDES[name](model)
-    svi = SVI(model, guide, _common.adam(lr, decay), Trace_ELBO())
+    trained = MODELS.get(name, lambda m: m)(model)
+    guide = GUIDES[name](trained)
+    svi = SVI(trained, guide, _common.adam(lr, decay), Trace_ELBO())
     t0 = time.perf_counter()
     state = svi.init(jax.random.PRNGKey(seed), s, l, y, S, L, batch)
     jax.block_until_ready(state)
@@ -210,7 +210,7 @@ def fit(
         block_times.append((time.perf_counter() - t0) / block)
     params = svi.get_params(state)
     elbo = Trace_ELBO(num_particles=10, vectorize_particles=False)
-    full_loss = float(jax.jit(lambda p, k: elbo.loss(k, p, model, guide, s, l, y, S, L, None))(params, jax.random.PRNGKey(seed + 2)))
+    full_loss = float(jax.jit(lambda p, k: elbo.loss(k, p, trained, guide, s, l, y, S, L, None))(params, jax.random.PRNGKey(seed + 2)))
     # the stored Laplace bases (AutoPAVI's non-learned state) travel with the params
     params = {**params, **(state.mutable_state or {})}
 
