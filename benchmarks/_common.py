@@ -67,6 +67,9 @@ def machine_info() -> dict:
         "jax": jax.__version__,
         "jax_backend": jax.default_backend(),
         "jax_devices": [str(d) for d in jax.devices()],
+        # XLA's options change the peers' costs (on jaxlib 0.10.2+ CPUs, reductions in
+        # YNNPACK: RESULTS section 28)
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "numpyro": numpyro.__version__,
         "optax": optax.__version__,
         "git_commit": _run(["git", "rev-parse", "--short", "HEAD"]),

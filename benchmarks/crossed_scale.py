@@ -37,7 +37,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from numpyro.infer import SVI, Trace_ELBO
-from numpyro.infer.autoguide import AutoNormal
 
 from numpyro_pavi import AutoPAVI
 from numpyro_pavi.averaging import AverageParams, averaged_params
@@ -78,9 +77,10 @@ def run(
     average: int = 0,
 ):  # fmt: skip
     s, l, y = (jnp.asarray(v) for v in data)
-    guide = AutoPAVI(cl.model) if name == "AutoPAVI" else AutoNormal(cl.model)
+    trained = cl.MODELS.get(name, lambda m: m)(cl.model)
+    guide = cl.GUIDES[name](trained)
     optim = _common.adam(lr, 1.0)
-    svi = SVI(cl.model, guide, AverageParams(optim, average) if average else optim, Trace_ELBO())
+    svi = SVI(trained, guide, AverageParams(optim, average) if average else optim, Trace_ELBO())
     t0 = time.perf_counter()
     state = jax.block_until_ready(svi.init(jax.random.PRNGKey(seed), s, l, y, S, L, batch))
     init_s = time.perf_counter() - t0
@@ -104,7 +104,7 @@ def run(
         t1 = time.perf_counter()
         def moments(params):
             params = {**params, **(state.mutable_state or {})}
-            if name == "AutoPAVI":
+            if isinstance(guide, AutoPAVI):
                 key = jax.random.PRNGKey(seed + 1)
                 summ = guide.posterior_summary(key, params, s, l, y, S, L, None, num_samples=draws)
                 return ({k: summ[k][w] for k in ("mu", "a", "b")} for w in ("mean", "sd"))
@@ -147,7 +147,7 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--draws", type=int, default=200, help="posterior_summary draws per element")
     p.add_argument("--sd-levels", type=int, default=32, help="levels whose exact sd is computed (CG solve each)")
-    p.add_argument("--guides", default="AutoPAVI,AutoNormal")
+    p.add_argument("--guides", default="AutoPAVI,AutoNormal", help="any of crossed_long.py's (e.g. 'AutoNormal(fast draw)')")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--average", type=int, default=0, help="also score the params averaged over this many steps (AverageParams)")
     p.add_argument("--cache", default=None, help="npz of the exact reference (default: /tmp, keyed by size)")

@@ -9,11 +9,16 @@ usual; either way the arrays they close over are their inputs (:func:`hoisted`).
 
 The repeated ones (``fit``'s step, the posterior programs) take the model's data as inputs
 above :data:`SMALL_DATA` and close over it below (:func:`as_inputs`).
+
+Every program the package compiles for a CPU also keeps XLA from handing reductions to
+YNNPACK (:func:`compiler_options`); a step the user compiles (``svi.run``,
+``jax.jit(svi.update)``) can pass the same options, or set ``XLA_FLAGS``.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +31,7 @@ __all__ = [
     "SMALL_DATA",
     "array_leaves",
     "as_inputs",
+    "compiler_options",
     "data_size",
     "hoisted",
     "primitives_in",
@@ -45,15 +51,50 @@ _CHEAP = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passe
 _OLDER_EMITTERS = {"xla_cpu_use_fusion_emitters": False}
 
 
-@functools.cache
-def _cheap_options() -> dict:
-    """:data:`_CHEAP`, with :data:`_OLDER_EMITTERS` where this jaxlib accepts them."""
-    options = {**_CHEAP, **_OLDER_EMITTERS}
+#: Which of XLA's CPU operations go to YNNPACK kernels: matrix products only. From jaxlib
+#: 0.10.2 XLA also hands it every reduction together with the elementwise work feeding it
+#: (``__ynn_fusion`` kernels), which runs 3-35x slower than XLA's own loops on this 2-core
+#: CPU (a sum over 26,698 elements of a chain of products and quotients: 1.25 ms against
+#: 35 us; jax-ml/jax#37465). The guide's steps are full of such sums (its gradients with
+#: respect to the globals, over every element of a plate), NumPyro's mean-field ones much
+#: less: on a crossed table of 2.77e6 rows the default guide's step took 5.3 ms with them
+#: and 1.75 ms without, AutoNormal's 1.0 ms either way (benchmarks/RESULTS.md, section 28).
+_YNN_PRODUCTS_ONLY = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+def _accepted(options: dict) -> bool:
     try:
         jax.jit(lambda x: x + 1).lower(np.float32(0)).compile(compiler_options=options)
     except Exception:  # noqa: BLE001 - "No such compile option" on jaxlibs without it
-        return dict(_CHEAP)
-    return options
+        return False
+    return True
+
+
+@functools.cache
+def compiler_options() -> dict:
+    """XLA options for the programs the package compiles: on a CPU backend whose jaxlib
+    knows the option, reductions stay out of YNNPACK (:data:`_YNN_PRODUCTS_ONLY`); ``{}``
+    elsewhere, and where ``XLA_FLAGS`` already sets ``xla_cpu_experimental_ynn_fusion_type``
+    (the user's choice stands). The same results to round-off (a sum's order).
+
+    Pass them where you compile a step yourself::
+
+        step = jax.jit(svi.update, compiler_options=numpyro_pavi.compiling.compiler_options())
+
+    or, for every program of a process (``svi.run`` included), start it with
+    ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-reduce``.
+    """
+    if jax.default_backend() != "cpu" or "xla_cpu_experimental_ynn_fusion_type" in os.environ.get("XLA_FLAGS", ""):
+        return {}
+    return dict(_YNN_PRODUCTS_ONLY) if _accepted(_YNN_PRODUCTS_ONLY) else {}
+
+
+@functools.cache
+def _cheap_options() -> dict:
+    """:data:`_CHEAP`, with :data:`_OLDER_EMITTERS` where this jaxlib accepts them, and
+    :func:`compiler_options`."""
+    options = {**_CHEAP, **_OLDER_EMITTERS}
+    return {**(options if _accepted(options) else _CHEAP), **compiler_options()}
 
 
 def run_once(fun: Callable, *args: Any) -> Any:
@@ -72,9 +113,8 @@ def run_once(fun: Callable, *args: Any) -> Any:
     if any(isinstance(x, jax.core.Tracer) for x in leaves):
         return program(*inputs)
     size = sum(int(np.size(x)) for x in leaves if hasattr(x, "shape"))
-    lowered = program.lower(*inputs)
-    compiled = lowered.compile() if size > SMALL_DATA else lowered.compile(compiler_options=_cheap_options())
-    return compiled(*inputs)
+    options = compiler_options() if size > SMALL_DATA else _cheap_options()
+    return program.lower(*inputs).compile(compiler_options=options)(*inputs)
 
 
 def hoisted(fun: Callable, *args: Any) -> tuple[Callable, tuple]:

@@ -250,3 +250,28 @@ def test_uses_linalg_finds_lapack_calls_inside_loops_and_branches():
     in_cond = jax.make_jaxpr(lambda x: jax.lax.cond(x[0, 0] > 0, lambda y: jnp.linalg.eigh(y)[0], lambda y: y[0], x))
     assert compiling.uses_linalg(in_cond(eye))
     assert not compiling.uses_linalg(jax.make_jaxpr(lambda x: jnp.sin(x) @ x)(eye))
+
+
+def _chained_sum(a, b, c):
+    # the shape of a guide's gradient with respect to a global: elementwise work, then a sum
+    return jnp.sum(a * b / (c * c) - 1.0 / c)
+
+
+def test_compiler_options_keep_reductions_out_of_ynnpack(monkeypatch):
+    options = compiling.compiler_options()
+    args = [jnp.linspace(0.5, 1.5, 30_000) + i for i in range(3)]
+    program = jax.jit(_chained_sum, compiler_options=options).lower(*args).compile()
+    np.testing.assert_allclose(program(*args), jax.jit(_chained_sum)(*args), rtol=1e-5)
+    if jax.default_backend() == "cpu" and compiling._accepted(compiling._YNN_PRODUCTS_ONLY):
+        assert options == compiling._YNN_PRODUCTS_ONLY
+        assert "__ynn_fusion" not in program.as_text()
+        # the one-shot programs get them too
+        assert compiling._YNN_PRODUCTS_ONLY.items() <= compiling._cheap_options().items()
+    # a choice the user made in XLA_FLAGS stands
+    compiling.compiler_options.cache_clear()
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=-reduce")
+    try:
+        assert compiling.compiler_options() == {}
+    finally:
+        monkeypatch.undo()
+        compiling.compiler_options.cache_clear()
