@@ -57,8 +57,8 @@ _OLDER_EMITTERS = {"xla_cpu_use_fusion_emitters": False}
 #: CPU (a sum over 26,698 elements of a chain of products and quotients: 1.25 ms against
 #: 35 us; jax-ml/jax#37465). The guide's steps are full of such sums (its gradients with
 #: respect to the globals, over every element of a plate), NumPyro's mean-field ones much
-#: less: on a crossed table of 2.77e6 rows the default guide's step took 5.3 ms with them
-#: and 1.75 ms without, AutoNormal's 1.0 ms either way (benchmarks/RESULTS.md, section 28).
+#: less: on a crossed table of 2.77e6 rows the default guide's step took 5.5 ms with them
+#: and 1.85 ms without, AutoNormal's 1.1-1.2 ms either way (benchmarks/RESULTS.md, section 28).
 _YNN_PRODUCTS_ONLY = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
