@@ -75,9 +75,12 @@ def machine_info() -> dict:
         "git_commit": _run(["git", "rev-parse", "--short", "HEAD"]),
         # the package that ran: another tree's (a before snapshot on PYTHONPATH) is not this commit's
         "numpyro_pavi_path": os.path.dirname(importlib.util.find_spec("numpyro_pavi").origin),
-        # uncommitted changes in the library at run time (the working tree was being edited)
+        # uncommitted changes in the library and the benchmarks at run time (the working tree
+        # was being edited)
         "git_dirty_files": [
-            ln.split()[-1] for ln in _run(["git", "status", "--short", "--", "numpyro_pavi"]).splitlines() if ln.strip()
+            ln.split()[-1]
+            for ln in _run(["git", "status", "--short", "--", "numpyro_pavi", "benchmarks/*.py"]).splitlines()
+            if ln.strip()
         ],
     }
 

@@ -328,7 +328,9 @@ def local_calibration(
         local = [n for n, s in structure.latent.items() if plate in s.plates]
         size = sizes[plate]
         reps = math.ceil(num_groups / size)
-        run = jax.jit(lambda k, plate=plate, local=local: replicate(k, plate, local), compiler_options=compiler_options())
+        run = jax.jit(
+            lambda k, plate=plate, local=local: replicate(k, plate, local), compiler_options=compiler_options()
+        )
         parts = []
         key, sub = jax.random.split(key)
         for r in range(reps):

@@ -10,8 +10,8 @@ usual; either way the arrays they close over are their inputs (:func:`hoisted`).
 The repeated ones (``fit``'s step, the posterior programs) take the model's data as inputs
 above :data:`SMALL_DATA` and close over it below (:func:`as_inputs`).
 
-Every program the package compiles for a CPU also keeps XLA from handing reductions to
-YNNPACK (:func:`compiler_options`); a step the user compiles (``svi.run``,
+The repeated and set-up programs compiled for a CPU also keep XLA from handing reductions
+to YNNPACK (:func:`compiler_options`); a step the user compiles (``svi.run``,
 ``jax.jit(svi.update)``) can pass the same options, or set ``XLA_FLAGS``.
 """
 
@@ -70,7 +70,6 @@ def _accepted(options: dict) -> bool:
     return True
 
 
-@functools.cache
 def compiler_options() -> dict:
     """XLA options for the programs the package compiles: on a CPU backend whose jaxlib
     knows the option, reductions stay out of YNNPACK (:data:`_YNN_PRODUCTS_ONLY`); ``{}``
@@ -84,6 +83,11 @@ def compiler_options() -> dict:
     or, for every program of a process (``svi.run`` included), start it with
     ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-reduce``.
     """
+    return dict(_compiler_options())  # a copy: a caller's edit stays out of every later program
+
+
+@functools.cache
+def _compiler_options() -> dict:
     if jax.default_backend() != "cpu" or "xla_cpu_experimental_ynn_fusion_type" in os.environ.get("XLA_FLAGS", ""):
         return {}
     return dict(_YNN_PRODUCTS_ONLY) if _accepted(_YNN_PRODUCTS_ONLY) else {}

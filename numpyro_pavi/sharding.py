@@ -9,7 +9,7 @@ shared parameters (flows, encoders, globals) stay replicated. The recipe::
     guide = AutoPAVI(model)
     svi = SVI(model, guide, optax.adam(1e-3), Trace_ELBO())
     state = svi.init(jax.random.PRNGKey(0), x)
-    update = jax.jit(svi.update)
+    update = jax.jit(svi.update, compiler_options=compiler_options())  # numpyro_pavi.compiling
     for _ in range(num_steps):
         state, loss = update(state, x)
 

@@ -258,6 +258,8 @@ def _chained_sum(a, b, c):
 
 
 def test_compiler_options_keep_reductions_out_of_ynnpack(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)  # the user's own choice is checked below
+    compiling._compiler_options.cache_clear()
     options = compiling.compiler_options()
     args = [jnp.linspace(0.5, 1.5, 30_000) + i for i in range(3)]
     program = jax.jit(_chained_sum, compiler_options=options).lower(*args).compile()
@@ -267,11 +269,14 @@ def test_compiler_options_keep_reductions_out_of_ynnpack(monkeypatch):
         assert "__ynn_fusion" not in program.as_text()
         # the one-shot programs get them too
         assert compiling._YNN_PRODUCTS_ONLY.items() <= compiling._cheap_options().items()
+        # a copy: editing it changes no later program's options
+        options["xla_cpu_use_fusion_emitters"] = False
+        assert compiling.compiler_options() == compiling._YNN_PRODUCTS_ONLY
     # a choice the user made in XLA_FLAGS stands
-    compiling.compiler_options.cache_clear()
+    compiling._compiler_options.cache_clear()
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=-reduce")
     try:
         assert compiling.compiler_options() == {}
     finally:
         monkeypatch.undo()
-        compiling.compiler_options.cache_clear()
+        compiling._compiler_options.cache_clear()
