@@ -45,7 +45,7 @@ from numpyro import handlers
 from numpyro.distributions.transforms import biject_to
 from numpyro.primitives import Messenger
 
-from .compiling import compiler_options
+from .compiling import jit
 from .sampling import sample_latents
 from .structure import _is_factor, seeded_model
 
@@ -328,9 +328,7 @@ def local_calibration(
         local = [n for n, s in structure.latent.items() if plate in s.plates]
         size = sizes[plate]
         reps = math.ceil(num_groups / size)
-        run = jax.jit(
-            lambda k, plate=plate, local=local: replicate(k, plate, local), compiler_options=compiler_options()
-        )
+        run = jit(lambda k, plate=plate, local=local: replicate(k, plate, local))
         parts = []
         key, sub = jax.random.split(key)
         for r in range(reps):

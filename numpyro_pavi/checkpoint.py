@@ -34,7 +34,6 @@ the state (e.g. optax's ``ScaleByAdamState``), which must be importable when loa
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import pickle
@@ -48,7 +47,7 @@ import numpy as np
 import tqdm
 from numpyro.infer.svi import SVI, SVIRunResult, SVIState
 
-from .compiling import as_inputs, compiler_options
+from .compiling import as_inputs, jit
 from .monitor import _worse, check_losses, explain_divergence, warn_divergence
 
 __all__ = ["FORMAT_VERSION", "Checkpoint", "fit", "load_checkpoint", "save_checkpoint"]
@@ -438,7 +437,7 @@ def fit(
     # took 14.6 s against 4.0 s. Small data, other arguments (sizes, flags) and the arrays
     # of a model that reads their values on the host stay closed over (see as_inputs).
     def make_step(rebuild: Callable[[list], Any]) -> Callable:
-        @functools.partial(jax.jit, compiler_options=compiler_options())
+        @jit
         def step(s: SVIState, data: list) -> tuple[SVIState, jax.Array]:
             a, kw = rebuild(data)
             return update(s, *a, forward_mode_differentiation=forward_mode_differentiation, **kw)

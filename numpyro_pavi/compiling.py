@@ -34,6 +34,7 @@ __all__ = [
     "compiler_options",
     "data_size",
     "hoisted",
+    "jit",
     "primitives_in",
     "run_once",
     "uses_linalg",
@@ -84,6 +85,12 @@ def compiler_options() -> dict:
     ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-reduce``.
     """
     return dict(_compiler_options())  # a copy: a caller's edit stays out of every later program
+
+
+def jit(fun: Callable, **kwargs: Any) -> Callable:
+    """``jax.jit(fun, **kwargs)`` with :func:`compiler_options`: how the package compiles its
+    repeated programs (``fit``'s step, the posterior summaries, calibration)."""
+    return jax.jit(fun, compiler_options=compiler_options(), **kwargs)
 
 
 @functools.cache

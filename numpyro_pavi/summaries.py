@@ -36,7 +36,6 @@ reads it back lazily.
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -47,7 +46,7 @@ import numpy as np
 
 from . import data as _data
 from .arviz import site_dims
-from .compiling import HOST_VALUE_ERRORS, as_inputs, compiler_options
+from .compiling import HOST_VALUE_ERRORS, as_inputs, jit
 from .sampling import draw_starts, sample_latents
 from .structure import LatentSite, full_indices
 
@@ -231,7 +230,7 @@ def posterior_summary(
             }
             return stats, (v if store is not None else None)
 
-        return jax.jit(summarize, compiler_options=compiler_options())
+        return jit(summarize)
 
     plan = []  # (chunked, names, size, length, compiled program)
     full_shape, where = {}, {}
@@ -410,7 +409,7 @@ def posterior_moments(
     together = guide.draw_batch(inputs.sizes, batch_size, with_state=guide.stored_state(params, inputs.sizes) is not None)
     together = together if together > 1 else None
 
-    @functools.partial(jax.jit, compiler_options=compiler_options())
+    @jit
     def fold(state, batch_keys, valid, params, data):
         # a short last batch is padded with repeated keys, weighted out by ``valid``
         # one sampler for the batch: its draws' Newton starts (draw_starts) computed once
