@@ -276,7 +276,8 @@ def _precisions(logp, sites, modes: dict, theta: jax.Array, jac: dict):
     k = theta.shape[0]
     if not k:
         chols = chols_at(modes, theta)
-        return chols, {n: c[..., None] * 0.0 for n, c in chols.items()}
+        # no global to follow: an empty last axis, as init_state makes it
+        return chols, {n: jnp.zeros(c.shape + (0,), c.dtype) for n, c in chols.items()}
     dmodes = {n: jnp.moveaxis(jac[n], -1, 0) for n in jac}
     eye = jnp.eye(k, dtype=theta.dtype)
     if max(s.dim for s in sites) > 2 and jax.default_backend() == "cpu":

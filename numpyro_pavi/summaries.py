@@ -20,7 +20,9 @@ every draw of an element at once, and a draw of a huge plate may not fit either.
 The result does not depend on ``chunk_size``: each element's noise comes from its own key
 (the site's per-draw key folded with the element's indices), global sites from per-draw keys
 that every chunk shares, and an element's encoding, Laplace base and flow read only its own
-data and its parents. So a chunked summary equals the unchunked one up to float error,
+data and its parents (where a per-step Laplace base's observations are not nested in its
+plates, a ragged or long table, each chunk's draws are full draws cut down to the chunk).
+So a chunked summary equals the unchunked one up to float error,
 and, for Laplace bases whose Newton iterations run at draws (a likelihood not Gaussian in
 the site), up to where those stop: they stop when every element of the call has
 converged, so an element's last iterate moves with its chunk by about ``DRAW_TOL**2``
@@ -178,9 +180,14 @@ def posterior_summary(
     # memory still one chunk of draws, time one full draw per chunk). Stored bases and
     # flows alone read only the element's own plates, and chunk directly.
     stored_sites = () if guide.plan.stored is None else guide.plan.stored.sites
-    separable = len(passes) == 1 or not any(
-        guide.plan.on_laplace(s) and s.name not in stored_sites for s in structure.latent.values()
-    )
+    per_step = [s for s in structure.latent.values() if guide.plan.on_laplace(s) and s.name not in stored_sites]
+    # A per-step base reads its site's likelihood: cut to a chunk, the model sees only that
+    # chunk's elements, which is exact where every observation sits inside their plates
+    # (nested data, indexed with the plate's indices). An observation that reaches them
+    # through an index array (ragged groups, a long table) would be read against the wrong
+    # elements: then each chunk's draws are full draws cut down to it, as for crossed sites.
+    nested = all(set(s.plates) <= set(o.plates) for s in per_step for o in structure.observed.values())
+    separable = nested and (len(passes) == 1 or not per_step)
 
     # draws vectorized together where they pass through no model (AutoPAVI.draw_batch, given
     # no sampler: Gaussian bases stay one at a time here; full plate sizes: a chunk holds fewer

@@ -293,3 +293,33 @@ def test_stored_width_follows_the_globals(data):
         np.testing.assert_allclose(chol[:, 0, 0], exact_chol(np.log(0.6) + step), rtol=3 * step**2)
     grad = jax.grad(lambda th: stored_base(state, site, idx, th)[1].sum())(theta)
     np.testing.assert_allclose(grad[1], deriv.sum(), rtol=1e-3)
+
+
+def test_a_long_table_without_globals_gets_its_exact_stored_bases():
+    """Crossed effects with fixed priors and no global site: the stored state has nothing
+    to follow (an empty last axis), trains, and holds the exact joint posterior mode."""
+    rng = np.random.default_rng(1)
+    n_s, n_l, n = 6, 5, 60
+    s, l = rng.integers(0, n_s, n), rng.integers(0, n_l, n)
+    y = jnp.asarray(rng.normal(size=n), jnp.float32)
+
+    def no_globals(s, l, y, batch=None):
+        with numpyro.plate("students", n_s):
+            a = numpyro.sample("a", dist.Normal(0.0, 1.0))
+        with numpyro.plate("lecturers", n_l):
+            b = numpyro.sample("b", dist.Normal(0.0, 1.0))
+        with numpyro.plate("ratings", y.shape[0], subsample_size=batch) as r:
+            numpyro.sample("y", dist.Normal(a[s[r]] + b[l[r]], 1.0), obs=y[r])
+
+    s, l = jnp.asarray(s), jnp.asarray(l)
+    guide = AutoPAVI(no_globals)
+    svi = SVI(no_globals, guide, optax.adam(1e-3), Trace_ELBO())
+    state = svi.init(jax.random.PRNGKey(0), s, l, y, 10)
+    assert guide.plan.stored.sites == ("a", "b") and guide.plan.stored.globals == ()
+    state, loss = svi.update(state, s, l, y, 10)
+    assert np.isfinite(loss)
+    X = np.concatenate([np.eye(n_s)[np.asarray(s)], np.eye(n_l)[np.asarray(l)]], 1)
+    exact = np.linalg.solve(np.eye(n_s + n_l) + X.T @ X, X.T @ np.asarray(y, float))
+    stored = state.mutable_state[guide._state_name]["state"]
+    got = np.concatenate([stored.mode["a"][:, 0], stored.mode["b"][:, 0]])
+    np.testing.assert_allclose(got, exact, atol=3e-3)
