@@ -9,12 +9,18 @@ Guarantees
 * **Atomic writes.** :func:`save_checkpoint` writes to a temporary file in the target
   directory, flushes and ``fsync``\\ s it, then ``os.replace``\\ s it over the target and
   ``fsync``\\ s the directory. A crash at any moment leaves either the previous checkpoint or
-  the new one on disk, never a torn file, and no temporary file survives a failed write.
+  the new one on disk, never a torn file. A write that fails with an exception removes its
+  temporary file; one killed outright (``SIGKILL``, power loss) can leave a hidden
+  ``.{name}.*.tmp`` beside the target, which is never loaded. A ``checkpoint_path`` that is a
+  symlink has its target replaced.
 * **Exact resume.** Arrays are stored as host numpy copies with their dtypes, JAX weak-type
   flags and pytree structure; new-style typed PRNG keys (``jax.random.key``) are stored as
   their raw key data plus the PRNG implementation name. :func:`fit` steps with one jitted
   update, so ``N`` steps, a kill and a resume for ``N`` more give bit-identical parameters
-  and losses to ``2N`` uninterrupted steps.
+  and losses to ``2N`` uninterrupted steps. Across processes this needs the same
+  ``PYTHONHASHSEED`` in both (NumPyro's ``Trace_ELBO`` sums its terms in the order of a
+  ``set`` of site names): :func:`fit` records the writer's string hashing and warns when a
+  resuming process differs.
 
 File format (version :data:`FORMAT_VERSION`) is a pickled ``dict``::
 
@@ -35,9 +41,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 import pickle
 import tempfile
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -48,6 +56,7 @@ import tqdm
 from numpyro.infer.svi import SVI, SVIRunResult, SVIState
 
 from .compiling import as_inputs, jit
+from .sharding import string_hash_probe
 from .monitor import _worse, check_losses, explain_divergence, warn_divergence
 
 __all__ = ["FORMAT_VERSION", "Checkpoint", "fit", "load_checkpoint", "save_checkpoint"]
@@ -265,18 +274,30 @@ def load_checkpoint(path: PathLike) -> Checkpoint:
 def _check_compatible(path: str, loaded: SVIState, expected: SVIState) -> None:
     # A checkpoint from another guide/optimizer would otherwise fail deep inside jit, or worse,
     # silently run with mismatched state. The rng key is excluded: the stored one is used.
-    def sig(state: SVIState) -> tuple:
-        leaves, treedef = jax.tree_util.tree_flatten((state.optim_state, state.mutable_state))
-        return treedef, [
-            (tuple(np.shape(x)), np.dtype(x.dtype) if hasattr(x, "dtype") else type(x))
-            for x in leaves
+    # NumPyro drops the mutable state from the steps of a Trace_ELBO(num_particles > 1) (it
+    # keeps the one svi.init made): a None on either side is that, not another problem.
+    def parts(state: SVIState, other: SVIState) -> tuple:
+        mutable = None if other.mutable_state is None else state.mutable_state
+        return (state.optim_state, mutable)
+
+    def sig(tree) -> list:
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return [
+            (jax.tree_util.keystr(p), tuple(np.shape(x)), np.dtype(x.dtype) if hasattr(x, "dtype") else type(x))
+            for p, x in leaves
         ]
 
-    got, want = sig(loaded), sig(expected)
+    got, want = sig(parts(loaded, expected)), sig(parts(expected, loaded))
     if got != want:
+        diff = [(g, w) for g, w in zip(got, want) if g != w]
+        first = (
+            f"{diff[0][0][0]}: {diff[0][0][1:]} in the checkpoint, {diff[0][1][1:]} expected"
+            if diff
+            else f"{len(got)} leaves in the checkpoint, {len(want)} expected"
+        )
         raise ValueError(
             f"checkpoint {path!r} does not match this SVI problem (different guide, optimizer or "
-            f"data shapes?):\n  checkpoint: {got}\n  expected:   {want}"
+            f"data shapes?): {first} ({max(len(diff), 1)} differences; optimizer state, then mutable state)"
         )
 
 
@@ -378,21 +399,36 @@ def fit(
         resumed run tracks identically). When the last running mean is worse than the best
         by more than ``rtol * max(|best|, 1)`` (the fit left its optimum, or its loss became
         non-finite), a :class:`~numpyro_pavi.monitor.DivergenceWarning` names the latent site
-        whose posterior moved most (:func:`~numpyro_pavi.monitor.explain_divergence`), and ``params`` are the best ones (``state``
-        stays the last, so the run can continue). With ``keep_best=False`` the warning is
-        still given, and the last parameters are returned.
+        whose posterior moved most (:func:`~numpyro_pavi.monitor.explain_divergence`), and
+        ``params`` are the best ones (``state`` stays the last, so the run can continue);
+        where the guide keeps a mutable state (stored Laplace bases), the best params carry
+        that step's, so pass them to the posterior methods as they are. With
+        ``keep_best=False`` the warning is still given, the last parameters are returned, and
+        a best record in the checkpoint is dropped (one kept over another ``window`` restarts).
     :param window: running-mean window (steps).
     :param rtol: relative tolerance of the divergence check.
     :param kwargs: model/guide keyword arguments.
     :return: ``SVIRunResult(params, state, losses)`` with ``losses`` of shape ``(num_steps,)``:
         the full history, previous segments and runs included.
-    :raises ValueError: for ``num_steps < 1`` or ``checkpoint_every < 1``, a checkpoint that
-        has already gone past ``num_steps``, or one that does not match this SVI problem.
+    :raises ValueError: for ``num_steps`` or ``checkpoint_every`` not a positive integer, a
+        checkpoint directory that does not exist or is not writable (before any step), a
+        checkpoint that has already gone past ``num_steps``, or one that does not match this SVI
+        problem (naming the first state leaf that differs).
     """
-    if num_steps < 1:
-        raise ValueError("num_steps must be a positive integer.")
-    if checkpoint_every < 1:
-        raise ValueError("checkpoint_every must be a positive integer.")
+    for name, value in (("num_steps", num_steps), ("checkpoint_every", checkpoint_every)):
+        if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    num_steps, checkpoint_every = int(num_steps), int(checkpoint_every)
+    if checkpoint_path is not None:
+        # a symlink's target is what a resume reads: replace that, not the link
+        checkpoint_path = os.path.realpath(os.fspath(checkpoint_path))
+        folder = os.path.dirname(checkpoint_path)
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+            # found now, not after the first segment's steps
+            raise ValueError(
+                f"checkpoint_path {checkpoint_path!r}: its directory {folder!r} does not exist or is "
+                "not writable; create it or pass another path."
+            )
     if not (isinstance(window, int) and window >= 1):
         raise ValueError(f"window must be a positive int, got {window!r}.")
 
@@ -426,6 +462,15 @@ def fit(
                 # Guides that need concrete values at init cannot be traced; pay for a real init.
                 expected = init_fn(rng_key)
         _check_compatible(os.fspath(checkpoint_path), state, expected)
+        if metadata.get("hash_probe", string_hash_probe()) != string_hash_probe():
+            warnings.warn(
+                f"Resuming {os.fspath(checkpoint_path)!r} in a process that hashes strings differently "
+                "from the one that wrote it: NumPyro's Trace_ELBO sums its terms in the order of a set "
+                "of site names, so the steps from here differ from an uninterrupted run's in round-off. "
+                "Start every process of a run with the same PYTHONHASHSEED (e.g. PYTHONHASHSEED=0) "
+                "for an exact resume.",
+                stacklevel=2,
+            )
         history = [ckpt.losses]
     else:
         state, start, history = init_fn(rng_key), 0, []
@@ -459,7 +504,10 @@ def fit(
     # Best-so-far tracking: host-side, every `stride` steps, on the full loss history; its
     # record lives in the checkpoint's metadata so a resumed run tracks exactly as one run.
     stride = max(window // 10, 1)
-    best = dict(metadata.get("best") or {"mean": math.inf, "step": -1, "params": None})
+    stored_best = metadata.pop("best", None) if not keep_best else metadata.get("best")
+    if not (stored_best and stored_best.get("window", window) == window):
+        stored_best = None  # none, or a running mean over another window: start over
+    best = dict(stored_best or {"mean": math.inf, "step": -1, "params": None, "window": window})
 
     def on_step(step: int, s: SVIState, recent_losses: Callable[[int], np.ndarray]) -> None:
         if not keep_best or step % stride or step < window:
@@ -467,7 +515,11 @@ def fit(
         recent = recent_losses(window)
         mean = float(np.mean(np.where(np.isfinite(recent), recent, np.inf)))
         if mean < best["mean"]:
-            best.update(mean=mean, step=step - 1, params=svi.get_params(s))
+            params = svi.get_params(s)
+            if s.mutable_state:
+                # stored bases refreshed at these params' globals, not the last step's
+                params = {**s.mutable_state, **params}
+            best.update(mean=mean, step=step - 1, params=params, window=window)
 
     bar = None
     if progress_bar and start < num_steps:
@@ -481,7 +533,7 @@ def fit(
             history = [np.concatenate(history + [seg_losses])]
             done += n
             if checkpoint_path is not None:
-                metadata.update(step=done, num_steps=num_steps)
+                metadata.update(step=done, num_steps=num_steps, hash_probe=string_hash_probe())
                 if keep_best:
                     metadata["best"] = {**best, "params": jax.device_get(best["params"])}
                 save_checkpoint(checkpoint_path, state, losses=history[0], metadata=metadata)

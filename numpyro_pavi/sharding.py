@@ -51,7 +51,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from numpyro.primitives import Messenger
 
-__all__ = ["check_hash_seeds", "data_mesh", "replicate", "shard_data", "shard_plates"]
+__all__ = ["check_hash_seeds", "data_mesh", "replicate", "shard_data", "shard_plates", "string_hash_probe"]
 
 
 def data_mesh(devices: Sequence | None = None, axis: str = "data") -> Mesh:
@@ -104,6 +104,12 @@ def replicate(tree, mesh: Mesh):
     return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), tree)
 
 
+def string_hash_probe() -> int:
+    """This process's hash of a fixed string: equal between processes (and between a run and
+    its resumption) exactly when they order a ``set`` of site names alike."""
+    return hash("numpyro-pavi hash-seed probe") & 0x7FFFFFFF
+
+
 def check_hash_seeds() -> None:
     """Raise unless every process of a ``jax.distributed`` run hashes strings alike.
 
@@ -117,7 +123,7 @@ def check_hash_seeds() -> None:
         return
     from jax.experimental import multihost_utils
 
-    mine = np.int32(hash("numpyro-pavi hash-seed probe") & 0x7FFFFFFF)
+    mine = np.int32(string_hash_probe())
     every = np.asarray(multihost_utils.process_allgather(mine)).ravel()
     if len(set(every.tolist())) > 1:
         seed = os.environ.get("PYTHONHASHSEED", "unset")

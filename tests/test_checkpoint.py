@@ -341,3 +341,61 @@ def test_fit_rejects_bad_resume(tmp_path) -> None:
         fit(make_svi("adam"), key, 0, X)
     with pytest.raises(ValueError, match="checkpoint_every"):
         fit(make_svi("adam"), key, 5, X, checkpoint_every=0)
+    with pytest.raises(ValueError, match="checkpoint_every must be a positive integer, got 2.5"):
+        fit(make_svi("adam"), key, 5, X, checkpoint_every=2.5)
+    with pytest.raises(ValueError, match="num_steps must be a positive integer, got 7.5"):
+        fit(make_svi("adam"), key, 7.5, X, checkpoint_path=path)
+    missing = tmp_path / "no" / "such" / "ckpt.pkl"
+    with pytest.raises(ValueError, match="its directory .*no/such' does not exist"):
+        fit(make_svi("adam"), key, 5, X, checkpoint_path=missing, progress_bar=False)
+
+
+def test_mismatch_names_the_first_difference(tmp_path) -> None:
+    key = jax.random.PRNGKey(0)
+    path = tmp_path / "ckpt.pkl"
+    fit(make_svi("adam"), key, 3, X, checkpoint_path=path, progress_bar=False)
+    with pytest.raises(ValueError, match="does not match") as err:
+        fit(make_svi("adam", other_model), key, 6, X, checkpoint_path=path, progress_bar=False)
+    assert "in the checkpoint" in str(err.value) and len(str(err.value)) < 600, str(err.value)
+
+
+def test_keep_best_false_drops_a_stored_record(tmp_path) -> None:
+    key = jax.random.PRNGKey(0)
+    path = tmp_path / "ckpt.pkl"
+    fit(make_svi("adam"), key, 40, X, checkpoint_path=path, checkpoint_every=20, window=10, progress_bar=False)
+    assert load_checkpoint(path).metadata["best"]["window"] == 10
+    svi = make_svi("adam")
+    out = fit(svi, key, 60, X, checkpoint_path=path, checkpoint_every=20, window=10, keep_best=False, progress_bar=False)
+    assert "best" not in load_checkpoint(path).metadata
+    assert_trees_identical(out.params, svi.get_params(out.state))
+
+
+def counting_model(x: jax.Array | None = None) -> None:
+    """``model`` with a mutable site: NumPyro drops mutable state from the steps of a
+    ``Trace_ELBO(num_particles > 1)``, keeping the one ``svi.init`` made."""
+    numpyro.primitives.mutable("calls", {"n": jnp.zeros(())})
+    model(x)
+
+
+def test_resume_with_several_particles_and_a_mutable_site(tmp_path) -> None:
+    key = jax.random.PRNGKey(0)
+    path = tmp_path / "ckpt.pkl"
+
+    def svi():
+        return SVI(counting_model, AutoNormal(counting_model), numpyro.optim.Adam(0.05), Trace_ELBO(num_particles=2))
+
+    ref = fit(svi(), key, 6, X, progress_bar=False)
+    fit(svi(), key, 3, X, checkpoint_path=path, checkpoint_every=3, progress_bar=False)
+    resumed = fit(svi(), key, 6, X, checkpoint_path=path, checkpoint_every=3, progress_bar=False)
+    np.testing.assert_array_equal(resumed.losses, ref.losses)
+
+
+def test_resume_in_a_process_that_hashes_otherwise_warns(tmp_path) -> None:
+    key = jax.random.PRNGKey(0)
+    path = tmp_path / "ckpt.pkl"
+    fit(make_svi("adam"), key, 3, X, checkpoint_path=path, progress_bar=False)
+    ckpt = load_checkpoint(path)
+    assert "hash_probe" in ckpt.metadata
+    save_checkpoint(path, ckpt.svi_state, losses=ckpt.losses, metadata={**ckpt.metadata, "hash_probe": -1})
+    with pytest.warns(UserWarning, match="PYTHONHASHSEED"):
+        fit(make_svi("adam"), key, 4, X, checkpoint_path=path, progress_bar=False)
