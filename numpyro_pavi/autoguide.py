@@ -768,6 +768,8 @@ class AutoPAVI(AutoGuide):
         """
         if getattr(self, "_fingerprints", None) is None:
             names = self._free_observed()
+            if self.plan.stored is not None:  # stored bases read every observed site
+                names = list(self.structure.observed)
             train = getattr(self, "_train_args", None)
             if names and train is None:
                 return {}  # set up under tracing: no values to take a checksum of
@@ -897,7 +899,7 @@ class AutoPAVI(AutoGuide):
         sizes, indices, trace, bound, (args, kwargs) = self.plate_inputs(*args, **kwargs)
         deterministic = deterministic and any(s["type"] == "deterministic" for s in self.prototype_trace.values())
 
-        state = self.stored_state(params, sizes)
+        state = self.stored_state(params, sizes, trace)
         # the Newton iterations of plan.warm_start's bases start at the guide's center draw:
         # computed once here, not once per draw
         starts = {}
@@ -941,10 +943,15 @@ class AutoPAVI(AutoGuide):
     def _state_name(self) -> str:
         return self.plan.param_name("laplace", "state")
 
-    def stored_state(self, params, sizes: dict):
+    def stored_state(self, params, sizes: dict, trace: dict | None = None):
         """The stored bases passed in ``params`` (``{**svi.get_params(state),
         **state.mutable_state}``) when they fit these plate sizes, else None (posteriors then
-        compute them from scratch at each draw's globals)."""
+        compute them from scratch at each draw's globals).
+
+        :param trace: the posterior call's trace of the model over its full plates: bases
+            stored from the training data, passed with observed values other than those,
+            raise ``ValueError`` (they would silently give the training posterior).
+        """
         if self.plan.stored is None or self._state_name not in params:
             return None
         state = params[self._state_name]["state"]
@@ -952,6 +959,18 @@ class AutoPAVI(AutoGuide):
             site = self.structure.latent[name]
             if state.mode[name].shape[:-1] != tuple(sizes[p] for p in site.plates):
                 return None
+        for name, site in (trace or {}).items():
+            if site["type"] != "sample" or not site["is_observed"] or name not in self.structure.observed:
+                continue
+            known, now = self._training_fingerprints().get(name), _fingerprint(site["value"])
+            if known is not None and now is not None and known != now:
+                raise ValueError(
+                    f"Observed site '{name}' holds other values than in training, but the params carry "
+                    f"stored Laplace bases ('{self._state_name}'), the modes of the training data: the "
+                    "posterior would be the training one. Pass the params without the state "
+                    "(svi.get_params(state) alone): the bases are then computed from these data at each "
+                    "draw's globals."
+                )
         return state
 
     # -- Laplace bases: convergence ------------------------------------------------------

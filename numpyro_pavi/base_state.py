@@ -121,8 +121,9 @@ def stored_spec(structure: ModelStructure, laplace_sites, refresh_every: int | N
 
     Stored bases apply when observations are subsampled along a plate that holds no latent
     site (the rows of a long table), every local site is on a Laplace base, none of their
-    plates is subsampled, no local site's plates contain another's (crossed or parallel
-    factors, not nested ones: a nested site's base must follow its parent's sample), and
+    plates is subsampled, no local site's plates contain another's (crossed factors, not
+    nested ones: a nested site's base must follow its parent's sample; two sites on the same
+    plates, a user's intercept and slope as separate sites, count as nested here), and
     the global sites all come before the local ones, with at most ``MAX_GLOBAL_DIM``
     unconstrained coordinates in all.
     """

@@ -444,7 +444,8 @@ def sample_latents(
                 theta = _state.global_vector(plan.structure, plan.stored, unc)
                 # training refreshes at the globals' center (their flows at zero noise), not
                 # at this step's draw: the first-order expansion is then taken where the
-                # draws are, not up to a few sds to one side of them
+                # draws are, not up to a few sds to one side of them (a global no flow reads
+                # has no center computed: its draw stands in)
                 center = {g: unc[g] if centers.get(g) is None else centers[g] for g in plan.stored.globals}
                 anchor = _state.global_vector(plan.structure, plan.stored, center)
                 laplace_state = _advance(plan, laplace_state, theta, anchor, model_args, with_state)
@@ -531,10 +532,14 @@ def _advance(plan: GuidePlan, state, theta: jax.Array, anchor: jax.Array, model_
         cold = _state.COLD_SWEEPS
         return _state.refresh(plan.model, structure, spec, state, theta, model_args, sweeps=cold, tangents=False)
     sweeps = jnp.where(state.count == 0, _state.COLD_SWEEPS, _state.WARM_SWEEPS)
-    state = jax.lax.cond(
-        state.count % spec.period == 0,
-        lambda s: _state.refresh(plan.model, structure, spec, s, anchor, model_args, sweeps=sweeps),
-        lambda s: s,
-        state,
-    )
+
+    def refreshed(s):
+        new = _state.refresh(plan.model, structure, spec, s, anchor, model_args, sweeps=sweeps)
+        # a refresh at non-finite globals (a step that stable_update then rejects) would
+        # otherwise stay in the state, and every later refresh warm-starts from it
+        floats = [x for x in jax.tree.leaves(new) if jnp.issubdtype(x.dtype, jnp.floating)]
+        ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in floats]))
+        return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, s)
+
+    state = jax.lax.cond(state.count % spec.period == 0, refreshed, lambda s: s, state)
     return state._replace(count=state.count + 1)

@@ -169,6 +169,7 @@ def posterior_summary(
     guide.check_params(params)
     sizes, _, full_trace, _, (args, kwargs) = guide.plate_inputs(*args, **kwargs)
     with_trace = full_trace is not None
+    guide.stored_state(params, sizes, full_trace)  # stored bases of other data: a clear error
     del full_trace  # only the chunks' traces are needed from here on
     data, rebuild = as_inputs((args, kwargs))  # large data: inputs (checked by the first trace below)
     keys = jax.random.split(rng_key, num_samples)
@@ -413,7 +414,8 @@ def posterior_moments(
     # draws vectorized together within a batch where they pass through no model
     # (AutoPAVI.draw_batch, given no sampler: Gaussian bases and deterministic sites stay
     # one at a time here)
-    together = guide.draw_batch(inputs.sizes, batch_size, with_state=guide.stored_state(params, inputs.sizes) is not None)
+    with_state = guide.stored_state(params, inputs.sizes, inputs.trace) is not None
+    together = guide.draw_batch(inputs.sizes, batch_size, with_state=with_state)
     together = together if together > 1 else None
 
     @jit

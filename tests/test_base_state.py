@@ -323,3 +323,44 @@ def test_a_long_table_without_globals_gets_its_exact_stored_bases():
     stored = state.mutable_state[guide._state_name]["state"]
     got = np.concatenate([stored.mode["a"][:, 0], stored.mode["b"][:, 0]])
     np.testing.assert_allclose(got, exact, atol=3e-3)
+
+    # the stored bases are the training data's modes: with other data they would give the
+    # training posterior, so passing them with other data is an error naming the fix
+    params = {**svi.get_params(state), **state.mutable_state}
+    draws = guide.sample_posterior(jax.random.PRNGKey(1), params, s, l, y, sample_shape=(3,))
+    assert draws["a"].shape == (3, n_s)
+    with pytest.raises(ValueError, match="Observed site 'y' holds other values.*svi.get_params"):
+        guide.sample_posterior(jax.random.PRNGKey(1), params, s, l, y + 1.0, sample_shape=(3,))
+    with pytest.raises(ValueError, match="Observed site 'y' holds other values"):
+        guide.posterior_summary(jax.random.PRNGKey(1), params, s, l, y + 1.0, num_samples=3)
+    other = guide.sample_posterior(jax.random.PRNGKey(1), svi.get_params(state), s, l, y + 1.0, sample_shape=(3,))
+    assert np.all(np.isfinite(other["a"]))
+
+
+def test_a_refresh_at_non_finite_globals_keeps_the_state():
+    """A refresh at NaN globals (a step stable_update rejects) leaves the stored bases as
+    they were, so later refreshes do not warm-start from NaN."""
+    from numpyro_pavi.sampling import _advance
+
+    s, l, y = (jnp.asarray(x) for x in (np.arange(60) % 6, np.arange(60) % 5, np.linspace(-1, 1, 60)))
+
+    def small(s, l, y, batch=None):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        with numpyro.plate("students", 6):
+            a = numpyro.sample("a", dist.Normal(0.0, 1.0))
+        with numpyro.plate("lecturers", 5):
+            b = numpyro.sample("b", dist.Normal(0.0, 1.0))
+        with numpyro.plate("ratings", y.shape[0], subsample_size=batch) as r:
+            numpyro.sample("y", dist.Normal(mu + a[s[r]] + b[l[r]], 1.0), obs=y[r])
+
+    guide = AutoPAVI(small)
+    svi = SVI(small, guide, optax.adam(1e-3), Trace_ELBO())
+    stored = svi.init(jax.random.PRNGKey(0), s, l, y, 10).mutable_state[guide._state_name]["state"]
+    stored = stored._replace(count=jnp.zeros_like(stored.count) + guide.plan.stored.period)  # a refresh step
+    nan = jnp.full((1,), jnp.nan)
+    after = _advance(guide.plan, stored, nan, nan, ((s, l, y, 10), {}), training=True)
+    assert int(after.count) == int(stored.count) + 1
+    for old, new in zip(jax.tree.leaves(stored._replace(count=0)), jax.tree.leaves(after._replace(count=0))):
+        np.testing.assert_array_equal(old, new)
+    fine = _advance(guide.plan, stored, jnp.ones(1), jnp.ones(1), ((s, l, y, 10), {}), training=True)
+    assert np.all(np.isfinite(fine.mode["a"])) and not np.allclose(fine.anchor, stored.anchor)
