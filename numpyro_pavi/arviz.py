@@ -40,7 +40,7 @@ from .structure import full_indices
 if TYPE_CHECKING:  # arviz is imported lazily: it is slow to import
     import arviz as az
 
-__all__ = ["site_dims", "to_inference_data"]
+__all__ = ["deterministic_event_ndim", "site_dims", "to_inference_data"]
 
 
 def site_dims(
@@ -60,8 +60,8 @@ def site_dims(
     :param plate_dims: ``{plate: dim}`` of the site's plates (negative dims, counted from
         the right of the batch shape).
     :param sizes: full plate sizes; a plate's position is only named after it when the value
-        has exactly the plate's size there (guards deterministic sites, whose event dims are
-        unknown and taken as 0).
+        has exactly the plate's size there (guards deterministic sites, whose event dims
+        :func:`deterministic_event_ndim` infers).
     :param squeeze: drop size-1 batch dims not owned by a plate.
     :return: ``(dims, squeeze_axes)``: names of the kept axes, left to right, and the axes of
         ``shape`` to drop (``np.squeeze(value, squeeze_axes)`` matches ``dims``).
@@ -83,6 +83,19 @@ def site_dims(
 
 def _frames(site: dict) -> dict[str, int]:
     return {f.name: f.dim for f in site["cond_indep_stack"]}
+
+
+def deterministic_event_ndim(shape: tuple, plate_dims: dict[str, int], sizes: dict[str, int]) -> int:
+    """Event dims of a deterministic site's value, which NumPyro does not record: the most
+    trailing dims that leave every plate of the site at its full size where its ``dim`` puts
+    it (``exp(beta)`` of a ``(G, K)`` ``beta`` in a plate of ``G`` at ``dim=-1``: 1, even when
+    ``K == G``); 0 when no count does."""
+    depth = max((-d for d in plate_dims.values()), default=0)
+    for e in range(len(shape) - depth, 0, -1):
+        n_batch = len(shape) - e
+        if all(shape[n_batch + d] == sizes.get(p) for p, d in plate_dims.items()):
+            return e
+    return 0
 
 
 def to_inference_data(
@@ -144,7 +157,9 @@ def to_inference_data(
             plate_dims = {p: structure.plates[p].dim for p in site.plates}
             names, drop = site_dims(name, shape, len(site.event_shape), plate_dims, sizes, squeeze=squeeze)
         elif name in trace:
-            names, drop = site_dims(name, shape, 0, _frames(trace[name]), sizes, squeeze=squeeze)
+            frames = _frames(trace[name])
+            event = deterministic_event_ndim(shape, frames, sizes)
+            names, drop = site_dims(name, shape, event, frames, sizes, squeeze=squeeze)
         else:  # pragma: no cover - sample_posterior only returns model sites
             names, drop = [f"{name}_dim_{i}" for i in range(len(shape))], ()
         posterior[name] = np.squeeze(value, tuple(1 + a for a in drop))[None]

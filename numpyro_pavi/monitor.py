@@ -77,8 +77,9 @@ class DivergenceReport:
     :ivar worst: the highest running mean after ``burn_in`` (``nan`` when none).
     :ivar worst_step: last step of that window (``-1`` when none).
     :ivar diverged: ``last`` is worse than ``best`` by more than ``rtol * max(|best|, 1)``.
-    :ivar unstable: ``worst`` is (after ``burn_in``, some running mean was that much above the
-        overall best: the loss left the optimum, or had not reached it yet).
+    :ivar unstable: ``worst`` is worse than ``best`` by more than ``rtol * max(|best|, 1)``:
+        after ``burn_in``, some running mean was that much above the overall best (the loss
+        left the optimum, or had not reached it yet).
     :ivar max_rise: the largest rise of a running mean after ``burn_in`` above the best
         running mean *before* it, relative to ``max(|best so far|, 1)``. A fit that is still
         converging never rises; one that reached its optimum and left it does.
@@ -287,14 +288,18 @@ class KeepBest(_NumPyroOptim):
 
 
 def best_params(svi, svi_state) -> dict:
-    """Constrained best parameters of a run whose optimizer is :class:`KeepBest`.
+    """Constrained best parameters of a run whose optimizer is :class:`KeepBest`, or holds one
+    inside wrappers of the same kind (``AverageParams(KeepBest(...))``).
 
     Before ``window`` steps have run, these are the initial parameters.
     """
-    if not isinstance(svi.optim, KeepBest):
-        raise TypeError("best_params needs an SVI whose optimizer is numpyro_pavi.KeepBest(...).")
-    tracker = svi_state.optim_state[1]
-    return svi.constrain_fn(tracker["params"])
+    optim, state = svi.optim, svi_state.optim_state
+    while not isinstance(optim, KeepBest):
+        if not hasattr(optim, "optim"):
+            raise TypeError("best_params needs an SVI whose optimizer is numpyro_pavi.KeepBest(...).")
+        # wrappers of this package keep (inner state, their own record): AverageParams(KeepBest(...))
+        optim, state = optim.optim, state[0]
+    return svi.constrain_fn(state[1]["params"])
 
 
 def warn_divergence(report: DivergenceReport, site_message: str | None, kept_best: bool) -> None:

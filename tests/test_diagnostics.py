@@ -278,3 +278,19 @@ def test_site_dims() -> None:
     )
     # a plate position whose size does not match is not named after the plate
     assert site_dims("d", (10, 2), 0, plate_dims, sizes) == (["groups", "d_dim_0"], ())
+
+
+def test_deterministic_event_dims_are_inferred() -> None:
+    """NumPyro records no event dims for a deterministic site: ``exp(beta)`` of a ``(G, K)``
+    site in a plate at ``dim=-1`` keeps ``groups`` on its first axis, also when ``K == G``."""
+    from numpyro_pavi.arviz import deterministic_event_ndim
+
+    for shape in ((3, 3), (5, 3), (5, 1)):
+        e = deterministic_event_ndim(shape, {"groups": -1}, {"groups": shape[0]})
+        assert e == 1
+        names, drop = site_dims("w", shape, e, {"groups": -1}, {"groups": shape[0]})
+        assert names == ["groups", "w_dim_0"] and drop == (), (shape, names)
+    assert deterministic_event_ndim((5,), {"groups": -1}, {"groups": 5}) == 0
+    assert deterministic_event_ndim((10, 5), {"groups": -2, "obs": -1}, {"groups": 10, "obs": 5}) == 0
+    assert deterministic_event_ndim((10, 1, 3), {"groups": -2}, {"groups": 10}) == 1
+    assert deterministic_event_ndim((4, 7), {"groups": -1}, {"groups": 5}) == 0  # no count fits

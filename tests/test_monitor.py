@@ -63,6 +63,12 @@ def test_keep_best_follows_the_same_path_and_keeps_the_best():
     assert abs(float(best["mu_auto_loc"]) - post_mean) < 0.1
     with pytest.raises(TypeError, match="KeepBest"):
         best_params(plain, r1.state)
+    # inside AverageParams: the same record, unwrapped
+    from numpyro_pavi import AverageParams
+
+    wrapped = SVI(model, AutoNormal(model), AverageParams(KeepBest(_jumping_adam(), window=50), window=10), Trace_ELBO())
+    r3 = wrapped.run(jax.random.PRNGKey(0), 600, X, progress_bar=False)
+    np.testing.assert_array_equal(best_params(wrapped, r3.state)["mu_auto_loc"], best["mu_auto_loc"])
 
 
 def test_fit_returns_best_params_and_names_the_site(tmp_path):
