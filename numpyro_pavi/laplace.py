@@ -623,7 +623,8 @@ def newton_iterate(
         grown = jnp.where(size >= 0.99 * radius, 2.0 * radius, radius)
         # the first step is the full Newton step (exact for a Gaussian likelihood, whose
         # start may lie tens of sds away); rejected, the region starts at INITIAL_RADIUS_SDS
-        shrunk = jnp.where(i == 1, INITIAL_RADIUS_SDS, 0.25 * size)
+        # (a rejected first step shorter than that: a quarter of it, not the same step again)
+        shrunk = jnp.where(i == 1, jnp.minimum(INITIAL_RADIUS_SDS, 0.25 * size), 0.25 * size)
         radius = jnp.where(i == 0, radius, jnp.where(keep, grown, shrunk))
         radius = jnp.clip(radius, MIN_RADIUS_SDS, MAX_RADIUS_SDS)
         keep_z = keep[..., None]

@@ -47,6 +47,7 @@ import os
 from collections.abc import Iterable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from numpyro.primitives import Messenger
@@ -101,7 +102,14 @@ def replicate(tree, mesh: Mesh):
     """
     check_hash_seeds()
     sharding = NamedSharding(mesh, PartitionSpec())
-    return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), tree)
+
+    def one(a):
+        if isinstance(a, jax.Array) and jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+            # a typed key (jax.random.key) has no NumPy form: its raw data travels
+            return jax.random.wrap_key_data(one(jax.random.key_data(a)), impl=jax.random.key_impl(a))
+        return jax.make_array_from_process_local_data(sharding, np.asarray(a))
+
+    return jax.tree.map(one, tree)
 
 
 def string_hash_probe() -> int:

@@ -923,3 +923,18 @@ def test_auto_learns_a_vector_per_element_only_on_plates_trained_whole(options, 
         guide.plate_inputs(*args[:2], args[2] + 1, *args[3:])  # no per-element vector: new data are fine
     elif learned:
         assert "encoding: hybrid" in guide.describe()
+
+
+def test_a_rejected_short_first_step_is_not_retried_unchanged():
+    """A pseudo-Huber log joint (mode 0) from z = 2: the full Newton step (-10, 3 start sds
+    long) is rejected; the second iteration takes a quarter of it (to z = -0.5), where a
+    radius of 4 start sds let it evaluate the same rejected step again."""
+    from numpyro_pavi.laplace import newton_iterate
+
+    def logp(z):
+        return jnp.sum(-jnp.sqrt(1.0 + z**2))
+
+    z1, _, _ = newton_iterate(logp, jnp.array([[2.0]]), max_steps=1)
+    z2, _, _ = newton_iterate(logp, jnp.array([[2.0]]), max_steps=2)
+    assert float(z1[0, 0]) == 2.0  # the first step was rejected
+    np.testing.assert_allclose(float(z2[0, 0]), -0.5, atol=1e-4)  # 2 + (-10) / 4

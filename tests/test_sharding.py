@@ -122,3 +122,13 @@ def test_two_processes_match_one_device(tmp_path):
     for proc, _ in runs:
         log, _ = proc.communicate(timeout=600)
         assert proc.returncode != 0 and "PYTHONHASHSEED=0 python" in log, log[-3000:]
+
+
+def test_replicate_carries_typed_keys():
+    """A state holding a typed key (``jax.random.key``) replicates: its raw data travels."""
+    from numpyro_pavi.sharding import data_mesh, replicate
+
+    out = replicate({"key": jax.random.key(3), "x": np.arange(3.0)}, data_mesh())
+    assert jax.random.key_impl(out["key"]) == jax.random.key_impl(jax.random.key(3))
+    np.testing.assert_array_equal(jax.random.key_data(out["key"]), jax.random.key_data(jax.random.key(3)))
+    np.testing.assert_array_equal(out["x"], np.arange(3.0))
