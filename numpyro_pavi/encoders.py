@@ -267,7 +267,8 @@ def mab(
         None if mask is None else jnp.reshape(jnp.broadcast_to(mask, batch + mask.shape[-1:]), (-1, 1, 1, k.shape[-3]))
     )
     attended = jax.nn.dot_product_attention(flat(q), flat(k), flat(v), mask=key_mask)
-    attended = jnp.reshape(attended, batch + attended.shape[-3:-2] + (-1,))
+    # the width spelled out: a -1 cannot be inferred where a batch dim is 0
+    attended = jnp.reshape(attended, batch + attended.shape[-3:-2] + (attended.shape[-2] * attended.shape[-1],))
     return _mab_output(params, x, attended)
 
 

@@ -198,7 +198,10 @@ class ConditionalAutoregressive:
     """Inverse autoregressive affine layer with a MADE conditioner that also sees ``c``.
 
     ``x_i = shift_i(z_<i, c) + scale_i(z_<i, c) * z_i`` (order reversed when ``reverse``),
-    a triangular Jacobian, so the log-det is the sum of log scales. Identity at init; the
+    a triangular Jacobian, so the log-det is the sum of log scales. The context enters the
+    first hidden layer, so the first coordinate in the order (which no hidden unit sees) and,
+    with ``hidden=()``, every coordinate get a shift and scale that do not depend on ``c``:
+    the final affine layer of :class:`ConditionalFlow` conditions them. Identity at init; the
     log-scales are smoothly bounded to ``(-3, 3)`` (:data:`INNER_LOG_SCALE_BOUND`).
     Sampling is one pass; :meth:`inverse` takes ``d`` passes (cheap for plate elements).
     """
@@ -333,7 +336,8 @@ class ConditionalFlow:
         """The layers in the order they are applied to the noise; the affine layer is last."""
         inner = ()
         if self.dim > 1:
-            # alternate the order (or the kept half) so every coordinate gets transformed
+            # alternate the order (or the kept half) so every coordinate gets transformed:
+            # with one coupling layer (num_flows=1) the kept half is left to the affine layer
             make = {
                 "autoregressive": lambda i: ConditionalAutoregressive(self.dim, self.context_dim, self.hidden, i % 2 == 1),
                 "coupling": lambda i: ConditionalCoupling(self.dim, self.context_dim, self.hidden, i % 2),

@@ -361,7 +361,9 @@ def encoder_levels(structure: ModelStructure, plate_set: tuple, name: str) -> li
 def encoder_key(plate: str, level: int) -> str:
     """Key of the encoder pooling ``plate`` at ``level`` (0 = innermost) within an observed
     site's ``{site}_{prefix}_encoder`` params. Two plate sets that pool the same plate at the
-    same level from the same site share that encoder: it sees the same sets in both."""
+    same level from the same site share that encoder. Above level 0 the sets it sees are
+    encodings of whichever plate was pooled below it, which can differ between the two
+    (crossed plate sets of a site in three plates): one network then serves both."""
     return f"{plate}@{level}"
 
 

@@ -365,3 +365,12 @@ def test_moment_readout_is_linear_in_pooled_moments(kind, in_dim):
     seg = enc.segments(params, jnp.asarray(x, jnp.float32), jnp.zeros(5, int), 1)[0]
     np.testing.assert_allclose(seg, want, rtol=1e-4, atol=1e-4)
     assert "moments" not in SetEncoder(kind=kind, moments=False).init(jax.random.PRNGKey(0), in_dim)
+
+
+def test_set_transformer_takes_zero_size_inputs():
+    """No sets at all (a zero batch) and no rows (every segment empty): shapes, no error."""
+    enc = SetEncoder(kind="set_transformer", out_dim=4, hidden_dim=8, num_inducing=3, num_blocks=1)
+    params = enc.init(jax.random.PRNGKey(0), 3)
+    assert enc(params, jnp.zeros((0, 5, 3))).shape == (0, 4)
+    out = enc.segments(params, jnp.zeros((0, 3)), jnp.zeros((0,), int), 2)
+    assert out.shape == (2, 4) and np.all(np.isfinite(out))
