@@ -123,11 +123,17 @@ def _set_encoding(plan: GuidePlan, params, plate_set: tuple, trace, indices, siz
         pooled = [p for p in oplates if p not in plate_set]
         perm = [oplates.index(p) for p in plate_set] + [oplates.index(p) for p in pooled] + [len(oplates)]
         h = jnp.transpose(x, perm)
+        # a member of a set is a cell with any feature scored (a sub-set: any member): masked
+        # padding neither enters the pooling nor the count, so a group's encoding does not
+        # move with how far its data are padded
+        member = None if mask is None else jnp.transpose(jnp.any(mask, -1), perm[:-1])
         encoders = params[plan.param_name(name, "encoder")]
         for level, p in enumerate(encoder_levels(structure, plate_set, name)):
             n = h.shape[-2]
-            out = enc(encoders[encoder_key(p, level)], h)
-            h = jnp.concatenate([out, jnp.broadcast_to(_data.log_count(n, sizes[p], n), out.shape[:-1] + (1,))], -1)
+            out = enc(encoders[encoder_key(p, level)], h, mask=member)
+            count = n if member is None else jnp.sum(member, -1)
+            h = jnp.concatenate([out, jnp.broadcast_to(_data.log_count(count, sizes[p], n), out.shape[:-1] + (1,))], -1)
+            member = None if member is None else jnp.any(member, -1)
         outs.append(h)
     return readout(params[plan.param_name(plan.plate_set_name(plate_set), "encoder_out")], jnp.concatenate(outs, -1))
 

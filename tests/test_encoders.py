@@ -374,3 +374,39 @@ def test_set_transformer_takes_zero_size_inputs():
     assert enc(params, jnp.zeros((0, 5, 3))).shape == (0, 4)
     out = enc.segments(params, jnp.zeros((0, 3)), jnp.zeros((0,), int), 2)
     assert out.shape == (2, 4) and np.all(np.isfinite(out))
+
+
+def test_a_groups_set_encoding_does_not_move_with_its_masked_padding():
+    """PAVI-E on masked data (``dist.mask``): the same groups padded with 3 more masked
+    columns get the same encodings (the padding entered the pooling and the count)."""
+    import numpyro
+    import numpyro.distributions as dist
+    from numpyro.infer import SVI, Trace_ELBO
+
+    from numpyro_pavi import AutoPAVI
+    from numpyro_pavi.sampling import encodings
+
+    def model(y, m):
+        mu = numpyro.sample("mu", dist.Normal(0, 5))
+        with numpyro.plate("g", y.shape[0], dim=-2):
+            a = numpyro.sample("a", dist.Normal(mu, 1))
+            with numpyro.plate("n", y.shape[1], dim=-1):
+                numpyro.sample("y", dist.Normal(a, 1).mask(m), obs=y)
+
+    rng = np.random.default_rng(0)
+    m = np.ones((4, 5), bool)
+    m[0, 3:] = False
+    y = np.where(m, rng.normal(size=(4, 5)), 0.0).astype(np.float32)
+    guide = AutoPAVI(model, encoding="set", laplace=False)
+    svi = SVI(model, guide, numpyro.optim.Adam(1e-2), Trace_ELBO())
+    params = svi.get_params(svi.init(jax.random.PRNGKey(0), y, m))
+    # away from the initial values, where an encoder's output may not depend on its input
+    params = jax.tree.map(lambda v: v + 0.5 * jax.random.normal(jax.random.PRNGKey(v.size), v.shape), params)
+
+    def encoding(y, m):
+        inputs = guide.plate_inputs(y, m)
+        return encodings(guide.plan, guide.plan.unpack(params), inputs.indices, inputs.trace, inputs.sizes, inputs.bound)[("g",)]
+
+    pad = np.zeros((4, 3))
+    padded = encoding(np.concatenate([y, pad.astype(np.float32)], 1), np.concatenate([m, pad.astype(bool)], 1))
+    np.testing.assert_allclose(padded, encoding(y, m), atol=1e-5)
