@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import warnings
 import zlib
 from collections.abc import Callable, Mapping
@@ -119,6 +120,10 @@ def _initial_locations(structure: ModelStructure, trace: dict, compiled: dict | 
             )
         locs[name] = x
     return locs
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _all_finite(x) -> bool:
@@ -356,12 +361,14 @@ class AutoPAVI(AutoGuide):
             raise ValueError(f"Unknown estimator {estimator!r}; use one of {_ESTIMATORS}.")
         if flow_type not in _FLOW_TYPES:
             raise ValueError(f"Unknown flow_type {flow_type!r}; use one of {_FLOW_TYPES}.")
-        if not (isinstance(encoding_dim, int) and encoding_dim >= 1):
+        if not (_is_int(encoding_dim) and encoding_dim >= 1):
             raise ValueError(f"encoding_dim must be a positive int, got {encoding_dim!r}.")
-        if not (isinstance(num_flows, int) and num_flows >= 0):
+        if not (_is_int(num_flows) and num_flows >= 0):
             raise ValueError(f"num_flows must be a non-negative int, got {num_flows!r}.")
-        if not init_scale > 0:
-            raise ValueError(f"init_scale must be positive, got {init_scale!r}.")
+        if not (isinstance(hidden_dims, (tuple, list)) and all(_is_int(h) and h >= 1 for h in hidden_dims)):
+            raise ValueError(f"hidden_dims must be a tuple of positive ints (e.g. (32,)), got {hidden_dims!r}.")
+        if not (isinstance(init_scale, numbers.Real) and math.isfinite(init_scale) and init_scale > 0):
+            raise ValueError(f"init_scale must be a positive finite number, got {init_scale!r}.")
         if refresh_every is not None and not (isinstance(refresh_every, int) and refresh_every >= 1):
             raise ValueError(f"refresh_every must be a positive int or None, got {refresh_every!r}.")
         if not (isinstance(chunk_size, int) and chunk_size >= 1):
@@ -374,14 +381,15 @@ class AutoPAVI(AutoGuide):
                 )
         if encoder is not None and not isinstance(encoder, SetEncoder):
             raise TypeError(f"encoder must be a numpyro_pavi.SetEncoder, got {encoder!r}.")
+        encoding_dim, num_flows = int(encoding_dim), int(num_flows)  # NumPy ints accepted, kept plain
         encoder = with_encoder_width(encoder if encoder is not None else SetEncoder(), encoding_dim)
         self.options = GuideOptions(
             encoding=encoding,
             encoding_dim=encoding_dim,
             num_flows=num_flows,
             flow_type=flow_type,
-            hidden_dims=tuple(hidden_dims),
-            init_scale=init_scale,
+            hidden_dims=tuple(int(h) for h in hidden_dims),
+            init_scale=float(init_scale),
             encoder=encoder,
             ragged=ragged,
             laplace=bool(laplace),
@@ -662,6 +670,10 @@ class AutoPAVI(AutoGuide):
         guide's: every parameter present, with the shapes of its options and model."""
         if self.plan is None:
             raise RuntimeError("The guide is not set up yet: run SVI (or call the guide) once first.")
+        if not isinstance(params, Mapping):
+            raise ValueError(
+                f"params must be a dict of this guide's params (svi.get_params(state)), got {type(params).__name__}."
+            )
         init_values = self.plan.init_values
         missing = [k for k in init_values if k not in params]
         if missing:

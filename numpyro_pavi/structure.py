@@ -25,9 +25,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 import numpyro.distributions as dist
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
+from numpyro.primitives import Messenger
 from numpyro.infer.util import helpful_support_errors
 
 from .subsampling import subsample_draws
@@ -247,11 +249,12 @@ def _unrecorded_plate(trace: dict, name: str, frame) -> PlateInfo:
             "model, so its full size and subsample are unknown. handlers.block(model, expose=[...]) "
             f"hides plates too: block with hide=[...] instead, or add '{name}' to expose."
         )
-    if any(s.get("scale") is not None and not _is_one(s["scale"]) for s in sites):
+    # a subsample scales its sites by N / B > 1; handlers.scale below 1 is not one
+    if any(s.get("scale") is not None and np.any(np.asarray(s["scale"]) > 1.0) for s in sites):
         raise ValueError(
-            f"Plate '{name}' is subsampled inside scan: the guide cannot see its full size or its "
-            "indices there. Open the plate before scan (plate = numpyro.plate(...), then `with "
-            "plate:` inside the step) or pass create_plates."
+            f"Plate '{name}' is subsampled inside scan (its sites are scaled by more than 1): the "
+            "guide cannot see its full size or its indices there. Open the plate before scan "
+            "(plate = numpyro.plate(...), then `with plate:` inside the step)."
         )
     return PlateInfo(name, frame.dim, int(frame.size), int(frame.size))
 
@@ -305,12 +308,25 @@ def _latent_site(site: dict, plates: Mapping[str, PlateInfo]) -> LatentSite:
     name = site["name"]
     fn = site["fn"]
     if fn.support.is_discrete:
+        own_guide = (
+            f"give it its own guide: AutoGuideList with AutoPAVI(handlers.block(model, "
+            f"hide=['{name}'])) plus a guide for '{name}'"
+        )
+        if name.endswith("_unobserved"):
+            # obs_mask's imputation site: the user wrote the observed one
+            fix = f"impute the missing values of '{name[: -len('_unobserved')]}' outside the model, or {own_guide}"
+        elif site.get("infer", {}).get("enumerate"):
+            fix = f"AutoPAVI does not skip enumerated sites: hide it from AutoPAVI, {own_guide}"
+        elif getattr(fn, "has_enumerate_support", False):
+            fix = (
+                f"marginalize it with enumeration (numpyro.sample('{name}', ..., infer={{'enumerate': "
+                f"'parallel'}}) and TraceEnum_ELBO) with AutoPAVI blind to it, or {own_guide}"
+            )
+        else:
+            fix = own_guide
         raise ValueError(
             f"{_numpyro_support_error(site)} AutoPAVI's flows need continuous latents "
-            f"('{name}' is {type(_base(fn)).__name__}). Marginalize it with enumeration "
-            f"(numpyro.sample('{name}', ..., infer={{'enumerate': 'parallel'}}) and "
-            "TraceEnum_ELBO), or give it its own guide: AutoGuideList with "
-            f"AutoPAVI(handlers.block(model, hide=['{name}'])) plus a guide for '{name}'."
+            f"('{name}' is {type(_base(fn)).__name__}): {fix}."
         )
     event_dim = _event_dim(site)
     shape = tuple(jnp.shape(site["value"]))
@@ -348,6 +364,48 @@ def _base(fn):
     return fn
 
 
+class check_plates(Messenger):
+    """Effect handler: a plate name declared twice must have one size, and subsample indices
+    (substituted by the user, or drawn) must be distinct elements of the plate.
+
+    NumPyro's trace keeps the last plate statement of a name only, and its frames carry the
+    subsample size, not the plate's: ``plate("N", 10)`` for a site and ``plate("N", 20,
+    subsample_size=10)`` for its data otherwise trained, indices past the site's 10
+    elements clamped by JAX.
+    """
+
+    def __enter__(self):
+        self.sizes = {}
+        return super().__enter__()
+
+    def process_message(self, msg):
+        if msg["type"] != "plate":
+            return
+        name, size = msg["name"], msg["args"][0]
+        seen = self.sizes.setdefault(name, size)
+        if seen != size:
+            raise ValueError(
+                f"Plate '{name}' is inconsistent: declared with {seen} elements and again with {size}, "
+                "but a plate name stands for one set of elements. Give the plates different names, or the "
+                "same size (with subsample_size for the subsampled one)."
+            )
+
+    def postprocess_message(self, msg):
+        if msg["type"] != "plate" or msg["value"] is None:
+            return
+        try:
+            idx = np.asarray(msg["value"])
+        except Exception:  # noqa: BLE001 - traced indices (inside jit) have no values
+            return
+        size = msg["args"][0]
+        if idx.size and (idx.min() < 0 or idx.max() >= size or np.unique(idx).size != idx.size):
+            raise ValueError(
+                f"Plate '{msg['name']}' got subsample indices {idx.tolist()[:8]}"
+                f"{'...' if idx.size > 8 else ''} that are not distinct elements of its {size}: "
+                "pass distinct indices in [0, size) (e.g. from numpyro_pavi.subsampling.subsample_indices)."
+            )
+
+
 def seeded_model(model, rng_key, data: Mapping[str, Any] | None = None, *, init: Any = None, full_plates: bool = False):
     """``model`` seeded with ``rng_key``, with ``data`` (site or plate name -> value)
     substituted, and a value for every improper latent site (``ImproperUniform``), which
@@ -383,7 +441,7 @@ def seeded_model(model, rng_key, data: Mapping[str, Any] | None = None, *, init:
 
     # the guide's plates come from these traces: their subsample indices drawn without an
     # array of the whole plate (subsampling.subsample_draws)
-    return handlers.substitute(handlers.seed(subsample_draws(model), rng_key), substitute_fn=value)
+    return handlers.substitute(handlers.seed(subsample_draws(check_plates(model)), rng_key), substitute_fn=value)
 
 
 def _is_factor(site: dict) -> bool:

@@ -94,5 +94,10 @@ class subsample_draws(Messenger):
         if msg["type"] != "plate" or msg["value"] is not None:
             return
         size, subsample_size = msg["args"]
+        if subsample_size is not None and not 0 < subsample_size <= size:
+            raise ValueError(
+                f"Plate '{msg['name']}' has subsample_size={subsample_size}: it must be in [1, {size}] "
+                "(the plate's size)."
+            )
         if subsample_size is not None and subsample_size <= FAST_DRAW_UP_TO * size:
             msg["fn"] = subsample_indices

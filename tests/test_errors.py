@@ -117,8 +117,13 @@ def test_set_encoding_without_data_in_plate():
         ({"flow_type": "bogus"}, r"Unknown flow_type 'bogus'"),
         ({"encoding_dim": 0}, r"encoding_dim must be a positive int"),
         ({"encoding_dim": 2.0}, r"encoding_dim must be a positive int"),
-        ({"init_scale": -1}, r"init_scale must be positive"),
-        ({"init_scale": float("nan")}, r"init_scale must be positive"),
+        ({"encoding_dim": True}, r"encoding_dim must be a positive int"),
+        ({"init_scale": -1}, r"init_scale must be a positive finite number"),
+        ({"init_scale": float("nan")}, r"init_scale must be a positive finite number"),
+        ({"init_scale": float("inf")}, r"init_scale must be a positive finite number"),
+        ({"init_scale": "0.1"}, r"init_scale must be a positive finite number"),
+        ({"hidden_dims": 32}, r"hidden_dims must be a tuple of positive ints"),
+        ({"hidden_dims": (0,)}, r"hidden_dims must be a tuple of positive ints"),
         ({"num_flows": -1}, r"num_flows must be a non-negative int"),
         ({"flow_layers": -1}, r"num_flows must be a non-negative int"),  # the old name, mapped
         ({"chunk_size": 0}, r"chunk_size must be a positive int"),
@@ -128,6 +133,51 @@ def test_invalid_options(kwargs, match):
     with pytest.raises(ValueError, match=match), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         AutoPAVI(models.random_effects, **kwargs)
+
+
+def test_numpy_ints_are_options():
+    guide = AutoPAVI(models.random_effects, encoding_dim=np.int64(4), num_flows=np.int32(1), hidden_dims=[np.int64(8)])
+    assert guide.options.encoding_dim == 4 and guide.options.hidden_dims == (8,)
+
+
+def test_plates_of_one_name_must_agree():
+    """NumPyro's trace keeps one plate statement per name: a plate of 10 for a site and one
+    of 20 (subsampled) for its data would train with indices past the site's elements."""
+
+    def model(y):
+        with numpyro.plate("N", 10):
+            numpyro.sample("a", dist.Normal(0.0, 1.0))
+        with numpyro.plate("N", 20, subsample_size=10) as idx:
+            numpyro.sample("y", dist.Normal(0.0, 1.0), obs=y[idx])
+
+    with pytest.raises(ValueError, match=r"Plate 'N' is inconsistent: declared with 10 elements and again with 20"):
+        numpyro.handlers.seed(AutoPAVI(model), 0)(jnp.ones(20))
+
+
+@pytest.mark.parametrize("idx", [[1, 5, 17], [1, 5, 5]])
+def test_user_subsample_indices_must_be_distinct_elements(idx):
+    def model(y, idx):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        with numpyro.handlers.substitute(data={"N": idx}):
+            plate = numpyro.plate("N", 10, subsample_size=idx.shape[0])
+        with plate:
+            a = numpyro.sample("a", dist.Normal(mu, 1.0))
+            numpyro.sample("y", dist.Normal(a, 1.0), obs=y[idx])
+
+    with pytest.raises(ValueError, match=r"Plate 'N' got subsample indices .* not distinct elements of its 10"):
+        numpyro.handlers.seed(AutoPAVI(model), 0)(jnp.ones(10), jnp.array(idx))
+
+
+def test_check_params_wants_a_dict():
+    guide = AutoPAVI(models.random_effects)
+    numpyro.handlers.seed(guide, 0)(jnp.ones((4, 3, 2)))
+    with pytest.raises(ValueError, match="params must be a dict"):
+        guide.check_params(None)
+
+
+def test_subsample_size_zero_names_the_plate():
+    with pytest.raises(ValueError, match=r"Plate 'groups' has subsample_size=0"):
+        numpyro.handlers.seed(AutoPAVI(models.random_effects), 0)(jnp.ones((4, 3, 2)), subsample_size=0)
 
 
 def test_renamed_options_warn_and_still_work():
