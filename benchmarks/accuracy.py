@@ -8,8 +8,9 @@ the mean loss of the last 100 steps, the worst 100-step running mean after ``--b
 relative to the best (the stability criterion), and, against NUTS, the median and 90th
 percentile over every latent coordinate (all sites, all elements) of
 ``|mean_VI - mean_NUTS| / sd_NUTS``, plus the median of ``|log(sd_VI / sd_NUTS)|``.
-``crossed_bernoulli_rows`` trains on 1,024 rows per step (stored Laplace bases, passed to the
-draws with the params); ``--average W`` scores the iterates averaged over about ``W`` last
+``crossed_bernoulli_rows``, ``crossed_normal_rows`` and ``crossed_poisson_rows`` (long tables
+with unknown variance components, ``stress.crossed_rows``) train on 1,024 rows per step
+(stored Laplace bases, passed to the draws with the params); ``--average W`` scores the iterates averaged over about ``W`` last
 steps (``AverageParams``).
 """
 
@@ -29,7 +30,7 @@ from numpyro.infer.autoguide import AutoNormal
 from stress import MODELS, TRAIN_KWARGS, train
 
 #: models trained on subsampled rows here (the full data for NUTS and the draws)
-ROWS = {"crossed_bernoulli_rows": TRAIN_KWARGS["crossed_bernoulli_rows"]}
+ROWS = {name: TRAIN_KWARGS[name] for name in ("crossed_bernoulli_rows", "crossed_normal_rows", "crossed_poisson_rows")}
 
 from numpyro_pavi import AutoPAVI
 from numpyro_pavi.monitor import check_losses

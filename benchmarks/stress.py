@@ -85,14 +85,53 @@ def crossed_bernoulli_rows(subj, item, X, y, num_subjects: int, num_items: int, 
         numpyro.sample("y", dist.Bernoulli(logits=b0 + X[r] @ beta + u[subj[r]] + v[item[r]]), obs=y[r])
 
 
+def crossed_rows(s, l, y, S: int, L: int, family: str = "normal", batch: int | None = None) -> None:
+    """A crossed long-format table with unknown variance components, its rows subsampled
+    ``batch`` per step: ``y_r ~ family(mu + a[s_r] + b[l_r])``, ``a ~ N(0, tau_a)``,
+    ``b ~ N(0, tau_b)``, half-normal scales (and, for ``"normal"``, a half-normal noise sd).
+    ``"poisson"`` uses a log link."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 2.0))
+    tau_a = numpyro.sample("tau_a", dist.HalfNormal(1.0))
+    tau_b = numpyro.sample("tau_b", dist.HalfNormal(1.0))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0)) if family == "normal" else None
+    with numpyro.plate("students", S):
+        a = numpyro.sample("a", dist.Normal(0.0, tau_a))
+    with numpyro.plate("lecturers", L):
+        b = numpyro.sample("b", dist.Normal(0.0, tau_b))
+    with numpyro.plate("rows", y.shape[0], subsample_size=batch) as r:
+        eta = mu + a[s[r]] + b[l[r]]
+        fn = dist.Normal(eta, sigma) if family == "normal" else dist.Poisson(jnp.exp(eta))
+        numpyro.sample("y", fn, obs=y[r])
+
+
+def _crossed_rows(family: str, seed: int = 0, S: int = 600, L: int = 200, N: int = 12000):
+    """Skewed level counts (lognormal weights, as ``crossed_long.simulate``); true ``tau_a``
+    0.3, ``tau_b`` 0.4, noise sd 0.9 (``"normal"``)."""
+    rng = np.random.default_rng(seed)
+    ws, wl = rng.lognormal(0.0, 1.0, S), rng.lognormal(0.0, 1.2, L)
+    s = rng.choice(S, N, p=ws / ws.sum()).astype(np.int32)
+    l = rng.choice(L, N, p=wl / wl.sum()).astype(np.int32)
+    eta = 0.5 + 0.3 * rng.normal(size=S)[s] + 0.4 * rng.normal(size=L)[l]
+    y = eta + 0.9 * rng.normal(size=N) if family == "normal" else rng.poisson(np.exp(eta))
+    return (jnp.asarray(s), jnp.asarray(l), jnp.asarray(y, jnp.float32)), {"S": S, "L": L, "family": family}
+
+
 #: model arguments of the training steps only: the full-data evaluation (and NUTS, and the
 #: posterior draws of accuracy.py) drops them
-TRAIN_KWARGS = {"random_effects": {"subsample_size": 32}, "crossed_bernoulli_rows": {"batch": 1024}}
+TRAIN_KWARGS = {
+    "random_effects": {"subsample_size": 32},
+    "crossed_bernoulli_rows": {"batch": 1024},
+    "crossed_normal_rows": {"batch": 1024},
+    "crossed_poisson_rows": {"batch": 1024},
+}
 
 MODELS = {
     "crossed_bernoulli": (glmms.crossed_bernoulli, lambda: glmms.simulate_crossed_bernoulli(0)[0], {}),
     # the same data as a long table whose rows are subsampled (TRAIN_KWARGS): stored bases
     "crossed_bernoulli_rows": (crossed_bernoulli_rows, lambda: glmms.simulate_crossed_bernoulli(0)[0], {}),
+    # crossed long tables with unknown variance components, rows subsampled (TRAIN_KWARGS)
+    "crossed_normal_rows": (crossed_rows, lambda: _crossed_rows("normal")[0], _crossed_rows("normal")[1]),
+    "crossed_poisson_rows": (crossed_rows, lambda: _crossed_rows("poisson")[0], _crossed_rows("poisson")[1]),
     "poisson_glmm": (glmms.poisson_glmm, lambda: glmms.simulate_poisson_glmm(0)[0], {}),
     "correlated_slopes": (glmms.correlated_slopes, lambda: glmms.simulate_correlated_slopes(0)[0], {}),
     "random_effects": (models.random_effects, lambda: _random_effects(0)[0], {}),
