@@ -102,9 +102,14 @@ finite_cotangent.defvjp(_finite_cotangent_fwd, _finite_cotangent_bwd)
 #: (``benchmarks/likelihoods.py``).
 NEWTON_STEPS = 24
 
-#: Smallest precision an element gets (unconstrained units): a flat or non-concave log joint
-#: then gives an sd of at most 10 instead of an infinite or negative variance.
+#: Smallest precision an element's base gets (unconstrained units): a flat or non-concave log
+#: joint then gives an sd of at most 10 instead of an infinite or negative variance.
 MIN_PRECISION = 1e-2
+#: Smallest precision the Newton steps of a concave element use: a wide one (an sd above 10,
+#: a wide prior and little data) is stepped with its own curvature, not the lifted one,
+#: whose steps fell short of its mode while counting it converged (a prior N(-40, 100)
+#: from -80: a last iterate of -71); the floor only keeps a near-flat one's steps finite.
+MIN_STEP_PRECISION = 1e-6
 #: Largest last (differentiated) step, in sds ``1/sqrt(P)`` at the last iterate.
 MAX_STEP_SDS = 10.0
 #: Trust radius of the Newton iterations, in sds of the curvature at the start: after a
@@ -359,21 +364,36 @@ def precision(h: jax.Array) -> jax.Array:
     return -0.5 * (h + jnp.swapaxes(h, -1, -2))
 
 
-def precision_chol(h: jax.Array, with_concave: bool = False):
+def precision_chol(h: jax.Array, with_concave: bool = False, for_steps: bool = False):
     """Cholesky factor of :func:`precision` ``(h)``, lifted to at least ``MIN_PRECISION``.
 
     The lift is a multiple of the identity chosen from the smallest eigenvalue under
     ``stop_gradient``: eigenvector gradients divide by eigenvalue gaps, which vanish for
     repeated eigenvalues, while the Cholesky factor's gradients stay finite. With
-    ``with_concave``, also whether ``h`` was negative definite (``(*grid)`` booleans).
+    ``with_concave``, also whether ``h`` was negative definite (``(*grid)`` booleans). With
+    ``for_steps`` (the Newton iterations' metric), a concave element is lifted only to
+    :data:`MIN_STEP_PRECISION`: its steps, decrement and mode derivative then follow its own
+    curvature (:func:`lift_chol` gives the base's width from it).
     """
     p = precision(h)
     d = p.shape[-1]
     # min(smallest eigenvalue, MIN_PRECISION): all the lift and the concavity need
     low = _smallest_eigenvalue_below(jax.lax.stop_gradient(p), jnp.full(p.shape[:-2], MIN_PRECISION, p.dtype))
     lift = jnp.maximum(MIN_PRECISION - low, 0.0)
+    if for_steps:
+        lift = jnp.where(low > 0, jnp.maximum(MIN_STEP_PRECISION - low, 0.0), lift)
+    if d == 1:
+        # a lifted scalar is the floor itself: a constant, whose gradient is 0 (not p's)
+        p = jnp.where(lift[..., None, None] > 0, jax.lax.stop_gradient(p), p)
     chol = _cholesky(p + lift[..., None, None] * jnp.eye(d))
     return (chol, low > 0) if with_concave else chol
+
+
+def lift_chol(chol: jax.Array) -> jax.Array:
+    """The base's width from a Newton iteration's factor ``chol (*grid, d, d)``
+    (:func:`precision_chol` with ``for_steps``): its precision lifted to ``MIN_PRECISION``.
+    """
+    return precision_chol(-(chol @ jnp.swapaxes(chol, -1, -2)))
 
 
 #: Most floating-point operations (jaxlib's estimate, ``d^3`` times a constant of a few) one
@@ -573,7 +593,8 @@ def newton_iterate(
     Each element has a trust radius, measured in the sds of its curvature at the start
     (the metric is frozen there, so a region where the log joint is convex, whose lifted
     curvature is tiny, cannot license a huge step). A step is the Newton step with the
-    lifted precision, clipped to the radius. It is kept when the gain in log joint it
+    precision (lifted only where it is not concave, :func:`precision_chol`'s ``for_steps``),
+    clipped to the radius. It is kept when the gain in log joint it
     achieves, estimated per element by the trapezoid rule on the slopes at both ends
     (``(g + g_new) . s / 2``, exact on quadratics, needing no per-element values), is at
     least a quarter of the gain the quadratic model promised (``g . s - s^T P s / 2``);
@@ -592,13 +613,14 @@ def newton_iterate(
     :param tol: the iterations stop once every element's decrement is below it (and its
         curvature concave), or has not converged after ``max_steps``.
     :param with_gradient: also return the gradient at the last iterate ``(*grid, d)``.
-    :return: the last iterate ``z``, the Cholesky factor of the (lifted) precision there
+    :return: the last iterate ``z``, the Cholesky factor of the precision there (lifted as
+        for the steps; :func:`lift_chol` gives a base's width from it)
         and a :class:`NewtonReport` (and the gradient).
     """
 
     def evaluate(z):
         g, h = grad_and_blocks(logp_frozen, z)
-        chol, concave = precision_chol(h, with_concave=True)
+        chol, concave = precision_chol(h, with_concave=True, for_steps=True)
         return g, concave, chol
 
     def report(g, concave, chol):
@@ -834,11 +856,15 @@ def _held_base(logp_frozen: Callable, z0, chol0, converged, fallback):
     ok = converged[..., None]
     fallback = jax.lax.stop_gradient(fallback)
 
+    # the iterations' factor follows a wide element's own curvature: the width is lifted,
+    # as the training base's (its curvature at the mode, precision_chol)
+    width = lift_chol(chol0)
+
     def with_fallback(_):
         _, h = grad_and_blocks(logp_frozen, fallback)
-        return jnp.where(ok[..., None], chol0, precision_chol(h))
+        return jnp.where(ok[..., None], width, precision_chol(h))
 
-    chol = jax.lax.cond(jnp.all(converged), lambda _: chol0, with_fallback, None)
+    chol = jax.lax.cond(jnp.all(converged), lambda _: width, with_fallback, None)
     return jnp.where(ok, z0, fallback), chol
 
 

@@ -938,3 +938,33 @@ def test_a_rejected_short_first_step_is_not_retried_unchanged():
     z2, _, _ = newton_iterate(logp, jnp.array([[2.0]]), max_steps=2)
     assert float(z1[0, 0]) == 2.0  # the first step was rejected
     np.testing.assert_allclose(float(z2[0, 0]), -0.5, atol=1e-4)  # 2 + (-10) / 4
+
+
+def test_an_element_wider_than_the_lift_gets_its_mode_and_gradient():
+    """Posterior sds above 10 (a wide prior, little data): the iterations step with the
+    element's own curvature, not the one lifted to MIN_PRECISION, whose steps stopped short
+    of the mode while counting it converged; the base's width is still lifted (sd 10), and
+    the mode's derivative in the parent matches a finite difference."""
+    from numpyro_pavi.laplace import newton_base, newton_iterate
+
+    def wide(z):  # prior N(-40, 100); a Poisson(0 | exp z) observation, negligible there
+        return jnp.sum(-0.5 * ((z + 40.0) / 100.0) ** 2 - jnp.exp(z))
+
+    z, _, rep = newton_iterate(wide, jnp.array([[-80.0]]))
+    np.testing.assert_allclose(float(z[0, 0]), -40.0, atol=1e-2)
+    assert bool(rep.converged()[0])
+    m, chol = newton_base(wide, wide, jnp.array([[-80.0]]))
+    np.testing.assert_allclose(float(m[0, 0]), -40.0, atol=1e-2)
+    np.testing.assert_allclose(float(1.0 / chol[0, 0, 0]), 10.0, rtol=1e-4)
+
+    def base(theta, what):  # prior N(theta, 20), Poisson(0 | exp z)
+        def logp(z, t):
+            return jnp.sum(-0.5 * ((z - t) / 20.0) ** 2 - jnp.exp(z))
+
+        m, chol = newton_base(lambda z: logp(z, theta), lambda z: logp(z, jax.lax.stop_gradient(theta)), jnp.full((1, 1), theta))
+        return m[0, 0] if what == "m" else jnp.log(chol[0, 0, 0])
+
+    for theta in (-10.0, -4.0):
+        for what in ("m", "log_width"):
+            fd = (float(base(theta + 1e-2, what)) - float(base(theta - 1e-2, what))) / 2e-2
+            np.testing.assert_allclose(float(jax.grad(base)(theta, what)), fd, atol=5e-3)
