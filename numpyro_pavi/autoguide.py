@@ -369,10 +369,12 @@ class AutoPAVI(AutoGuide):
             raise ValueError(f"hidden_dims must be a tuple of positive ints (e.g. (32,)), got {hidden_dims!r}.")
         if not (isinstance(init_scale, numbers.Real) and math.isfinite(init_scale) and init_scale > 0):
             raise ValueError(f"init_scale must be a positive finite number, got {init_scale!r}.")
-        if refresh_every is not None and not (isinstance(refresh_every, int) and refresh_every >= 1):
+        if refresh_every is not None and not (_is_int(refresh_every) and refresh_every >= 1):
             raise ValueError(f"refresh_every must be a positive int or None, got {refresh_every!r}.")
-        if not (isinstance(chunk_size, int) and chunk_size >= 1):
+        if not (_is_int(chunk_size) and chunk_size >= 1):
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
+        refresh_every = None if refresh_every is None else int(refresh_every)
+        chunk_size = int(chunk_size)
         ragged = dict(ragged or {})
         for plate, decl in ragged.items():
             if not isinstance(decl, Ragged):
@@ -789,24 +791,32 @@ class AutoPAVI(AutoGuide):
             self._fingerprints = {name: _fingerprint(trace[name]["value"]) for name in names if name in trace}
         return self._fingerprints
 
+    def _changed_observed(self, trace, names) -> str | None:
+        """The first of the observed sites ``names`` whose values in ``trace`` differ from the
+        training data's (checksums; None when none does, or none can be compared)."""
+        for name in names:
+            site = trace.get(name)
+            if site is None or site["type"] != "sample" or not site["is_observed"]:
+                continue
+            known, now = self._training_fingerprints().get(name), _fingerprint(site["value"])
+            if known is not None and now is not None and known != now:
+                return name
+        return None
+
     def _check_same_data(self, trace) -> None:
         """Free encodings were learned from the training data: with other observed values for
         their elements, they would silently give the training posterior."""
         free = self.plan.free_plates()
-        for name in self._free_observed():
-            site = trace.get(name)
-            if site is None or not site["is_observed"]:
-                continue
-            known, now = self._training_fingerprints().get(name), _fingerprint(site["value"])
-            if known is not None and now is not None and known != now:
-                plates = sorted(free & set(self.structure.observed[name].plates)) or sorted(free)
-                raise ValueError(
-                    f"Observed site '{name}' holds other values than in training, but the elements of "
-                    f"plate(s) {plates} have free (learned, per-element) encodings: they describe the "
-                    "training data, and the posterior returned would be the training one. Retrain "
-                    "on the new data, or use encoding='set' (set encoders read each element's data; "
-                    "plates with no data inside need none on Laplace bases)."
-                )
+        name = self._changed_observed(trace, self._free_observed())
+        if name is not None:
+            plates = sorted(free & set(self.structure.observed[name].plates)) or sorted(free)
+            raise ValueError(
+                f"Observed site '{name}' holds other values than in training, but the elements of "
+                f"plate(s) {plates} have free (learned, per-element) encodings: they describe the "
+                "training data, and the posterior returned would be the training one. Retrain "
+                "on the new data, or use encoding='set' (set encoders read each element's data; "
+                "plates with no data inside need none on Laplace bases)."
+            )
 
     def _trace_full(self, data: dict, args, kwargs, full_plates: bool = True) -> dict:
         """A blocked trace of the model over its full plates, with ``data`` substituted."""
@@ -971,18 +981,15 @@ class AutoPAVI(AutoGuide):
             site = self.structure.latent[name]
             if state.mode[name].shape[:-1] != tuple(sizes[p] for p in site.plates):
                 return None
-        for name, site in (trace or {}).items():
-            if site["type"] != "sample" or not site["is_observed"] or name not in self.structure.observed:
-                continue
-            known, now = self._training_fingerprints().get(name), _fingerprint(site["value"])
-            if known is not None and now is not None and known != now:
-                raise ValueError(
-                    f"Observed site '{name}' holds other values than in training, but the params carry "
-                    f"stored Laplace bases ('{self._state_name}'), the modes of the training data: the "
-                    "posterior would be the training one. Pass the params without the state "
-                    "(svi.get_params(state) alone): the bases are then computed from these data at each "
-                    "draw's globals."
-                )
+        name = self._changed_observed(trace or {}, self.structure.observed)
+        if name is not None:
+            raise ValueError(
+                f"Observed site '{name}' holds other values than in training, but the params carry "
+                f"stored Laplace bases ('{self._state_name}'), the modes of the training data: the "
+                "posterior would be the training one. Pass the params without the state "
+                "(svi.get_params(state) alone): the bases are then computed from these data at each "
+                "draw's globals."
+            )
         return state
 
     # -- Laplace bases: convergence ------------------------------------------------------

@@ -44,6 +44,7 @@ from .laplace import (
     NewtonReport,
     grad_and_blocks,
     in_pieces,
+    lift_chol,
     log_joint,
     newton_iterate,
     precision_chol,
@@ -253,6 +254,9 @@ def refresh(
             jac = _until_settled(tangent_sweep, dict(jac), sweeps, lambda j: (j, chols))
         chols, dchol = _precisions(logp, sites, modes, theta, jac)
     else:
+        # the sweeps' factors are the Newton steps' (a wide element's own curvature): the
+        # base's width is lifted, as _precisions' is
+        chols = {n: lift_chol(c) for n, c in chols.items()}
         dchol = state.dchol
     new = LaplaceState(modes, chols, jac, dchol, decs, concs, theta, state.count)
     return jax.lax.stop_gradient(new)

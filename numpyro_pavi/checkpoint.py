@@ -275,10 +275,9 @@ def _check_compatible(path: str, loaded: SVIState, expected: SVIState) -> None:
     # A checkpoint from another guide/optimizer would otherwise fail deep inside jit, or worse,
     # silently run with mismatched state. The rng key is excluded: the stored one is used.
     # NumPyro drops the mutable state from the steps of a Trace_ELBO(num_particles > 1) (it
-    # keeps the one svi.init made): a None on either side is that, not another problem.
-    def parts(state: SVIState, other: SVIState) -> tuple:
-        mutable = None if other.mutable_state is None else state.mutable_state
-        return (state.optim_state, mutable)
+    # keeps the one svi.init made): a checkpoint without one, where svi.init makes one, is that
+    def parts(state: SVIState) -> tuple:
+        return (state.optim_state, None if loaded.mutable_state is None else state.mutable_state)
 
     def sig(tree) -> list:
         leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -287,7 +286,7 @@ def _check_compatible(path: str, loaded: SVIState, expected: SVIState) -> None:
             for p, x in leaves
         ]
 
-    got, want = sig(parts(loaded, expected)), sig(parts(expected, loaded))
+    got, want = sig(parts(loaded)), sig(parts(expected))
     if got != want:
         diff = [(g, w) for g, w in zip(got, want) if g != w]
         first = (
@@ -402,7 +401,8 @@ def fit(
         whose posterior moved most (:func:`~numpyro_pavi.monitor.explain_divergence`), and
         ``params`` are the best ones (``state`` stays the last, so the run can continue);
         where the guide keeps a mutable state (stored Laplace bases), the best params carry
-        that step's, so pass them to the posterior methods as they are. With
+        that step's: pass them to the posterior methods as they are, not merged with
+        ``state.mutable_state`` (the last step's). With
         ``keep_best=False`` the warning is still given, the last parameters are returned, and
         a best record in the checkpoint is dropped (one kept over another ``window`` restarts).
     :param window: running-mean window (steps).
@@ -410,15 +410,15 @@ def fit(
     :param kwargs: model/guide keyword arguments.
     :return: ``SVIRunResult(params, state, losses)`` with ``losses`` of shape ``(num_steps,)``:
         the full history, previous segments and runs included.
-    :raises ValueError: for ``num_steps`` or ``checkpoint_every`` not a positive integer, a
+    :raises ValueError: for ``num_steps``, ``checkpoint_every`` or ``window`` not a positive integer, a
         checkpoint directory that does not exist or is not writable (before any step), a
         checkpoint that has already gone past ``num_steps``, or one that does not match this SVI
         problem (naming the first state leaf that differs).
     """
-    for name, value in (("num_steps", num_steps), ("checkpoint_every", checkpoint_every)):
+    for name, value in (("num_steps", num_steps), ("checkpoint_every", checkpoint_every), ("window", window)):
         if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    num_steps, checkpoint_every = int(num_steps), int(checkpoint_every)
+    num_steps, checkpoint_every, window = int(num_steps), int(checkpoint_every), int(window)
     if checkpoint_path is not None:
         # a symlink's target is what a resume reads: replace that, not the link
         checkpoint_path = os.path.realpath(os.fspath(checkpoint_path))
@@ -429,8 +429,6 @@ def fit(
                 f"checkpoint_path {checkpoint_path!r}: its directory {folder!r} does not exist or is "
                 "not writable; create it or pass another path."
             )
-    if not (isinstance(window, int) and window >= 1):
-        raise ValueError(f"window must be a positive int, got {window!r}.")
 
     def init_fn(key: jax.Array) -> SVIState:
         return svi.init(key, *args, init_params=init_params, **kwargs)
@@ -551,7 +549,9 @@ def fit(
         site_msg = None
         if reference is not None:
             try:
-                _, site_msg = explain_divergence(svi.model, svi.guide, reference, params, *args, **kwargs)
+                # the last params with their own stored bases, as the best carry theirs
+                last = {**(state.mutable_state or {}), **params}
+                _, site_msg = explain_divergence(svi.model, svi.guide, reference, last, *args, **kwargs)
             except Exception as err:  # noqa: BLE001 - the warning must not fail the fit
                 site_msg = f"(could not compare sites: {type(err).__name__}: {err})"
         if reference is not None:

@@ -376,17 +376,27 @@ def precision_chol(h: jax.Array, with_concave: bool = False, for_steps: bool = F
     curvature (:func:`lift_chol` gives the base's width from it).
     """
     p = precision(h)
-    d = p.shape[-1]
-    # min(smallest eigenvalue, MIN_PRECISION): all the lift and the concavity need
+    low, lift, step_lift = _lifts(p)
+    chol = _lifted_cholesky(p, step_lift if for_steps else lift)
+    return (chol, low > 0) if with_concave else chol
+
+
+def _lifts(p: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(low, lift, step_lift)`` of precisions ``p (*grid, d, d)``: ``min(smallest
+    eigenvalue, MIN_PRECISION)`` (``> 0``: concave), the multiple of the identity that lifts
+    ``p`` to ``MIN_PRECISION`` (a base's width), and the one the Newton steps take (a
+    concave element floored at :data:`MIN_STEP_PRECISION` only)."""
     low = _smallest_eigenvalue_below(jax.lax.stop_gradient(p), jnp.full(p.shape[:-2], MIN_PRECISION, p.dtype))
     lift = jnp.maximum(MIN_PRECISION - low, 0.0)
-    if for_steps:
-        lift = jnp.where(low > 0, jnp.maximum(MIN_STEP_PRECISION - low, 0.0), lift)
-    if d == 1:
+    return low, lift, jnp.where(low > 0, jnp.maximum(MIN_STEP_PRECISION - low, 0.0), lift)
+
+
+def _lifted_cholesky(p: jax.Array, lift: jax.Array) -> jax.Array:
+    """Cholesky factor of ``p + lift I``."""
+    if p.shape[-1] == 1:
         # a lifted scalar is the floor itself: a constant, whose gradient is 0 (not p's)
         p = jnp.where(lift[..., None, None] > 0, jax.lax.stop_gradient(p), p)
-    chol = _cholesky(p + lift[..., None, None] * jnp.eye(d))
-    return (chol, low > 0) if with_concave else chol
+    return _cholesky(p + lift[..., None, None] * jnp.eye(p.shape[-1], dtype=p.dtype))
 
 
 def lift_chol(chol: jax.Array) -> jax.Array:
@@ -835,12 +845,11 @@ def one_step_base(logp: Callable, z_init: jax.Array, fallback: jax.Array | None 
     z0 = jax.lax.stop_gradient(z_init)
     g, h = grad_and_blocks(logp, z0)
     p = precision(h)
-    low = _smallest_eigenvalue_below(jax.lax.stop_gradient(p), jnp.full(p.shape[:-2], MIN_PRECISION, p.dtype))
+    low, lift, step_lift = _lifts(p)
     concave = low > 0
-    lift = jnp.maximum(MIN_PRECISION - low, 0.0)[..., None, None] * jnp.eye(p.shape[-1], dtype=p.dtype)
-    chol = _cholesky(p + lift)
-    # an element wider than the lift (sd > 10): the unlifted precision gives its mode
-    m = z0 + _newton_step(g, _cholesky(p + jnp.where(concave[..., None, None], 0.0, lift)))
+    chol = _lifted_cholesky(p, lift)
+    # an element wider than the lift (sd > 10): its own precision gives its mode
+    m = z0 + _newton_step(g, _lifted_cholesky(p, step_lift))
     fallback = jax.lax.stop_gradient(z_init) if fallback is None else fallback
     m = jnp.where(concave[..., None], m, fallback)
     return m, chol, NewtonReport(jnp.zeros(concave.shape, m.dtype), jax.lax.stop_gradient(concave))

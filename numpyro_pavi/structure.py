@@ -250,7 +250,7 @@ def _unrecorded_plate(trace: dict, name: str, frame) -> PlateInfo:
             f"hides plates too: block with hide=[...] instead, or add '{name}' to expose."
         )
     # a subsample scales its sites by N / B > 1; handlers.scale below 1 is not one
-    if any(s.get("scale") is not None and np.any(np.asarray(s["scale"]) > 1.0) for s in sites):
+    if any(_scaled_up(s.get("scale")) for s in sites):
         raise ValueError(
             f"Plate '{name}' is subsampled inside scan (its sites are scaled by more than 1): the "
             "guide cannot see its full size or its indices there. Open the plate before scan "
@@ -259,16 +259,20 @@ def _unrecorded_plate(trace: dict, name: str, frame) -> PlateInfo:
     return PlateInfo(name, frame.dim, int(frame.size), int(frame.size))
 
 
+def _scaled_up(scale) -> bool:
+    """Whether a site's scale exceeds 1 somewhere (a subsample's ``N / B``); a traced scale
+    (a per-step weight computed in the model) is not a subsample's."""
+    if scale is None:
+        return False
+    try:
+        return bool(np.any(np.asarray(scale) > 1.0))
+    except Exception:  # noqa: BLE001 - a tracer has no value
+        return False
+
+
 def _in_scan(site: dict) -> bool:
     # scan records its body's sites after the loop (time-stacked), without their plate sites
     return bool(site.get("_control_flow_done")) or "_scan_current_index" in site.get("infer", {})
-
-
-def _is_one(scale) -> bool:
-    try:
-        return bool(jnp.all(jnp.asarray(scale) == 1))
-    except Exception:  # noqa: BLE001 - traced scales: assume a subsample
-        return False
 
 
 def _plates(trace: dict, frames: dict) -> dict[str, PlateInfo]:
@@ -316,7 +320,10 @@ def _latent_site(site: dict, plates: Mapping[str, PlateInfo]) -> LatentSite:
             # obs_mask's imputation site: the user wrote the observed one
             fix = f"impute the missing values of '{name[: -len('_unobserved')]}' outside the model, or {own_guide}"
         elif site.get("infer", {}).get("enumerate"):
-            fix = f"AutoPAVI does not skip enumerated sites: hide it from AutoPAVI, {own_guide}"
+            fix = (
+                f"AutoPAVI does not skip enumerated sites: hide it (AutoPAVI(handlers.block(model, "
+                f"hide=['{name}']))) and train with TraceEnum_ELBO, which marginalizes it"
+            )
         elif getattr(fn, "has_enumerate_support", False):
             fix = (
                 f"marginalize it with enumeration (numpyro.sample('{name}', ..., infer={{'enumerate': "
@@ -366,19 +373,29 @@ def _base(fn):
 
 class check_plates(Messenger):
     """Effect handler: a plate name declared twice must have one size, and subsample indices
-    (substituted by the user, or drawn) must be distinct elements of the plate.
+    (substituted by the user, or drawn) must lie in the plate and, where the plate holds a
+    latent site, be distinct.
 
     NumPyro's trace keeps the last plate statement of a name only, and its frames carry the
     subsample size, not the plate's: ``plate("N", 10)`` for a site and ``plate("N", 20,
     subsample_size=10)`` for its data otherwise trained, indices past the site's 10
-    elements clamped by JAX.
+    elements clamped by JAX. Rows drawn with replacement (a plate of observations only) are
+    legal.
     """
 
     def __enter__(self):
-        self.sizes = {}
+        self.sizes, self.repeated = {}, {}
         return super().__enter__()
 
     def process_message(self, msg):
+        if msg["type"] == "sample" and not msg["is_observed"]:
+            for frame in msg["cond_indep_stack"]:
+                if frame.name in self.repeated:
+                    raise ValueError(
+                        f"Plate '{frame.name}' holds latent site '{msg['name']}' but got repeated subsample "
+                        f"indices {self.repeated[frame.name]}: an element would be two. Pass distinct indices "
+                        "(e.g. from numpyro_pavi.subsampling.subsample_indices)."
+                    )
         if msg["type"] != "plate":
             return
         name, size = msg["name"], msg["args"][0]
@@ -393,17 +410,21 @@ class check_plates(Messenger):
     def postprocess_message(self, msg):
         if msg["type"] != "plate" or msg["value"] is None:
             return
+        size = msg["args"][0]
+        if np.shape(msg["value"]) == (size,):
+            return  # the whole plate (full indices): nothing to check, and O(N) to do it
         try:
             idx = np.asarray(msg["value"])
         except Exception:  # noqa: BLE001 - traced indices (inside jit) have no values
             return
-        size = msg["args"][0]
-        if idx.size and (idx.min() < 0 or idx.max() >= size or np.unique(idx).size != idx.size):
+        shown = f"{idx.tolist()[:8]}{'...' if idx.size > 8 else ''}"
+        if idx.size and (idx.min() < 0 or idx.max() >= size):
             raise ValueError(
-                f"Plate '{msg['name']}' got subsample indices {idx.tolist()[:8]}"
-                f"{'...' if idx.size > 8 else ''} that are not distinct elements of its {size}: "
-                "pass distinct indices in [0, size) (e.g. from numpyro_pavi.subsampling.subsample_indices)."
+                f"Plate '{msg['name']}' got subsample indices {shown} outside its {size} elements: "
+                "pass indices in [0, size)."
             )
+        if np.unique(idx).size != idx.size:  # a subsample: B log B
+            self.repeated[msg["name"]] = shown
 
 
 def seeded_model(model, rng_key, data: Mapping[str, Any] | None = None, *, init: Any = None, full_plates: bool = False):

@@ -169,7 +169,8 @@ def posterior_summary(
     guide.check_params(params)
     sizes, _, full_trace, _, (args, kwargs) = guide.plate_inputs(*args, **kwargs)
     with_trace = full_trace is not None
-    guide.stored_state(params, sizes, full_trace)  # stored bases of other data: a clear error
+    # stored Laplace bases passed with the params (of other data than these: a clear error)
+    with_state = guide.stored_state(params, sizes, full_trace) is not None
     del full_trace  # only the chunks' traces are needed from here on
     data, rebuild = as_inputs((args, kwargs))  # large data: inputs (checked by the first trace below)
     keys = jax.random.split(rng_key, num_samples)
@@ -193,7 +194,6 @@ def posterior_summary(
     # draws vectorized together where they pass through no model (AutoPAVI.draw_batch, given
     # no sampler: Gaussian bases stay one at a time here; full plate sizes: a chunk holds fewer
     # values); no deterministic site is computed here
-    with_state = guide.stored_state(params, sizes) is not None
     together = guide.draw_batch(sizes, num_samples, with_state=with_state, deterministic=False)
     together = together if together > 1 else None
 

@@ -364,3 +364,30 @@ def test_a_refresh_at_non_finite_globals_keeps_the_state():
         np.testing.assert_array_equal(old, new)
     fine = _advance(guide.plan, stored, jnp.ones(1), jnp.ones(1), ((s, l, y, 10), {}), training=True)
     assert np.all(np.isfinite(fine.mode["a"])) and not np.allclose(fine.anchor, stored.anchor)
+
+
+def test_a_wide_element_has_one_width_with_and_without_a_state():
+    """A student with no ratings under a N(0, 100) prior: its base's width is lifted to an
+    sd of 10 in the training state and in a posterior's refresh from scratch alike."""
+    from numpyro_pavi.sampling import _advance
+
+    rng = np.random.default_rng(1)
+    s = jnp.asarray(rng.integers(0, 5, 60))  # student 5 has no ratings
+    l = jnp.asarray(rng.integers(0, 5, 60))
+    y = jnp.asarray(rng.normal(size=60), jnp.float32)
+
+    def wide(s, l, y, batch=None):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        with numpyro.plate("students", 6):
+            a = numpyro.sample("a", dist.Normal(0.0, 100.0))
+        with numpyro.plate("lecturers", 5):
+            b = numpyro.sample("b", dist.Normal(0.0, 1.0))
+        with numpyro.plate("ratings", y.shape[0], subsample_size=batch) as r:
+            numpyro.sample("y", dist.Normal(mu + a[s[r]] + b[l[r]], 1.0), obs=y[r])
+
+    guide = AutoPAVI(wide)
+    svi = SVI(wide, guide, optax.adam(1e-3), Trace_ELBO())
+    trained = svi.init(jax.random.PRNGKey(0), s, l, y, 10).mutable_state[guide._state_name]["state"]
+    fresh = _advance(guide.plan, None, jnp.zeros(1), jnp.zeros(1), ((s, l, y, None), {}), training=False)
+    np.testing.assert_allclose(1.0 / trained.chol["a"][5, 0, 0], 10.0, rtol=1e-4)
+    np.testing.assert_allclose(fresh.chol["a"][:, 0, 0], trained.chol["a"][:, 0, 0], rtol=1e-3)

@@ -84,13 +84,13 @@ def test_clear_errors(fitted):
 def test_correlated_coordinates_of_a_calibrated_guide_are_not_flagged():
     """Draws and truth from the same N(0, S), S with correlation 0.9 between an element's 10
     coordinates: calibrated. Counting the 10 correlated z's of an element as independent
-    flagged such a guide 'biased' in about 40% of data sets; by elements, at the tests' rate."""
+    flagged such a guide 'biased' in 16 of these 60 data sets; by elements, in none."""
     from numpyro_pavi.calibration import SiteCalibration
 
     n, d, L = 1000, 10, 100
     chol = np.linalg.cholesky(0.1 * np.eye(d) + 0.9 * np.ones((d, d)))
     flagged = 0
-    for seed in range(20):
+    for seed in range(60):
         rng = np.random.default_rng(seed)
         truth = rng.normal(size=(n, d)) @ chol.T
         draws = rng.normal(size=(n, L, d)) @ chol.T

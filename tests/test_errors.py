@@ -154,8 +154,12 @@ def test_plates_of_one_name_must_agree():
         numpyro.handlers.seed(AutoPAVI(model), 0)(jnp.ones(20))
 
 
-@pytest.mark.parametrize("idx", [[1, 5, 17], [1, 5, 5]])
-def test_user_subsample_indices_must_be_distinct_elements(idx):
+@pytest.mark.parametrize(
+    "idx, match",
+    [([1, 5, 17], r"Plate 'N' got subsample indices \[1, 5, 17\] outside its 10 elements"),
+     ([1, 5, 5], r"Plate 'N' holds latent site 'a' but got repeated subsample indices \[1, 5, 5\]")],
+)  # fmt: skip
+def test_user_subsample_indices_must_be_elements(idx, match):
     def model(y, idx):
         mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
         with numpyro.handlers.substitute(data={"N": idx}):
@@ -164,8 +168,21 @@ def test_user_subsample_indices_must_be_distinct_elements(idx):
             a = numpyro.sample("a", dist.Normal(mu, 1.0))
             numpyro.sample("y", dist.Normal(a, 1.0), obs=y[idx])
 
-    with pytest.raises(ValueError, match=r"Plate 'N' got subsample indices .* not distinct elements of its 10"):
+    with pytest.raises(ValueError, match=match):
         numpyro.handlers.seed(AutoPAVI(model), 0)(jnp.ones(10), jnp.array(idx))
+
+
+def test_rows_drawn_with_replacement_are_legal():
+    """Repeated indices on a plate of observations only (rows drawn with replacement)."""
+
+    def model(y, idx):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        with numpyro.handlers.substitute(data={"rows": idx}):
+            plate = numpyro.plate("rows", 10, subsample_size=idx.shape[0])
+        with plate:
+            numpyro.sample("y", dist.Normal(mu, 1.0), obs=y[idx])
+
+    numpyro.handlers.seed(AutoPAVI(model), 0)(jnp.ones(10), jnp.array([1, 1, 3]))
 
 
 def test_check_params_wants_a_dict():

@@ -968,3 +968,18 @@ def test_an_element_wider_than_the_lift_gets_its_mode_and_gradient():
         for what in ("m", "log_width"):
             fd = (float(base(theta + 1e-2, what)) - float(base(theta - 1e-2, what))) / 2e-2
             np.testing.assert_allclose(float(jax.grad(base)(theta, what)), fd, atol=5e-3)
+
+
+def test_a_wide_quadratic_element_has_a_constant_lifted_width():
+    """The one-step (quadratic) base of a N(theta, 20 exp(theta)) element: its mode follows
+    theta, and its width, lifted to an sd of 10 whatever theta, has no gradient."""
+    from numpyro_pavi.laplace import one_step_base
+
+    def base(theta):
+        logp = lambda z: jnp.sum(-0.5 * ((z - theta) / (20.0 * jnp.exp(theta))) ** 2)  # noqa: E731
+        m, chol, _ = one_step_base(logp, jnp.zeros((1, 1)))
+        return m[0, 0], jnp.log(chol[0, 0, 0])
+
+    np.testing.assert_allclose(float(base(0.5)[1]), -jnp.log(10.0), rtol=1e-5)
+    np.testing.assert_allclose(float(jax.grad(lambda t: base(t)[0])(0.5)), 1.0, rtol=1e-5)
+    assert float(jax.grad(lambda t: base(t)[1])(0.5)) == 0.0
