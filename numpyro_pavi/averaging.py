@@ -83,10 +83,17 @@ def averaged_params(svi, svi_state) -> dict:
     """Constrained averaged parameters of a run whose optimizer is :class:`AverageParams`,
     or holds one inside wrappers of the same kind (``KeepBest(AverageParams(...))``); the
     initial parameters before any step."""
+    return svi.constrain_fn(_wrapper_record(svi, svi_state, AverageParams, "averaged_params")["average"])
+
+
+def _wrapper_record(svi, svi_state, kind: type, caller: str) -> Any:
+    """The record a wrapping optimizer of this package (:class:`AverageParams`,
+    :class:`~numpyro_pavi.monitor.KeepBest`) of type ``kind`` keeps beside its inner
+    optimizer's state, found through other such wrappers around it (each keeps ``(inner
+    state, its own record)``); ``TypeError`` naming ``caller`` where there is none."""
     optim, state = svi.optim, svi_state.optim_state
-    while not isinstance(optim, AverageParams):
+    while not isinstance(optim, kind):
         if not hasattr(optim, "optim"):
-            raise TypeError("averaged_params needs an SVI whose optimizer is numpyro_pavi.AverageParams(...).")
-        # wrappers of this package keep (inner state, their own record)
+            raise TypeError(f"{caller} needs an SVI whose optimizer is numpyro_pavi.{kind.__name__}(...).")
         optim, state = optim.optim, state[0]
-    return svi.constrain_fn(state[1]["average"])
+    return state[1]

@@ -30,6 +30,8 @@ from jax import lax
 from numpyro import handlers
 from numpyro.optim import _NumPyroOptim, optax_to_numpyro
 
+from .averaging import _wrapper_record
+
 __all__ = [
     "DivergenceReport",
     "DivergenceWarning",
@@ -293,13 +295,7 @@ def best_params(svi, svi_state) -> dict:
 
     Before ``window`` steps have run, these are the initial parameters.
     """
-    optim, state = svi.optim, svi_state.optim_state
-    while not isinstance(optim, KeepBest):
-        if not hasattr(optim, "optim"):
-            raise TypeError("best_params needs an SVI whose optimizer is numpyro_pavi.KeepBest(...).")
-        # wrappers of this package keep (inner state, their own record): AverageParams(KeepBest(...))
-        optim, state = optim.optim, state[0]
-    return svi.constrain_fn(state[1]["params"])
+    return svi.constrain_fn(_wrapper_record(svi, svi_state, KeepBest, "best_params")["params"])
 
 
 def warn_divergence(report: DivergenceReport, site_message: str | None, kept_best: bool) -> None:

@@ -337,22 +337,28 @@ def test_a_long_table_without_globals_gets_its_exact_stored_bases():
     assert np.all(np.isfinite(other["a"]))
 
 
+def small_long_model(sd_a: float):
+    """6 students x 5 lecturers in long format, a global ``mu``, students' prior sd ``sd_a``."""
+
+    def model(s, l, y, batch=None):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        with numpyro.plate("students", 6):
+            a = numpyro.sample("a", dist.Normal(0.0, sd_a))
+        with numpyro.plate("lecturers", 5):
+            b = numpyro.sample("b", dist.Normal(0.0, 1.0))
+        with numpyro.plate("ratings", y.shape[0], subsample_size=batch) as r:
+            numpyro.sample("y", dist.Normal(mu + a[s[r]] + b[l[r]], 1.0), obs=y[r])
+
+    return model
+
+
 def test_a_refresh_at_non_finite_globals_keeps_the_state():
     """A refresh at NaN globals (a step stable_update rejects) leaves the stored bases as
     they were, so later refreshes do not warm-start from NaN."""
     from numpyro_pavi.sampling import _advance
 
     s, l, y = (jnp.asarray(x) for x in (np.arange(60) % 6, np.arange(60) % 5, np.linspace(-1, 1, 60)))
-
-    def small(s, l, y, batch=None):
-        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
-        with numpyro.plate("students", 6):
-            a = numpyro.sample("a", dist.Normal(0.0, 1.0))
-        with numpyro.plate("lecturers", 5):
-            b = numpyro.sample("b", dist.Normal(0.0, 1.0))
-        with numpyro.plate("ratings", y.shape[0], subsample_size=batch) as r:
-            numpyro.sample("y", dist.Normal(mu + a[s[r]] + b[l[r]], 1.0), obs=y[r])
-
+    small = small_long_model(1.0)
     guide = AutoPAVI(small)
     svi = SVI(small, guide, optax.adam(1e-3), Trace_ELBO())
     stored = svi.init(jax.random.PRNGKey(0), s, l, y, 10).mutable_state[guide._state_name]["state"]
@@ -375,16 +381,7 @@ def test_a_wide_element_has_one_width_with_and_without_a_state():
     s = jnp.asarray(rng.integers(0, 5, 60))  # student 5 has no ratings
     l = jnp.asarray(rng.integers(0, 5, 60))
     y = jnp.asarray(rng.normal(size=60), jnp.float32)
-
-    def wide(s, l, y, batch=None):
-        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
-        with numpyro.plate("students", 6):
-            a = numpyro.sample("a", dist.Normal(0.0, 100.0))
-        with numpyro.plate("lecturers", 5):
-            b = numpyro.sample("b", dist.Normal(0.0, 1.0))
-        with numpyro.plate("ratings", y.shape[0], subsample_size=batch) as r:
-            numpyro.sample("y", dist.Normal(mu + a[s[r]] + b[l[r]], 1.0), obs=y[r])
-
+    wide = small_long_model(100.0)
     guide = AutoPAVI(wide)
     svi = SVI(wide, guide, optax.adam(1e-3), Trace_ELBO())
     trained = svi.init(jax.random.PRNGKey(0), s, l, y, 10).mutable_state[guide._state_name]["state"]
