@@ -30,7 +30,7 @@ from numpyro.infer.autoguide import AutoNormal
 from stress import MODELS, TRAIN_KWARGS, train
 
 #: models trained on subsampled rows here (the full data for NUTS and the draws)
-ROWS = {name: TRAIN_KWARGS[name] for name in ("crossed_bernoulli_rows", "crossed_normal_rows", "crossed_poisson_rows")}
+ROWS = {name: kw for name, kw in TRAIN_KWARGS.items() if name.endswith("_rows")}
 
 from numpyro_pavi import AutoPAVI
 from numpyro_pavi.monitor import check_losses

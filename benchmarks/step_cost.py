@@ -3,7 +3,10 @@
 For each small full-batch model (issue 27's list: the crossed Bernoulli, epil, sleepstudy, a
 model with 8 groups, the binomial random-intercept model of the likelihood matrix; and, with
 ``--models random_effects_1e5``, the random-effects model at 1e5 groups, 128 per step, where
-the data pass dominates) and each guide, in one process:
+the data pass dominates; with ``--models crossed_slopes_normal_rows,crossed_slopes_poisson_rows``
+the long tables of ``stress.crossed_slopes_rows``, 1,024 of 12,000 rows per step, with
+``AutoNormal(fast draw)`` as the peer whose rows are drawn as AutoPAVI's) and each guide,
+in one process:
 
 * ``init s``: ``svi.init`` (tracing, parameter set-up, Laplace set-up where there is one);
 * ``compile s``: lowering and compiling a ``lax.scan`` of ``--block`` steps;
@@ -18,6 +21,7 @@ Ratios divide by ``AutoNormal``'s figure in the same run. Example::
     python benchmarks/step_cost.py
     python benchmarks/step_cost.py --quick
     python benchmarks/step_cost.py --models crossed_bernoulli,eight_groups --guides AutoNormal,AutoPAVI
+    python benchmarks/step_cost.py --models crossed_slopes_normal_rows --guides "AutoNormal,AutoNormal(fast draw),AutoPAVI"
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _common
 import jax
+import stress
 import jax.numpy as jnp
 import numpy as np
 import numpyro
@@ -42,9 +47,12 @@ from numpyro.infer.autoguide import AutoNormal
 from numpyro_pavi import AutoPAVI
 from numpyro_pavi.compiling import as_inputs
 from numpyro_pavi.examples import glmms, models
+from numpyro_pavi.subsampling import subsample_draws
 
 GUIDES = {
     "AutoNormal": lambda m: AutoNormal(m),
+    # rows drawn as AutoPAVI's plates draw them (numpyro_pavi.subsampling), for row-subsampled models
+    "AutoNormal(fast draw)": lambda m: AutoNormal(subsample_draws(m)),
     "AutoPAVI(laplace=False)": lambda m: AutoPAVI(m, laplace=False),
     "AutoPAVI": lambda m: AutoPAVI(m),
 }
@@ -93,6 +101,11 @@ def _real(loader):
     return make
 
 
+def _crossed_slopes_rows_data(family: str):
+    args, kwargs = stress._crossed_slopes_rows(family)
+    return args, {**kwargs, "batch": stress.TRAIN_KWARGS[f"crossed_slopes_{family}_rows"]["batch"]}
+
+
 def _random_effects_data(G: int = 100_000, B: int = 128):
     x = models.simulate_random_effects(jax.random.PRNGKey(0), G, 10, 2)
     return (x,), {"subsample_size": B}
@@ -106,7 +119,13 @@ MODELS = {
     "binomial_intercept": (binomial_intercept, _binomial_data),
     # where the data pass dominates: issue 27's random-effects benchmark, 1e5 groups, 128 per step
     "random_effects_1e5": (models.random_effects, _random_effects_data),
+    # long tables, rows subsampled (1,024 of 12,000): a per-student intercept and slope as two
+    # sites (a stored block) and crossed lecturers (benchmarks/stress.py)
+    "crossed_slopes_normal_rows": (stress.crossed_slopes_rows, lambda: _crossed_slopes_rows_data("normal")),
+    "crossed_slopes_poisson_rows": (stress.crossed_slopes_rows, lambda: _crossed_slopes_rows_data("poisson")),
 }
+#: model arguments that subsample rows or groups: dropped for the draws (full plates)
+SUBSAMPLING_KWARGS = ("subsample_size", "batch")
 #: draws per timed ``sample_posterior`` where the full plates are large
 DRAWS = {"random_effects_1e5": 10}
 DEFAULT_MODELS = "crossed_bernoulli,epil,sleepstudy,eight_groups,binomial_intercept"
@@ -154,8 +173,9 @@ def measure(model, guide_fn, args, kwargs, block: int, blocks: int, draws: int) 
             st, loss = one_c(st, data)
         jax.block_until_ready(loss)
         per_call.append((time.perf_counter() - t0) / block)
-    params = svi.get_params(state)
-    full = {k: v for k, v in kwargs.items() if k != "subsample_size"}  # draws over the full plates
+    # stored Laplace bases (long tables) travel with the params, as users pass them
+    params = {**svi.get_params(state), **(state.mutable_state or {})}
+    full = {k: v for k, v in kwargs.items() if k not in SUBSAMPLING_KWARGS}  # draws over the full plates
     full_data, full_rebuild = as_inputs((args, full))
 
     @jax.jit
@@ -206,7 +226,7 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=DEFAULT_MODELS, help=f"comma list among {', '.join(MODELS)}")
-    p.add_argument("--guides", default=",".join(GUIDES))
+    p.add_argument("--guides", default="AutoNormal,AutoPAVI(laplace=False),AutoPAVI", help=f"any of {', '.join(GUIDES)}")
     p.add_argument("--block", type=int, default=200, help="steps per compiled block")
     p.add_argument("--blocks", type=int, default=5)
     p.add_argument("--draws", type=int, default=1000)

@@ -104,6 +104,42 @@ def crossed_rows(s, l, y, S: int, L: int, family: str = "normal", batch: int | N
         numpyro.sample("y", fn, obs=y[r])
 
 
+def crossed_slopes_rows(s, l, x, y, S: int, L: int, family: str = "normal", batch: int | None = None) -> None:
+    """``crossed_rows`` with a per-student slope on a row covariate, written as its own site
+    beside the intercept (lme4's ``(1 + x | student) + (1 | lecturer)``):
+    ``y_r ~ family(mu + a[s_r] + c[s_r] x_r + b[l_r])``, ``c ~ N(beta, tau_c)``."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 2.0))
+    beta = numpyro.sample("beta", dist.Normal(0.0, 2.0))
+    tau_a = numpyro.sample("tau_a", dist.HalfNormal(1.0))
+    tau_c = numpyro.sample("tau_c", dist.HalfNormal(1.0))
+    tau_b = numpyro.sample("tau_b", dist.HalfNormal(1.0))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0)) if family == "normal" else None
+    with numpyro.plate("students", S):
+        a = numpyro.sample("a", dist.Normal(0.0, tau_a))
+        c = numpyro.sample("c", dist.Normal(beta, tau_c))
+    with numpyro.plate("lecturers", L):
+        b = numpyro.sample("b", dist.Normal(0.0, tau_b))
+    with numpyro.plate("rows", y.shape[0], subsample_size=batch) as r:
+        eta = mu + a[s[r]] + c[s[r]] * x[r] + b[l[r]]
+        fn = dist.Normal(eta, sigma) if family == "normal" else dist.Poisson(jnp.exp(eta))
+        numpyro.sample("y", fn, obs=y[r])
+
+
+def _crossed_slopes_rows(family: str, seed: int = 0, S: int = 400, L: int = 150, N: int = 12000):
+    """As ``_crossed_rows``, with a standard normal covariate; true ``tau_c`` 0.25 around a
+    slope of 0.3."""
+    rng = np.random.default_rng(seed)
+    ws, wl = rng.lognormal(0.0, 1.0, S), rng.lognormal(0.0, 1.2, L)
+    s = rng.choice(S, N, p=ws / ws.sum()).astype(np.int32)
+    l = rng.choice(L, N, p=wl / wl.sum()).astype(np.int32)
+    x = rng.normal(size=N).astype(np.float32)
+    slope = 0.3 + 0.25 * rng.normal(size=S)
+    eta = 0.5 + 0.3 * rng.normal(size=S)[s] + slope[s] * x + 0.4 * rng.normal(size=L)[l]
+    y = eta + 0.9 * rng.normal(size=N) if family == "normal" else rng.poisson(np.exp(eta))
+    data = (jnp.asarray(s), jnp.asarray(l), jnp.asarray(x), jnp.asarray(y, jnp.float32))
+    return data, {"S": S, "L": L, "family": family}
+
+
 def _crossed_rows(family: str, seed: int = 0, S: int = 600, L: int = 200, N: int = 12000):
     """Skewed level counts (lognormal weights, as ``crossed_long.simulate``); true ``tau_a``
     0.3, ``tau_b`` 0.4, noise sd 0.9 (``"normal"``)."""
@@ -123,6 +159,8 @@ TRAIN_KWARGS = {
     "crossed_bernoulli_rows": {"batch": 1024},
     "crossed_normal_rows": {"batch": 1024},
     "crossed_poisson_rows": {"batch": 1024},
+    "crossed_slopes_normal_rows": {"batch": 1024},
+    "crossed_slopes_poisson_rows": {"batch": 1024},
 }
 
 MODELS = {
@@ -132,6 +170,13 @@ MODELS = {
     # crossed long tables with unknown variance components, rows subsampled (TRAIN_KWARGS)
     "crossed_normal_rows": (crossed_rows, lambda: _crossed_rows("normal")[0], _crossed_rows("normal")[1]),
     "crossed_poisson_rows": (crossed_rows, lambda: _crossed_rows("poisson")[0], _crossed_rows("poisson")[1]),
+    # a per-student intercept and slope as two sites on one plate, rows subsampled
+    "crossed_slopes_normal_rows": (
+        crossed_slopes_rows, lambda: _crossed_slopes_rows("normal")[0], _crossed_slopes_rows("normal")[1]
+    ),
+    "crossed_slopes_poisson_rows": (
+        crossed_slopes_rows, lambda: _crossed_slopes_rows("poisson")[0], _crossed_slopes_rows("poisson")[1]
+    ),
     "poisson_glmm": (glmms.poisson_glmm, lambda: glmms.simulate_poisson_glmm(0)[0], {}),
     "correlated_slopes": (glmms.correlated_slopes, lambda: glmms.simulate_correlated_slopes(0)[0], {}),
     "random_effects": (models.random_effects, lambda: _random_effects(0)[0], {}),

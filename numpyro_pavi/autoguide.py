@@ -878,7 +878,7 @@ class AutoPAVI(AutoGuide):
         through_model = deterministic and any(s["type"] == "deterministic" for s in self.prototype_trace.values())
         for name, site in latent.items():
             if name in stored:
-                if site.dim > 2:
+                if sum(latent[n].dim for n in self.plan.stored.block_of(name)) > 2:
                     return 1
             elif self.plan.on_laplace(site):
                 shared = any(s.plates == site.plates for s in latent.values() if s is not site)
@@ -977,9 +977,9 @@ class AutoPAVI(AutoGuide):
         if self.plan.stored is None or self._state_name not in params:
             return None
         state = params[self._state_name]["state"]
-        for name in self.plan.stored.sites:
-            site = self.structure.latent[name]
-            if state.mode[name].shape[:-1] != tuple(sizes[p] for p in site.plates):
+        for block in self.plan.stored.blocks:
+            site = self.structure.latent[block[0]]
+            if state.mode[block[0]].shape[:-1] != tuple(sizes[p] for p in site.plates):
                 return None
         name = self._changed_observed(trace or {}, self.structure.observed)
         if name is not None:

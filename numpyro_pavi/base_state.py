@@ -13,15 +13,19 @@ Here the bases of those sites are a state, threaded explicitly (optax style) and
 the guide between SVI steps:
 
 * :func:`refresh` computes, from **all** rows, the joint mode of the local sites given the
-  global ones (block Gauss-Seidel: one site's Newton problem at a time, the other sites at
-  their current modes, as backfitting does for crossed factors), each element's precision
-  there, and the mode's derivative with respect to the globals (implicit function theorem,
-  solved by the same Gauss-Seidel sweeps on the tangents). Sweeps start from the stored
-  state, so a warm refresh costs a few passes over the data.
+  global ones (block Gauss-Seidel: one block's Newton problem at a time, the other blocks
+  at their current modes, as backfitting does for crossed factors), each element's
+  precision there, and the mode's derivative with respect to the globals (implicit
+  function theorem, solved by the same Gauss-Seidel sweeps on the tangents). A *block* is
+  the sites on the same plates (a user's intercept and slope written as two sites): one
+  Newton problem per element over their coordinates together. Sweeps start from the
+  stored state, so a warm refresh costs a few passes over the data.
 * :func:`stored_base` gives a step's base without touching the model: the mode expanded to
   first order in the sampled globals, ``m = mode + J (theta - anchor)``, and the stored
   precision. The value and its gradient with respect to the globals are those of the
-  full-data conditional mode (exact for a Gaussian likelihood that is linear in them).
+  full-data conditional mode (exact for a Gaussian likelihood that is linear in them). A
+  later site of a block gets the Gaussian conditional given its earlier siblings' sampled
+  values (and marginal over the later ones), as the joint Laplace approximation has it.
 
 The guide refreshes every ``refresh_every`` steps (default: once per pass over the rows),
 so the amortized cost is about one extra pass over the data per epoch; a step itself reads
@@ -31,7 +35,7 @@ only its batch. Which sites qualify is decided once, at setup (:func:`stored_spe
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -42,12 +46,15 @@ import numpy as np
 from .laplace import (
     NEWTON_STEPS,
     NewtonReport,
+    _cholesky,
+    constrain_group,
     grad_and_blocks,
     in_pieces,
     lift_chol,
     log_joint,
     newton_iterate,
     precision_chol,
+    solve_lower,
 )
 from .structure import LatentSite, ModelStructure
 
@@ -75,23 +82,32 @@ class StoredSpec:
     :param sites: the local sites, in model order.
     :param globals: the global sites the modes depend on (all before the first local one).
     :param period: steps between refreshes.
+    :param blocks: the local sites grouped by their plates (sites on the same plates form
+        one block, in model order); the state is keyed by each block's first site.
     """
 
     sites: tuple[str, ...]
     globals: tuple[str, ...]
     period: int
+    blocks: tuple[tuple[str, ...], ...] = ()
+
+    def block_of(self, name: str) -> tuple[str, ...]:
+        """The block holding site ``name`` (its first site keys the state)."""
+        return next((b for b in self.blocks if name in b), (name,))
 
 
 class LaplaceState(NamedTuple):
-    """Stored Laplace bases of the sites of a :class:`StoredSpec`, over their full plates.
+    """Stored Laplace bases of the sites of a :class:`StoredSpec`, over their full plates,
+    keyed by the first site of each block (:attr:`StoredSpec.blocks`); ``d`` is the block's
+    coordinates, its sites' canonical values concatenated in model order.
 
-    :ivar mode: ``{site: (*sizes, d)}`` the joint mode (canonical unconstrained values).
-    :ivar chol: ``{site: (*sizes, d, d)}`` Cholesky factors of each element's precision there.
-    :ivar jac: ``{site: (*sizes, d, k)}`` derivative of the mode with respect to ``anchor``.
-    :ivar dchol: ``{site: (*sizes, d, d, k)}`` derivative of ``chol`` with respect to
+    :ivar mode: ``{block: (*sizes, d)}`` the joint mode (canonical unconstrained values).
+    :ivar chol: ``{block: (*sizes, d, d)}`` Cholesky factors of each element's precision there.
+    :ivar jac: ``{block: (*sizes, d, k)}`` derivative of the mode with respect to ``anchor``.
+    :ivar dchol: ``{block: (*sizes, d, d, k)}`` derivative of ``chol`` with respect to
         ``anchor`` (the mode moving along ``jac``).
-    :ivar decrement: ``{site: (*sizes)}`` Newton decrement at the last refresh.
-    :ivar concave: ``{site: (*sizes)}`` whether the curvature there was negative definite.
+    :ivar decrement: ``{block: (*sizes)}`` Newton decrement at the last refresh.
+    :ivar concave: ``{block: (*sizes)}`` whether the curvature there was negative definite.
     :ivar anchor: ``(k,)`` the globals' unconstrained values at the last refresh.
     :ivar count: ``()`` guide calls so far; a refresh happens when ``count % period == 0``.
     """
@@ -106,7 +122,7 @@ class LaplaceState(NamedTuple):
     count: jax.Array
 
     def report(self, name: str, at: tuple | None = None) -> NewtonReport:
-        """The :class:`NewtonReport` of ``name``'s elements (at index arrays ``at``)."""
+        """The :class:`NewtonReport` of block ``name``'s elements (at index arrays ``at``)."""
         dec, conc = self.decrement[name], self.concave[name]
         if at is not None:
             dec, conc = dec[jnp.ix_(*at)], conc[jnp.ix_(*at)]
@@ -122,9 +138,9 @@ def stored_spec(structure: ModelStructure, laplace_sites, refresh_every: int | N
 
     Stored bases apply when observations are subsampled along a plate that holds no latent
     site (the rows of a long table), every local site is on a Laplace base, none of their
-    plates is subsampled, no local site's plates contain another's (crossed factors, not
-    nested ones: a nested site's base must follow its parent's sample; two sites on the same
-    plates, a user's intercept and slope as separate sites, count as nested here), and
+    plates is subsampled, no local site's plates strictly contain another's (crossed
+    factors, not nested ones: a nested site's base must follow its parent's sample; sites on
+    the same plates, a user's intercept and slope as separate sites, form one block), and
     the global sites all come before the local ones, with at most ``MAX_GLOBAL_DIM``
     unconstrained coordinates in all.
     """
@@ -138,7 +154,7 @@ def stored_spec(structure: ModelStructure, laplace_sites, refresh_every: int | N
         return None
     if any(structure.plates[p].subsample_size < structure.plates[p].size for s in local for p in s.plates):
         return None
-    if any(set(a.plates) <= set(b.plates) for a in local for b in local if a is not b):
+    if any(set(a.plates) < set(b.plates) for a in local for b in local):
         return None
     first = latent.index(local[0])
     glob = [s for s in latent if not s.plates]
@@ -146,7 +162,12 @@ def stored_spec(structure: ModelStructure, laplace_sites, refresh_every: int | N
         return None
     if refresh_every is None:
         refresh_every = max(math.ceil(structure.plates[p].size / structure.plates[p].subsample_size) for p in rows)
-    return StoredSpec(tuple(s.name for s in local), tuple(g.name for g in glob), int(refresh_every))
+    blocks = {}
+    for s in local:  # sites on the same plates (in any order of their names): one block
+        blocks.setdefault(frozenset(s.plates), []).append(s.name)
+    return StoredSpec(
+        tuple(s.name for s in local), tuple(g.name for g in glob), int(refresh_every), tuple(map(tuple, blocks.values()))
+    )
 
 
 def _sizes(structure: ModelStructure, site: LatentSite) -> tuple[int, ...]:
@@ -159,9 +180,9 @@ def init_state(structure: ModelStructure, spec: StoredSpec) -> LaplaceState:
     latent = structure.latent
     k = _global_dim([latent[g] for g in spec.globals])
     mode, chol, jac, dchol, dec, conc = {}, {}, {}, {}, {}, {}
-    for name in spec.sites:
-        site = latent[name]
-        shape, d = _sizes(structure, site), site.dim
+    for block in spec.blocks:
+        name, sites = block[0], [latent[n] for n in block]
+        shape, d = _sizes(structure, sites[0]), _global_dim(sites)
         mode[name] = jnp.zeros(shape + (d,))
         chol[name] = jnp.broadcast_to(jnp.eye(d), shape + (d, d))
         jac[name] = jnp.zeros(shape + (d, k))
@@ -198,7 +219,7 @@ def refresh(
 
     :param model: the user's model; ``model_args``: its ``(args, kwargs)``, with the data of
         every row (the observation plates are opened at all of their elements).
-    :param sweeps: most Gauss-Seidel sweeps over the sites, each one Newton problem per site
+    :param sweeps: most Gauss-Seidel sweeps over the blocks, each one Newton problem per block
         (iterated until its elements converge, at most ``NEWTON_STEPS`` iterations); they
         stop once no element moved by more than ``SETTLED`` of its sd.
     :param tangents: also update ``jac`` (at most as many sweeps, on the tangents).
@@ -208,26 +229,29 @@ def refresh(
     latent = structure.latent
     theta = jax.lax.stop_gradient(theta)
     plates = {p: jnp.arange(info.size) for p, info in structure.plates.items()}
-    sites = [latent[n] for n in spec.sites]
+    blocks = {b[0]: [latent[n] for n in b] for b in spec.blocks}
 
     def logp(name, z, modes, th):
-        vals = {s.name: s.constrain(modes[s.name])[0] for s in sites if s.name != name}
-        value, logdet = latent[name].constrain(z)
-        joint = {**plates, **_global_values(structure, spec, th), **vals, name: value}
-        return log_joint(model, joint, args, kwargs) + jnp.sum(logdet)
+        vals = {}
+        for other, group in blocks.items():
+            if other != name:
+                vals.update(constrain_group(group, modes[other])[0])
+        own, logdet = constrain_group(blocks[name], z)
+        joint = {**plates, **_global_values(structure, spec, th), **vals, **own}
+        return log_joint(model, joint, args, kwargs) + logdet
 
     def sweep(_, carry):
         modes, chols, decs, concs = (dict(c) for c in carry)
-        for s in sites:
+        for name in blocks:
             z, chol, rep = newton_iterate(
-                lambda z, name=s.name, m=dict(modes): logp(name, z, m, theta), modes[s.name], NEWTON_STEPS
+                lambda z, name=name, m=dict(modes): logp(name, z, m, theta), modes[name], NEWTON_STEPS
             )
-            modes[s.name], chols[s.name], decs[s.name], concs[s.name] = z, chol, rep.decrement, rep.concave
+            modes[name], chols[name], decs[name], concs[name] = z, chol, rep.decrement, rep.concave
         return modes, chols, decs, concs
 
     # start from the stored modes moved to these globals along their derivative: the
     # sweeps then only remove what the first-order expansion misses
-    start = {n: state.mode[n] + state.jac[n] @ (theta - state.anchor) for n in spec.sites}
+    start = {n: state.mode[n] + state.jac[n] @ (theta - state.anchor) for n in blocks}
     carry = (start, state.chol, state.decrement, state.concave)
     modes, chols, decs, concs = _until_settled(sweep, carry, sweeps, lambda c: (c[0], c[1]))
     jac = state.jac
@@ -236,23 +260,23 @@ def refresh(
 
         def tangent_sweep(_, jac):
             jac = dict(jac)
-            for s in sites:
+            for name in blocks:
                 # d(grad_s) along (modes' tangents, e_c) for each global coordinate c; at the
                 # fixed point, J_s <- J_s + P_s^{-1} d(grad_s) is a Gauss-Seidel step on
                 # H J = -dg/dtheta (H_ss = -P_s)
-                def column(dmodes, dtheta, name=s.name):
+                def column(dmodes, dtheta, name=name):
                     grad = lambda m, th: jax.grad(lambda z: logp(name, z, m, th))(m[name])  # noqa: E731
                     return jax.jvp(grad, (modes, theta), (dmodes, dtheta))[1]
 
                 dmodes = {n: jnp.moveaxis(jac[n], -1, 0) for n in jac}
                 out = jnp.moveaxis(jax.vmap(column)(dmodes, jnp.eye(k)), 0, -1)  # (*sizes, d, k)
-                step = in_pieces(lambda c, b: jax.scipy.linalg.cho_solve((c, True), b), chols[s.name], out)
-                jac[s.name] = jac[s.name] + step
+                step = in_pieces(lambda c, b: jax.scipy.linalg.cho_solve((c, True), b), chols[name], out)
+                jac[name] = jac[name] + step
             return jac
 
         if k:
             jac = _until_settled(tangent_sweep, dict(jac), sweeps, lambda j: (j, chols))
-        chols, dchol = _precisions(logp, sites, modes, theta, jac)
+        chols, dchol = _precisions(logp, blocks, modes, theta, jac)
     else:
         # the sweeps' factors are the Newton steps' (a wide element's own curvature): the
         # base's width is lifted, as _precisions' is
@@ -262,10 +286,10 @@ def refresh(
     return jax.lax.stop_gradient(new)
 
 
-def _precisions(logp, sites, modes: dict, theta: jax.Array, jac: dict):
-    """Each site's precision factor at the joint mode, ``{site: (*sizes, d, d)}``, and its
+def _precisions(logp, blocks: dict, modes: dict, theta: jax.Array, jac: dict):
+    """Each block's precision factor at the joint mode, ``{block: (*sizes, d, d)}``, and its
     derivative with respect to the globals, the mode moving along ``jac``,
-    ``{site: (*sizes, d, d, k)}`` (one forward-mode pass per global coordinate).
+    ``{block: (*sizes, d, d, k)}`` (one forward-mode pass per global coordinate).
 
     Without it a stored base's width is frozen at the anchor's globals, and the gradient
     misses how the width follows them: on epil, whose observation-level effects are as wide
@@ -273,9 +297,9 @@ def _precisions(logp, sites, modes: dict, theta: jax.Array, jac: dict):
 
     def chols_at(modes, th):
         out = {}
-        for s in sites:
-            _, h = grad_and_blocks(lambda z, name=s.name: logp(name, z, modes, th), modes[s.name])
-            out[s.name] = precision_chol(h)
+        for name in blocks:
+            _, h = grad_and_blocks(lambda z, name=name: logp(name, z, modes, th), modes[name])
+            out[name] = precision_chol(h)
         return out
 
     k = theta.shape[0]
@@ -285,7 +309,7 @@ def _precisions(logp, sites, modes: dict, theta: jax.Array, jac: dict):
         return chols, {n: jnp.zeros(c.shape + (0,), c.dtype) for n, c in chols.items()}
     dmodes = {n: jnp.moveaxis(jac[n], -1, 0) for n in jac}
     eye = jnp.eye(k, dtype=theta.dtype)
-    if max(s.dim for s in sites) > 2 and jax.default_backend() == "cpu":
+    if max(_global_dim(b) for b in blocks.values()) > 2 and jax.default_backend() == "cpu":
         # one column at a time: vmapped, each LAPACK call of the jvp would get k times the
         # elements that laplace.in_pieces gave it (a thread-pool deadlock on small CPUs)
         chols = chols_at(modes, theta)
@@ -330,14 +354,26 @@ def _until_settled(sweep, carry, max_sweeps, scaled):
     return carry
 
 
-def stored_base(state: LaplaceState, site: LatentSite, indices: Mapping, theta: jax.Array):
+def stored_base(
+    state: LaplaceState,
+    site: LatentSite,
+    indices: Mapping,
+    theta: jax.Array,
+    block: Sequence[LatentSite] | None = None,
+    given: Mapping[str, jax.Array] | None = None,
+):
     """``(m, L)`` of ``site`` on its current elements: the stored mode expanded to first order
     in the globals ``theta (k,)`` (whose gradient it carries) and the stored precision.
 
+    :param block: the sites of ``site``'s block (:attr:`StoredSpec.blocks`; default: the site
+        alone). A site after the first gets the Gaussian conditional given ``given``, and
+        every site the marginal over the block's later sites.
+    :param given: ``{earlier site of the block: canonical sampled value (*grid, d)}``.
     :return: ``m (*grid, d)`` and ``L (*grid, d, d)``.
     """
+    block = [site] if block is None else list(block)
     at = jnp.ix_(*(indices[p] for p in site.plates))
-    name = site.name
+    name = block[0].name
     mode, jac, chol, dchol = state.mode[name][at], state.jac[name][at], state.chol[name][at], state.dchol[name][at]
     delta = theta - state.anchor
     lin = dchol @ delta  # (*grid, d, d)
@@ -348,4 +384,32 @@ def stored_base(state: LaplaceState, site: LatentSite, indices: Mapping, theta: 
     rate = jnp.clip(jnp.diagonal(lin, axis1=-2, axis2=-1) / diag, -MAX_LOG_WIDTH_CHANGE, MAX_LOG_WIDTH_CHANGE)
     eye = jnp.eye(d, dtype=chol.dtype)
     chol = (chol + lin) * (1.0 - eye) + eye * (diag * jnp.exp(rate))[..., None, :]
-    return mode + jac @ delta, chol
+    mode = mode + jac @ delta
+    if len(block) == 1:
+        return mode, chol
+    return _conditional(block, site, mode, chol, given or {})
+
+
+def _conditional(block, site: LatentSite, mode: jax.Array, chol: jax.Array, given: Mapping):
+    """``(m, L)`` of ``site`` from its block's joint Gaussian ``N(mode, (L L^T)^{-1})``
+    (``mode (*grid, D)``, ``chol (*grid, D, D)``): given its earlier siblings' values,
+    marginal over its later ones.
+
+    With the precision factored the other way round, ``P = R R^T`` with ``R`` upper
+    triangular (a Cholesky factorization in reversed order), both are read off ``R``:
+    the site's conditional precision is ``R_jj R_jj^T`` and its mean ``m_j - R_jj^{-T}
+    R_Ej^T (x_E - m_E)``, ``E`` the earlier coordinates."""
+    cuts = np.cumsum([0] + [s.dim for s in block]).tolist()
+    j = [s.name for s in block].index(site.name)
+    lo, hi = cuts[j], cuts[j + 1]
+    p = jnp.einsum("...ij,...kj->...ik", chol, chol)
+    flip = lambda a: jnp.flip(a, (-2, -1))  # noqa: E731
+    r = flip(_cholesky(flip(p)))  # (*grid, D, D) upper: P = R R^T
+    r_jj = r[..., lo:hi, lo:hi]
+    m = mode[..., lo:hi]
+    if j:
+        earlier = jnp.concatenate([given[s.name] for s in block[:j]], -1)
+        pull = jnp.einsum("...ei,...e->...i", r[..., :lo, lo:hi], earlier - mode[..., :lo])
+        m = m - solve_lower(jnp.swapaxes(r_jj, -1, -2), pull)
+    own = r_jj if site.dim == 1 else _cholesky(jnp.einsum("...ij,...kj->...ik", r_jj, r_jj))
+    return m, own

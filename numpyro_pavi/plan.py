@@ -239,7 +239,7 @@ class GuidePlan:
             )
         if self.stored is not None:
             lines.append(
-                f"stored Laplace bases: {', '.join(self.stored.sites)} (joint mode from all rows, "
+                f"stored Laplace bases: {', '.join('+'.join(b) for b in self.stored.blocks)} (joint mode from all rows, "
                 f"refreshed every {self.stored.period} steps; globals {', '.join(self.stored.globals) or '-'})"
             )
         lines.append(f"total parameters: {self.num_params()}")

@@ -455,8 +455,12 @@ def sample_latents(
                 center = {g: unc[g] if centers.get(g) is None else centers[g] for g in plan.stored.globals}
                 anchor = _state.global_vector(plan.structure, plan.stored, center)
                 laplace_state = _advance(plan, laplace_state, theta, anchor, model_args, with_state)
-            base = _state.stored_base(laplace_state, site, indices, theta)
-            reports[name] = laplace_state.report(name, tuple(indices[p] for p in site.plates))
+            block = plan.stored.block_of(name)
+            earlier = {n: unc[n] for n in block[: block.index(name)]}
+            base = _state.stored_base(
+                laplace_state, site, indices, theta, [plan.structure.latent[n] for n in block], earlier
+            )
+            reports[name] = laplace_state.report(block[0], tuple(indices[p] for p in site.plates))
         elif plan.on_laplace(site):
             start = None if starts is None else starts.get(name)
             *base, reports[name] = laplace_base(
