@@ -305,8 +305,9 @@ class AutoPAVI(AutoGuide):
         and batches every piece again: pass it ``vectorize_particles=False`` there.
 
         Long-format data whose *rows* are subsampled (``numpyro.plate("ratings", N,
-        subsample_size=B)``, the local sites on full plates of their own, crossed or not,
-        none nested in another, the global sites first) get *stored* bases instead
+        subsample_size=B)``, the local sites on full plates, crossed or not, none nested in
+        another, the global sites first; sites on the same plates, a user's intercept and
+        slope, form one block) get *stored* bases instead
         (:mod:`numpyro_pavi.base_state`): the joint mode of all local sites given the
         globals, from all rows, its derivative in the globals and each element's precision,
         kept between steps as non-learned state (a ``numpyro.mutable`` site named
@@ -319,6 +320,10 @@ class AutoPAVI(AutoGuide):
         state (NumPyro warns): the bases are then computed from scratch at every step,
         correct and slower. ELBOs without mutable state (``RenyiELBO``,
         ``TraceGraph_ELBO``) refuse such a guide in ``SVI``: use ``laplace=False`` there.
+        Where rows are subsampled but these conditions fail (nested sites, a global site
+        after the local ones), a base computed at each step would read only the batch's
+        rows: the local sites are then sampled without a base, with a
+        :class:`~numpyro_pavi.LaplaceWarning` naming the condition.
     :param int refresh_every: steps between refreshes of the stored bases (default: once per
         pass over the subsampled rows, ``ceil(N / B)``).
     :param bool forward_mode_differentiation: as in NumPyro's guides: use forward-mode
@@ -979,7 +984,8 @@ class AutoPAVI(AutoGuide):
         state = params[self._state_name]["state"]
         for block in self.plan.stored.blocks:
             site = self.structure.latent[block[0]]
-            if state.mode[block[0]].shape[:-1] != tuple(sizes[p] for p in site.plates):
+            width = sum(self.structure.latent[n].dim for n in block)
+            if state.mode[block[0]].shape != tuple(sizes[p] for p in site.plates) + (width,):
                 return None
         name = self._changed_observed(trace or {}, self.structure.observed)
         if name is not None:
@@ -1024,7 +1030,8 @@ class AutoPAVI(AutoGuide):
 
         :return: ``{site: {"converged": fraction, "concave": fraction, "max_decrement":
             float, "multimodal": fraction}}`` (the decrement is the remaining Newton step in
-            posterior sds; "multimodal" is NaN for stored bases, which are not probed).
+            posterior sds; "multimodal" is NaN for stored bases, which are not probed; the
+            sites of a stored block share its figures, one Newton problem).
         """
         self._check_params(params)
         if not any(self.plan.on_laplace(s) for s in self.structure.latent.values()):

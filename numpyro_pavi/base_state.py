@@ -35,7 +35,7 @@ only its batch. Which sites qualify is decided once, at setup (:func:`stored_spe
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -54,11 +54,23 @@ from .laplace import (
     log_joint,
     newton_iterate,
     precision_chol,
+    reference_trace,
     solve_lower,
+    unscored_group_coordinates,
 )
 from .structure import LatentSite, ModelStructure
 
-__all__ = ["LaplaceState", "StoredSpec", "global_vector", "init_state", "refresh", "stored_base", "stored_spec"]
+__all__ = [
+    "LaplaceState",
+    "StoredSpec",
+    "global_vector",
+    "init_state",
+    "refresh",
+    "stored_base",
+    "stored_obstacle",
+    "stored_spec",
+    "subsampled_rows",
+]
 
 #: Most unconstrained coordinates of the global sites the stored modes are expanded in
 #: (the derivative ``J`` holds this many columns per element).
@@ -90,6 +102,10 @@ class StoredSpec:
     globals: tuple[str, ...]
     period: int
     blocks: tuple[tuple[str, ...], ...] = ()
+
+    def __post_init__(self):
+        if not self.blocks:  # a spec built without blocks (one pickled before them): one per site
+            object.__setattr__(self, "blocks", tuple((n,) for n in self.sites))
 
     def block_of(self, name: str) -> tuple[str, ...]:
         """The block holding site ``name`` (its first site keys the state)."""
@@ -133,35 +149,61 @@ def _global_dim(sites) -> int:
     return int(sum(s.dim for s in sites))
 
 
-def stored_spec(structure: ModelStructure, laplace_sites, refresh_every: int | None = None) -> StoredSpec | None:
-    """The stored-bases spec of a model, or None where the per-step bases apply.
+def subsampled_rows(structure: ModelStructure) -> list[str]:
+    """The plates subsampled while they hold no latent site: a long table's rows."""
+    held = {p for s in structure.latent.values() for p in s.plates}
+    return [p for p, info in structure.plates.items() if info.subsample_size < info.size and p not in held]
+
+
+def stored_obstacle(structure: ModelStructure, laplace_sites) -> str | None:
+    """Why a model gets no stored bases, in words naming the sites (None where it gets them).
 
     Stored bases apply when observations are subsampled along a plate that holds no latent
-    site (the rows of a long table), every local site is on a Laplace base, none of their
-    plates is subsampled, no local site's plates strictly contain another's (crossed
-    factors, not nested ones: a nested site's base must follow its parent's sample; sites on
-    the same plates, a user's intercept and slope as separate sites, form one block), and
-    the global sites all come before the local ones, with at most ``MAX_GLOBAL_DIM``
-    unconstrained coordinates in all.
+    site (the rows of a long table, :func:`subsampled_rows`), every local site is on a
+    Laplace base, none of their plates is subsampled, no local site's plates strictly
+    contain another's (crossed factors, not nested ones: a nested site's base must follow
+    its parent's sample; sites on the same plates, a user's intercept and slope as separate
+    sites, form one block), and the global sites all come before the local ones, with at
+    most ``MAX_GLOBAL_DIM`` unconstrained coordinates in all.
     """
     latent = list(structure.latent.values())
     local = [s for s in latent if s.plates]
-    if not local or any(s.name not in laplace_sites for s in local):
-        return None
-    held = {p for s in latent for p in s.plates}
-    rows = [p for p, info in structure.plates.items() if info.subsample_size < info.size and p not in held]
-    if not rows:
-        return None
-    if any(structure.plates[p].subsample_size < structure.plates[p].size for s in local for p in s.plates):
-        return None
-    if any(set(a.plates) < set(b.plates) for a in local for b in local):
-        return None
+    if not local:
+        return "the model has no local site"
+    if not subsampled_rows(structure):
+        return "no observations are subsampled along a plate of their own"
+    for s in local:
+        if s.name not in laplace_sites:
+            return f"site '{s.name}' has no Laplace base"
+        for p in s.plates:
+            if structure.plates[p].subsample_size < structure.plates[p].size:
+                return f"site '{s.name}' is on a subsampled plate ('{p}')"
+    for a in local:
+        for b in local:
+            if set(a.plates) < set(b.plates):
+                return f"site '{b.name}' sits on plates nested in those of site '{a.name}'"
     first = latent.index(local[0])
     glob = [s for s in latent if not s.plates]
-    if any(latent.index(g) > first for g in glob) or _global_dim(glob) > MAX_GLOBAL_DIM:
+    for g in glob:
+        if latent.index(g) > first:
+            return f"global site '{g.name}' comes after local site '{local[0].name}' (sample the global sites first)"
+    if _global_dim(glob) > MAX_GLOBAL_DIM:
+        return f"the global sites have {_global_dim(glob)} unconstrained coordinates (at most {MAX_GLOBAL_DIM})"
+    return None
+
+
+def stored_spec(structure: ModelStructure, laplace_sites, refresh_every: int | None = None) -> StoredSpec | None:
+    """The stored-bases spec of a model, or None where the per-step bases apply (see
+    :func:`stored_obstacle` for when it applies)."""
+    if stored_obstacle(structure, laplace_sites) is not None:
         return None
+    latent = list(structure.latent.values())
+    local = [s for s in latent if s.plates]
+    glob = [s for s in latent if not s.plates]
     if refresh_every is None:
-        refresh_every = max(math.ceil(structure.plates[p].size / structure.plates[p].subsample_size) for p in rows)
+        refresh_every = max(
+            math.ceil(structure.plates[p].size / structure.plates[p].subsample_size) for p in subsampled_rows(structure)
+        )
     blocks = {}
     for s in local:  # sites on the same plates (in any order of their names): one block
         blocks.setdefault(frozenset(s.plates), []).append(s.name)
@@ -214,6 +256,7 @@ def refresh(
     *,
     sweeps: int | jax.Array = WARM_SWEEPS,
     tangents: bool = True,
+    flat: Collection[str] | None = None,
 ) -> LaplaceState:
     """The state at globals ``theta (k,)``, from all of the data (see the module docstring).
 
@@ -223,6 +266,9 @@ def refresh(
         (iterated until its elements converge, at most ``NEWTON_STEPS`` iterations); they
         stop once no element moved by more than ``SETTLED`` of its sd.
     :param tangents: also update ``jac`` (at most as many sweeps, on the tangents).
+    :param flat: the later sites of a block whose cells the model does not score are flat
+        directions of its Newton problem (``GuidePlan.flat_unscored``, as for the per-step
+        bases' :func:`~numpyro_pavi.laplace.group_log_joint`; None: every such site).
     :return: the new state (every array held constant for gradients), ``count`` unchanged.
     """
     args, kwargs = model_args
@@ -230,6 +276,11 @@ def refresh(
     theta = jax.lax.stop_gradient(theta)
     plates = {p: jnp.arange(info.size) for p, info in structure.plates.items()}
     blocks = {b[0]: [latent[n] for n in b] for b in spec.blocks}
+    # a later site of a block that the model does not score at some cells (obs_mask's
+    # imputed cells): a unit quadratic on them, as the per-step bases have it, so the
+    # block's first site keeps its curvature and its elements converge
+    trace = reference_trace(model, {**plates, **_global_values(structure, spec, theta)}, args, kwargs)
+    unscored = {name: unscored_group_coordinates(group, trace, flat) for name, group in blocks.items()}
 
     def logp(name, z, modes, th):
         vals = {}
@@ -238,7 +289,9 @@ def refresh(
                 vals.update(constrain_group(group, modes[other])[0])
         own, logdet = constrain_group(blocks[name], z)
         joint = {**plates, **_global_values(structure, spec, th), **vals, **own}
-        return log_joint(model, joint, args, kwargs) + logdet
+        out = unscored[name]
+        extra = 0.0 if out is None else -0.5 * jnp.sum(jnp.where(out, z, 0.0) ** 2)
+        return log_joint(model, joint, args, kwargs) + logdet + extra
 
     def sweep(_, carry):
         modes, chols, decs, concs = (dict(c) for c in carry)

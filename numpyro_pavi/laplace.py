@@ -62,6 +62,7 @@ __all__ = [
     "precision_chol",
     "reference_trace",
     "reference_value",
+    "unscored_group_coordinates",
 ]
 
 class LaplaceWarning(UserWarning):
@@ -276,7 +277,7 @@ def group_log_joint(
     them. A masked sibling that a scored term still reads (``d.mask(False)`` plus a
     ``factor``) is not flat, and must not get it: the site's base would come out too tight.
     """
-    out = _unscored_group_coordinates(group, trace, flat)
+    out = unscored_group_coordinates(group, trace, flat)
 
     def logp(z, known):
         vals, logdet = constrain_group(group, z)
@@ -286,7 +287,7 @@ def group_log_joint(
     return logp
 
 
-def _unscored_group_coordinates(group, trace: Mapping | None, flat) -> jax.Array | None:
+def unscored_group_coordinates(group, trace: Mapping | None, flat) -> jax.Array | None:
     """``(*grid, sum of d)``: True at the unscored coordinates of the group's later siblings
     that ``flat`` names (a collection of names, or ``{name: bool}``, possibly traced; None:
     all), or None where there are none."""

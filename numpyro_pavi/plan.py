@@ -24,7 +24,7 @@ import numpy as np
 
 from . import data as _data
 from .compiling import SMALL_DATA, data_size, run_once
-from .base_state import StoredSpec, stored_spec
+from .base_state import StoredSpec, stored_obstacle, stored_spec, subsampled_rows
 from .data import Ragged
 from .encoders import SetEncoder, init_readout
 from .flows import ConditionalFlow
@@ -458,6 +458,10 @@ def build_plan(
     laplace_sites, gaussian, reference_start, warm_start, flat = _laplace_sites(
         model, structure, options, trace, args, kwargs
     )
+    batch_only = _batch_only_bases(structure, laplace_sites)
+    laplace_sites, gaussian, reference_start, warm_start = (
+        x - batch_only for x in (laplace_sites, gaussian, reference_start, warm_start)
+    )
     sources = encoding_sources(structure, options, laplace_sites)
     stored = stored_spec(structure, laplace_sites, options.refresh_every)
     if stored is not None:
@@ -766,6 +770,39 @@ def _laplace_sites(model, structure, options, trace, args, kwargs) -> tuple[froz
         frozenset(warm & kept),
         frozenset(flat - read),
     )
+
+
+def _batch_only_bases(structure: ModelStructure, laplace_sites: frozenset) -> frozenset:
+    """The local sites that lose their Laplace base because a step's base would read only
+    the batch's rows: observations subsampled along a plate of their own (a long table) in
+    a model the stored bases do not cover (:func:`~numpyro_pavi.base_state.stored_obstacle`),
+    with a :class:`~numpyro_pavi.LaplaceWarning` naming them and why.
+
+    A per-step base computed from the batch's rows alone, the other factors at their prior
+    means, changes with the batch, and the ELBO's gradient is then not that of any one
+    guide: on a long table with students nested in schools and crossed lecturers (8,000
+    rows, 1,024 per step, RESULTS section 30) the default guide ended with a variance
+    component 16.4 and the noise sd 18.9 posterior sds from NUTS, and its reported loss
+    1,180 nats below AutoNormal's; without the bases, 0.19 and 0.19 (AutoNormal 0.51 and
+    0.16)."""
+    rows = subsampled_rows(structure)
+    if not rows or not laplace_sites:
+        return frozenset()
+    reason = stored_obstacle(structure, laplace_sites)
+    if reason is None:
+        return frozenset()
+    names = sorted(laplace_sites, key=list(structure.latent).index)
+    warnings.warn(
+        f"Observations are subsampled along plate '{rows[0]}', which holds no latent site (a long "
+        f"table's rows), but the model gets no stored Laplace bases: {reason}. A base computed at each "
+        "step would read only that step's rows, so sites "
+        + ", ".join(f"'{n}'" for n in names)
+        + " are sampled without a base: their flows on their plates' encodings, as with "
+        "AutoPAVI(model, laplace=False), which turns the bases off without this warning.",
+        LaplaceWarning,
+        stacklevel=5,
+    )
+    return frozenset(laplace_sites)
 
 
 def with_encoder_width(encoder: SetEncoder, encoding_dim: int) -> SetEncoder:

@@ -540,11 +540,13 @@ def _advance(plan: GuidePlan, state, theta: jax.Array, anchor: jax.Array, model_
         state = _state.init_state(structure, spec)
     if not training:
         cold = _state.COLD_SWEEPS
-        return _state.refresh(plan.model, structure, spec, state, theta, model_args, sweeps=cold, tangents=False)
+        return _state.refresh(
+            plan.model, structure, spec, state, theta, model_args, sweeps=cold, tangents=False, flat=plan.flat_unscored
+        )
     sweeps = jnp.where(state.count == 0, _state.COLD_SWEEPS, _state.WARM_SWEEPS)
 
     def refreshed(s):
-        new = _state.refresh(plan.model, structure, spec, s, anchor, model_args, sweeps=sweeps)
+        new = _state.refresh(plan.model, structure, spec, s, anchor, model_args, sweeps=sweeps, flat=plan.flat_unscored)
         # a refresh at non-finite globals (a step that stable_update then rejects) would
         # otherwise stay in the state, and every later refresh warm-starts from it
         floats = [x for x in jax.tree.leaves(new) if jnp.issubdtype(x.dtype, jnp.floating)]

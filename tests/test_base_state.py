@@ -5,6 +5,8 @@ posterior given ``mu`` (and jointly with it) is Gaussian and solved exactly by a
 linear system.
 """
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -514,3 +516,81 @@ def test_rows_subsampled_fit_with_an_intercept_and_slope_block_matches_exact():
     got_corr = np.array([np.corrcoef(got[:, 1 + i], got[:, 1 + SLOPE_S + i])[0, 1] for i in k])
     assert np.abs(family_corr).max() > 0.3  # the block matters here
     np.testing.assert_allclose(got_corr, family_corr, atol=0.1)
+
+
+def test_rows_subsampled_without_stored_bases_drops_the_per_step_bases_with_a_warning():
+    """Rows subsampled where the stored bases do not apply (students nested in schools, or
+    a global site after the local ones): a step's base would read only its batch, so the
+    local sites are sampled without one, and a LaplaceWarning names them and why."""
+    from numpyro_pavi import LaplaceWarning
+
+    rng = np.random.default_rng(0)
+    school, student, y = (jnp.asarray(v) for v in (rng.integers(0, 3, 40), rng.integers(0, 4, 40), rng.normal(size=40)))
+
+    def nested(school, student, y, batch=None):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        with numpyro.plate("schools", 3):
+            k = numpyro.sample("k", dist.Normal(mu, 1.0))
+            with numpyro.plate("students", 4):
+                a = numpyro.sample("a", dist.Normal(k, 1.0))
+        with numpyro.plate("rows", y.shape[0], subsample_size=batch) as r:
+            numpyro.sample("y", dist.Normal(a[student[r], school[r]], 1.0), obs=y[r])
+
+    def late_global(school, student, y, batch=None):
+        with numpyro.plate("schools", 3):
+            k = numpyro.sample("k", dist.Normal(0.0, 1.0))
+        sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+        with numpyro.plate("rows", y.shape[0], subsample_size=batch) as r:
+            numpyro.sample("y", dist.Normal(k[school[r]], sigma), obs=y[r])
+
+    for model, reason in ((nested, "site 'a' sits on plates nested in those of site 'k'"), (late_global, "global site 'sigma' comes after")):
+        guide = AutoPAVI(model)
+        with pytest.warns(LaplaceWarning, match=f"(?s)plate 'rows'.*{reason}.*laplace=False"):
+            numpyro.handlers.seed(guide, 0)(school, student, y, 10)
+        assert guide.plan.stored is None and not any(guide.plan.on_laplace(s) for s in guide.structure.latent.values())
+        # the full batch keeps the per-step bases, without the warning
+        full = AutoPAVI(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", LaplaceWarning)
+            numpyro.handlers.seed(full, 0)(school, student, y)
+        assert any(full.plan.on_laplace(s) for s in full.structure.latent.values())
+
+
+def test_a_block_with_an_imputed_sibling_converges_with_the_first_site_exact():
+    """A student's intercept and its partly observed covariate (``obs_mask``: NumPyro
+    imputes the missing cells as a latent ``c_unobserved`` on the same plate, unscored at
+    the observed ones) form one block: the unscored cells get a unit quadratic, as the
+    per-step bases give them, so every element converges, no LaplaceWarning, and the
+    intercept's precision at an observed student is its exact conditional one."""
+    rng = np.random.default_rng(0)
+    n_s, n_l, n = 6, 4, 60
+    s, l = jnp.asarray(rng.integers(0, n_s, n)), jnp.asarray(rng.integers(0, n_l, n))
+    y = jnp.asarray(rng.normal(size=n), jnp.float32)
+    cobs = jnp.asarray(rng.normal(size=n_s), jnp.float32)
+    cmask = jnp.array([True, True, True, False, False, False])
+
+    def imputed(s, l, y, cobs, cmask, batch=None):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        with numpyro.plate("students", n_s):
+            a = numpyro.sample("a", dist.Normal(0.0, 0.5))
+            c = numpyro.sample("c", dist.Normal(a, 0.4), obs=cobs, obs_mask=cmask)
+        with numpyro.plate("lecturers", n_l):
+            b = numpyro.sample("b", dist.Normal(0.0, 0.7))
+        with numpyro.plate("ratings", n, subsample_size=batch) as r:
+            numpyro.sample("y", dist.Normal(mu + a[s[r]] + b[l[r]] + c[s[r]], 0.8), obs=y[r])
+
+    from numpyro_pavi import LaplaceWarning
+
+    guide = AutoPAVI(imputed)
+    svi = SVI(imputed, guide, optax.adam(1e-3), Trace_ELBO())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LaplaceWarning)
+        state = svi.init(jax.random.PRNGKey(0), s, l, y, cobs, cmask, 10)
+    assert guide.plan.stored.blocks == (("a", "c_unobserved"), ("b",))
+    stored = state.mutable_state[guide._state_name]["state"]
+    assert bool(jnp.all(stored.concave["a"])) and float(jnp.max(stored.decrement["a"])) < 1e-2
+    # an observed student: prior 1/0.25, observed c 1/0.16, its rows 1/0.64 each; no coupling
+    count = np.bincount(np.asarray(s), minlength=n_s)[:3]
+    p = np.einsum("...ij,...kj->...ik", stored.chol["a"], stored.chol["a"])[:3]
+    np.testing.assert_allclose(p[:, 0, 0], 4.0 + 6.25 + count / 0.64, rtol=1e-4)
+    np.testing.assert_allclose(p[:, 0, 1], 0.0, atol=1e-4)
