@@ -279,8 +279,10 @@ def refresh(
     # a later site of a block that the model does not score at some cells (obs_mask's
     # imputed cells): a unit quadratic on them, as the per-step bases have it, so the
     # block's first site keeps its curvature and its elements converge
-    trace = reference_trace(model, {**plates, **_global_values(structure, spec, theta)}, args, kwargs)
-    unscored = {name: unscored_group_coordinates(group, trace, flat) for name, group in blocks.items()}
+    unscored = dict.fromkeys(blocks)
+    if any(len(group) > 1 for group in blocks.values()):
+        trace = reference_trace(model, {**plates, **_global_values(structure, spec, theta)}, args, kwargs)
+        unscored = {name: unscored_group_coordinates(group, trace, flat) for name, group in blocks.items()}
 
     def logp(name, z, modes, th):
         vals = {}

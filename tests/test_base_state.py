@@ -52,6 +52,22 @@ def precision(s, l):
     return prior + X.T @ X / SD_Y**2, lambda y: X.T @ np.asarray(y, float) / SD_Y**2
 
 
+def nested_long_model(school, student, y, batch=None):
+    """Students nested in schools, rows subsampled: no stored bases."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    with numpyro.plate("schools", 3):
+        k = numpyro.sample("k", dist.Normal(mu, 1.0))
+        with numpyro.plate("students", 4):
+            a = numpyro.sample("a", dist.Normal(k, 1.0))
+    with numpyro.plate("rows", y.shape[0], subsample_size=batch) as r:
+        numpyro.sample("y", dist.Normal(a[student[r], school[r]], 1.0), obs=y[r])
+
+
+def nested_long_data():
+    rng = np.random.default_rng(0)
+    return tuple(jnp.asarray(v) for v in (rng.integers(0, 3, 40), rng.integers(0, 4, 40), rng.normal(size=40)))
+
+
 @pytest.fixture(scope="module")
 def data():
     return simulate()
@@ -91,18 +107,11 @@ def test_spec_finds_long_format_sites(data):
             other._setup_prototype(s, l, y, batch)
         assert other.plan.stored is None
 
-    def nested(y, batch=None):
-        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
-        with numpyro.plate("g", 5):
-            u = numpyro.sample("u", dist.Normal(mu, 1.0))
-            with numpyro.plate("h", 4):
-                v = numpyro.sample("v", dist.Normal(u, 1.0))
-        with numpyro.plate("rows", y.shape[0], subsample_size=batch) as r:
-            numpyro.sample("y", dist.Normal(v.reshape(-1)[r % 20], 1.0), obs=y[r])
+    from numpyro_pavi import LaplaceWarning
 
-    g = AutoPAVI(nested)
-    with numpyro.handlers.seed(rng_seed=0):
-        g._setup_prototype(jnp.zeros(40), 10)
+    g = AutoPAVI(nested_long_model)
+    with numpyro.handlers.seed(rng_seed=0), pytest.warns(LaplaceWarning, match="no stored Laplace bases"):
+        g._setup_prototype(*nested_long_data(), 10)
     assert g.plan.stored is None
 
 
@@ -524,17 +533,7 @@ def test_rows_subsampled_without_stored_bases_drops_the_per_step_bases_with_a_wa
     local sites are sampled without one, and a LaplaceWarning names them and why."""
     from numpyro_pavi import LaplaceWarning
 
-    rng = np.random.default_rng(0)
-    school, student, y = (jnp.asarray(v) for v in (rng.integers(0, 3, 40), rng.integers(0, 4, 40), rng.normal(size=40)))
-
-    def nested(school, student, y, batch=None):
-        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
-        with numpyro.plate("schools", 3):
-            k = numpyro.sample("k", dist.Normal(mu, 1.0))
-            with numpyro.plate("students", 4):
-                a = numpyro.sample("a", dist.Normal(k, 1.0))
-        with numpyro.plate("rows", y.shape[0], subsample_size=batch) as r:
-            numpyro.sample("y", dist.Normal(a[student[r], school[r]], 1.0), obs=y[r])
+    school, student, y = nested_long_data()
 
     def late_global(school, student, y, batch=None):
         with numpyro.plate("schools", 3):
@@ -543,7 +542,7 @@ def test_rows_subsampled_without_stored_bases_drops_the_per_step_bases_with_a_wa
         with numpyro.plate("rows", y.shape[0], subsample_size=batch) as r:
             numpyro.sample("y", dist.Normal(k[school[r]], sigma), obs=y[r])
 
-    for model, reason in ((nested, "site 'a' sits on plates nested in those of site 'k'"), (late_global, "global site 'sigma' comes after")):
+    for model, reason in ((nested_long_model, "site 'a' sits on plates nested in those of site 'k'"), (late_global, "global site 'sigma' comes after")):
         guide = AutoPAVI(model)
         with pytest.warns(LaplaceWarning, match=f"(?s)plate 'rows'.*{reason}.*laplace=False"):
             numpyro.handlers.seed(guide, 0)(school, student, y, 10)
