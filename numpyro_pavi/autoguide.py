@@ -305,11 +305,13 @@ class AutoPAVI(AutoGuide):
         and batches every piece again: pass it ``vectorize_particles=False`` there.
 
         Long-format data whose *rows* are subsampled (``numpyro.plate("ratings", N,
-        subsample_size=B)``, the local sites on full plates, crossed or not, none nested in
-        another, the global sites first; sites on the same plates, a user's intercept and
+        subsample_size=B)``, the local sites on full plates, crossed or nested one level
+        deep, the global sites first; sites on the same plates, a user's intercept and
         slope, form one block) get *stored* bases instead
         (:mod:`numpyro_pavi.base_state`): the joint mode of all local sites given the
-        globals, from all rows, its derivative in the globals and each element's precision,
+        globals, from all rows, its derivative in the globals and each element's precision
+        (a nested site's base follows its parent's draw, the parent's is its marginal over
+        its children),
         kept between steps as non-learned state (a ``numpyro.mutable`` site named
         ``laplace_{prefix}_state``, carried by ``SVI`` with ``Trace_ELBO`` or
         ``TraceMeanField_ELBO``) and refreshed every ``refresh_every`` steps; a step expands
@@ -320,8 +322,8 @@ class AutoPAVI(AutoGuide):
         state (NumPyro warns): the bases are then computed from scratch at every step,
         correct and slower. ELBOs without mutable state (``RenyiELBO``,
         ``TraceGraph_ELBO``) refuse such a guide in ``SVI``: use ``laplace=False`` there.
-        Where rows are subsampled but these conditions fail (nested sites, a global site
-        after the local ones), a base computed at each step would read only the batch's
+        Where rows are subsampled but these conditions fail (sites nested two levels deep,
+        a global site after the local ones), a base computed at each step would read only the batch's
         rows: the local sites are then sampled without a base, with a
         :class:`~numpyro_pavi.LaplaceWarning` naming the condition.
     :param int refresh_every: steps between refreshes of the stored bases (default: once per

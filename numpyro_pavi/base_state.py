@@ -96,12 +96,16 @@ class StoredSpec:
     :param period: steps between refreshes.
     :param blocks: the local sites grouped by their plates (sites on the same plates form
         one block, in model order); the state is keyed by each block's first site.
+    :param parents: ``(child, parent)`` pairs of blocks (by first site): the child's plates
+        strictly contain the parent's (students nested in schools), so its base follows the
+        parent's sampled value and the parent's is its marginal over its children.
     """
 
     sites: tuple[str, ...]
     globals: tuple[str, ...]
     period: int
     blocks: tuple[tuple[str, ...], ...] = ()
+    parents: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         if not self.blocks:  # a spec built without blocks (one pickled before them): one per site
@@ -110,6 +114,12 @@ class StoredSpec:
     def block_of(self, name: str) -> tuple[str, ...]:
         """The block holding site ``name`` (its first site keys the state)."""
         return next((b for b in self.blocks if name in b), (name,))
+
+    def parent_of(self, name: str) -> tuple[str, ...] | None:
+        """The block whose plates the block of site ``name`` is nested in (None: none)."""
+        first = self.block_of(name)[0]
+        parent = dict(self.parents).get(first)
+        return None if parent is None else self.block_of(parent)
 
 
 class LaplaceState(NamedTuple):
@@ -126,6 +136,11 @@ class LaplaceState(NamedTuple):
     :ivar concave: ``{block: (*sizes)}`` whether the curvature there was negative definite.
     :ivar anchor: ``(k,)`` the globals' unconstrained values at the last refresh.
     :ivar count: ``()`` guide calls so far; a refresh happens when ``count % period == 0``.
+    :ivar pjac: ``{child block: (*sizes, d, d_parent)}`` derivative of a nested block's
+        conditional mode with respect to its parent block's value
+        (:attr:`StoredSpec.parents`); None where no block is nested.
+    :ivar dpjac: ``{child block: (*sizes, d, d_parent, k)}`` its derivative with respect to
+        ``anchor``.
     """
 
     mode: dict
@@ -136,6 +151,8 @@ class LaplaceState(NamedTuple):
     concave: dict
     anchor: jax.Array
     count: jax.Array
+    pjac: dict | None = None
+    dpjac: dict | None = None
 
     def report(self, name: str, at: tuple | None = None) -> NewtonReport:
         """The :class:`NewtonReport` of block ``name``'s elements (at index arrays ``at``)."""
@@ -160,11 +177,12 @@ def stored_obstacle(structure: ModelStructure, laplace_sites) -> str | None:
 
     Stored bases apply when observations are subsampled along a plate that holds no latent
     site (the rows of a long table, :func:`subsampled_rows`), every local site is on a
-    Laplace base, none of their plates is subsampled, no local site's plates strictly
-    contain another's (crossed factors, not nested ones: a nested site's base must follow
-    its parent's sample; sites on the same plates, a user's intercept and slope as separate
-    sites, form one block), and the global sites all come before the local ones, with at
-    most ``MAX_GLOBAL_DIM`` unconstrained coordinates in all.
+    Laplace base, none of their plates is subsampled, the local sites nest at most one
+    level deep (a site's plates strictly contain those of sites on one plate set at most,
+    sampled before it: students in schools, not students in schools in regions; sites on
+    the same plates, a user's intercept and slope as separate sites, form one block), and
+    the global sites all come before the local ones, with at most ``MAX_GLOBAL_DIM``
+    unconstrained coordinates in all.
     """
     latent = list(structure.latent.values())
     local = [s for s in latent if s.plates]
@@ -178,10 +196,17 @@ def stored_obstacle(structure: ModelStructure, laplace_sites) -> str | None:
         for p in s.plates:
             if structure.plates[p].subsample_size < structure.plates[p].size:
                 return f"site '{s.name}' is on a subsampled plate ('{p}')"
-    for a in local:
-        for b in local:
-            if set(a.plates) < set(b.plates):
-                return f"site '{b.name}' sits on plates nested in those of site '{a.name}'"
+    for b in local:
+        inner = [a for a in local if set(a.plates) < set(b.plates)]
+        if len({frozenset(a.plates) for a in inner}) > 1:
+            names = "', '".join(a.name for a in inner)
+            return (
+                f"site '{b.name}' sits on plates nested in those of sites on different plates ('{names}'): "
+                "stored bases follow one level of nesting"
+            )
+        late = [a for a in inner if latent.index(a) > latent.index(b)]
+        if late:
+            return f"site '{b.name}' comes before site '{late[0].name}', whose plates it is nested in (sample the outer site first)"
     first = latent.index(local[0])
     glob = [s for s in latent if not s.plates]
     for g in glob:
@@ -207,8 +232,15 @@ def stored_spec(structure: ModelStructure, laplace_sites, refresh_every: int | N
     blocks = {}
     for s in local:  # sites on the same plates (in any order of their names): one block
         blocks.setdefault(frozenset(s.plates), []).append(s.name)
+    parents = tuple(
+        (names[0], blocks[outer][0]) for plates, names in blocks.items() for outer in blocks if outer < plates
+    )
     return StoredSpec(
-        tuple(s.name for s in local), tuple(g.name for g in glob), int(refresh_every), tuple(map(tuple, blocks.values()))
+        tuple(s.name for s in local),
+        tuple(g.name for g in glob),
+        int(refresh_every),
+        tuple(map(tuple, blocks.values())),
+        parents,
     )
 
 
@@ -231,7 +263,31 @@ def init_state(structure: ModelStructure, spec: StoredSpec) -> LaplaceState:
         dchol[name] = jnp.zeros(shape + (d, d, k))
         dec[name] = jnp.full(shape, jnp.inf)
         conc[name] = jnp.zeros(shape, bool)
-    return LaplaceState(mode, chol, jac, dchol, dec, conc, jnp.zeros((k,)), jnp.zeros((), jnp.int32))
+    pjac = dpjac = None
+    if spec.parents:
+        pjac, dpjac = {}, {}
+        for child, parent in spec.parents:
+            dp = _global_dim([latent[n] for n in spec.block_of(parent)])
+            pjac[child] = jnp.zeros(mode[child].shape + (dp,))
+            dpjac[child] = jnp.zeros(mode[child].shape + (dp, k))
+    return LaplaceState(mode, chol, jac, dchol, dec, conc, jnp.zeros((k,)), jnp.zeros((), jnp.int32), pjac, dpjac)
+
+
+def _to_child(x: jax.Array, outer: Sequence[str], inner: Sequence[str]) -> jax.Array:
+    """``x (*outer sizes, ...)`` on the grid of plates ``inner`` (which contain ``outer``):
+    its axes in ``inner``'s order, size 1 on the plates ``outer`` lacks."""
+    order = [p for p in inner if p in outer]
+    x = jnp.transpose(x, [list(outer).index(p) for p in order] + list(range(len(outer), x.ndim)))
+    sizes = dict(zip(order, x.shape))
+    return jnp.reshape(x, tuple(sizes.get(p, 1) for p in inner) + x.shape[len(order) :])
+
+
+def _to_parent(x: jax.Array, inner: Sequence[str], outer: Sequence[str]) -> jax.Array:
+    """``x (*inner sizes, ...)`` summed over the plates of ``inner`` that ``outer`` lacks,
+    its axes in ``outer``'s order."""
+    x = jnp.sum(x, axis=tuple(i for i, p in enumerate(inner) if p not in outer))
+    order = [p for p in inner if p in outer]
+    return jnp.transpose(x, [order.index(p) for p in outer] + list(range(len(order), x.ndim)))
 
 
 def global_vector(structure: ModelStructure, spec: StoredSpec, unc: Mapping) -> jax.Array:
@@ -295,6 +351,12 @@ def refresh(
         extra = 0.0 if out is None else -0.5 * jnp.sum(jnp.where(out, z, 0.0) ** 2)
         return log_joint(model, joint, args, kwargs) + logdet + extra
 
+    parents = dict(spec.parents)
+    site_plates = {name: group[0].plates for name, group in blocks.items()}
+
+    def at(modes, th):
+        return _nested_precisions(logp, blocks, parents, site_plates, modes, th)
+
     def sweep(_, carry):
         modes, chols, decs, concs = (dict(c) for c in carry)
         for name in blocks:
@@ -331,49 +393,84 @@ def refresh(
 
         if k:
             jac = _until_settled(tangent_sweep, dict(jac), sweeps, lambda j: (j, chols))
-        chols, dchol = _precisions(logp, blocks, modes, theta, jac)
+        (chols, pjac), (dchol, dpjac) = _precisions(at, modes, theta, jac)
+    elif spec.parents:
+        chols, pjac = at(modes, theta)
+        dchol, dpjac = state.dchol, state.dpjac
     else:
         # the sweeps' factors are the Newton steps' (a wide element's own curvature): the
         # base's width is lifted, as _precisions' is
         chols = {n: lift_chol(c) for n, c in chols.items()}
-        dchol = state.dchol
-    new = LaplaceState(modes, chols, jac, dchol, decs, concs, theta, state.count)
+        dchol, pjac, dpjac = state.dchol, state.pjac, state.dpjac
+    if not spec.parents:  # as init_state has it: one tree structure across refreshes
+        pjac = dpjac = None
+    new = LaplaceState(modes, chols, jac, dchol, decs, concs, theta, state.count, pjac, dpjac)
     return jax.lax.stop_gradient(new)
 
 
-def _precisions(logp, blocks: dict, modes: dict, theta: jax.Array, jac: dict):
-    """Each block's precision factor at the joint mode, ``{block: (*sizes, d, d)}``, and its
-    derivative with respect to the globals, the mode moving along ``jac``,
-    ``{block: (*sizes, d, d, k)}`` (one forward-mode pass per global coordinate).
+def _nested_precisions(logp, blocks: dict, parents: dict, plates: dict, modes: dict, th: jax.Array):
+    """``(chols, pjacs)`` at the joint mode: each block's precision factor ``{block: (*sizes,
+    d, d)}`` (a parent block's is its marginal over its children) and each nested block's
+    ``pjac``, the derivative of its conditional mode in its parent's value ``{child: (*sizes,
+    d, d_parent)}``.
+
+    With ``H`` the log joint's Hessian and ``G = H_cp`` (child rows, parent columns, one
+    element of each), the child's conditional mode moves by ``pjac = P_c^{-1} G`` per unit
+    of its parent, and the parent's marginal precision is ``-H_pp - sum G^T P_c^{-1} G``
+    over its children (a Schur complement: the Laplace approximation of the parent with its
+    children integrated out, rather than held at their modes)."""
+    hs = {}
+    for name in blocks:
+        _, hs[name] = grad_and_blocks(lambda z, name=name: logp(name, z, modes, th), modes[name])
+    chols, pjacs = {}, {}
+    for child, parent in parents.items():
+        chols[child] = precision_chol(hs[child])
+        g = _coupling(logp, child, parent, modes, th)
+        pjacs[child] = in_pieces(lambda c, b: jax.scipy.linalg.cho_solve((c, True), b), chols[child], g)
+        schur = jnp.einsum("...ji,...jk->...ik", g, pjacs[child])  # (*child sizes, dp, dp)
+        hs[parent] = hs[parent] + _to_parent(schur, plates[child], plates[parent])
+    for name in blocks:
+        if name not in chols:
+            chols[name] = precision_chol(hs[name])
+    return chols, pjacs
+
+
+def _coupling(logp, child: str, parent: str, modes: dict, th: jax.Array) -> jax.Array:
+    """``(*child sizes, d, d_parent)``: how each child element's gradient moves with its
+    parent element's value (one forward-mode pass per parent coordinate)."""
+    zp = modes[parent]
+
+    def child_grad(value):
+        return jax.grad(lambda z: logp(child, z, {**modes, parent: value}, th))(modes[child])
+
+    eye = jnp.eye(zp.shape[-1], dtype=zp.dtype)
+    cols = jax.vmap(lambda e: jax.jvp(child_grad, (zp,), (jnp.broadcast_to(e, zp.shape),))[1])(eye)
+    return jnp.moveaxis(cols, 0, -1)
+
+
+def _precisions(at, modes: dict, theta: jax.Array, jac: dict):
+    """``at(modes, theta)`` (:func:`_nested_precisions`: the precision factors and nested
+    blocks' ``pjac``) and its derivative with respect to the globals, the modes moving along
+    ``jac``, with a last axis of ``k`` (one forward-mode pass per global coordinate).
 
     Without it a stored base's width is frozen at the anchor's globals, and the gradient
     misses how the width follows them: on epil, whose observation-level effects are as wide
     as their prior scale allows, the fit ended 10 nats worse than with per-step bases."""
-
-    def chols_at(modes, th):
-        out = {}
-        for name in blocks:
-            _, h = grad_and_blocks(lambda z, name=name: logp(name, z, modes, th), modes[name])
-            out[name] = precision_chol(h)
-        return out
-
     k = theta.shape[0]
     if not k:
-        chols = chols_at(modes, theta)
+        out = at(modes, theta)
         # no global to follow: an empty last axis, as init_state makes it
-        return chols, {n: jnp.zeros(c.shape + (0,), c.dtype) for n, c in chols.items()}
+        return out, jax.tree.map(lambda c: jnp.zeros(c.shape + (0,), c.dtype), out)
     dmodes = {n: jnp.moveaxis(jac[n], -1, 0) for n in jac}
     eye = jnp.eye(k, dtype=theta.dtype)
-    if max(_global_dim(b) for b in blocks.values()) > 2 and jax.default_backend() == "cpu":
+    if max(m.shape[-1] for m in modes.values()) > 2 and jax.default_backend() == "cpu":
         # one column at a time: vmapped, each LAPACK call of the jvp would get k times the
         # elements that laplace.in_pieces gave it (a thread-pool deadlock on small CPUs)
-        chols = chols_at(modes, theta)
-        dchols = jax.lax.map(lambda t: jax.jvp(chols_at, (modes, theta), t)[1], (dmodes, eye))
+        out = at(modes, theta)
+        douts = jax.lax.map(lambda t: jax.jvp(at, (modes, theta), t)[1], (dmodes, eye))
     else:
-        chols, dchols = jax.vmap(
-            lambda dm, dt: jax.jvp(chols_at, (modes, theta), (dm, dt)), out_axes=(None, 0)
-        )(dmodes, eye)
-    return chols, {n: jnp.moveaxis(d, 0, -1) for n, d in dchols.items()}
+        out, douts = jax.vmap(lambda dm, dt: jax.jvp(at, (modes, theta), (dm, dt)), out_axes=(None, 0))(dmodes, eye)
+    return out, jax.tree.map(lambda d: jnp.moveaxis(d, 0, -1), douts)
 
 
 def _until_settled(sweep, carry, max_sweeps, scaled):
@@ -416,6 +513,7 @@ def stored_base(
     theta: jax.Array,
     block: Sequence[LatentSite] | None = None,
     given: Mapping[str, jax.Array] | None = None,
+    parent: tuple[Sequence[LatentSite], jax.Array] | None = None,
 ):
     """``(m, L)`` of ``site`` on its current elements: the stored mode expanded to first order
     in the globals ``theta (k,)`` (whose gradient it carries) and the stored precision.
@@ -424,6 +522,10 @@ def stored_base(
         alone). A site after the first gets the Gaussian conditional given ``given``, and
         every site the marginal over the block's later sites.
     :param given: ``{earlier site of the block: canonical sampled value (*grid, d)}``.
+    :param parent: a nested block's parent (:attr:`StoredSpec.parents`): its sites and their
+        sampled canonical values concatenated, ``(*parent grid, d_parent)``. The block's mode
+        moves to first order with their deviation from the parent's expanded mode (the
+        block's conditional given its parent, whose gradient reaches the parent's sample).
     :return: ``m (*grid, d)`` and ``L (*grid, d, d)``.
     """
     block = [site] if block is None else list(block)
@@ -440,6 +542,13 @@ def stored_base(
     eye = jnp.eye(d, dtype=chol.dtype)
     chol = (chol + lin) * (1.0 - eye) + eye * (diag * jnp.exp(rate))[..., None, :]
     mode = mode + jac @ delta
+    if parent is not None:
+        sites, value = parent
+        outer = sites[0].plates
+        where = jnp.ix_(*(indices[p] for p in outer))
+        centre = state.mode[sites[0].name][where] + state.jac[sites[0].name][where] @ delta
+        pjac = state.pjac[name][at] + state.dpjac[name][at] @ delta  # (*grid, d, d_parent)
+        mode = mode + jnp.einsum("...ij,...j->...i", pjac, _to_child(value - centre, outer, site.plates))
     if len(block) == 1:
         return mode, chol
     return _conditional(block, site, mode, chol, given or {})

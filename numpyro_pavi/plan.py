@@ -238,8 +238,14 @@ class GuidePlan:
                 + (f" from {src}" if src else "")
             )
         if self.stored is not None:
+            spec = self.stored
+
+            def block(b):  # a nested block names the block its base follows
+                outer = spec.parent_of(b[0])
+                return "+".join(b) + ("" if outer is None else f" in {'+'.join(outer)}")
+
             lines.append(
-                f"stored Laplace bases: {', '.join('+'.join(b) for b in self.stored.blocks)} (joint mode from all rows, "
+                f"stored Laplace bases: {', '.join(map(block, spec.blocks))} (joint mode from all rows, "
                 f"refreshed every {self.stored.period} steps; globals {', '.join(self.stored.globals) or '-'})"
             )
         lines.append(f"total parameters: {self.num_params()}")

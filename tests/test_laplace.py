@@ -377,6 +377,7 @@ def test_batched_lapack_calls_get_pieces_small_enough_to_run_inline():
         in_pieces(solve, chol, rhs[:1])
 
 
+@pytest.mark.slow  # quick tier <= 8 min on 2 cores: runs in the slow tier
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="pieces are for jaxlib's CPU kernels")
 def test_chunked_full_plate_draws_keep_the_lapack_pieces():
     """Full-plate draws in chunks (``chunk_size`` below the plate's size) pass each chunk
