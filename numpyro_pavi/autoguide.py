@@ -322,8 +322,9 @@ class AutoPAVI(AutoGuide):
         state (NumPyro warns): the bases are then computed from scratch at every step,
         correct and slower. ELBOs without mutable state (``RenyiELBO``,
         ``TraceGraph_ELBO``) refuse such a guide in ``SVI``: use ``laplace=False`` there.
-        Where rows are subsampled but these conditions fail (sites nested two levels deep,
-        a global site after the local ones), a base computed at each step would read only the batch's
+        Where rows are subsampled but these conditions fail (a site whose plates contain
+        those of sites on two plate sets: nested two levels deep, or an interaction of two
+        crossed factors; a global site after the local ones), a base computed at each step would read only the batch's
         rows: the local sites are then sampled without a base, with a
         :class:`~numpyro_pavi.LaplaceWarning` naming the condition.
     :param int refresh_every: steps between refreshes of the stored bases (default: once per
@@ -989,6 +990,8 @@ class AutoPAVI(AutoGuide):
             width = sum(self.structure.latent[n].dim for n in block)
             if state.mode[block[0]].shape != tuple(sizes[p] for p in site.plates) + (width,):
                 return None
+        if self.plan.stored.parents and state.pjac is None:  # stored before nested blocks had bases
+            return None
         name = self._changed_observed(trace or {}, self.structure.observed)
         if name is not None:
             raise ValueError(

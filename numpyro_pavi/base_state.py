@@ -26,6 +26,10 @@ the guide between SVI steps:
   full-data conditional mode (exact for a Gaussian likelihood that is linear in them). A
   later site of a block gets the Gaussian conditional given its earlier siblings' sampled
   values (and marginal over the later ones), as the joint Laplace approximation has it.
+* A *nested* block (students in schools: its plates strictly contain its parent block's)
+  moves its mode to first order in its parent's sampled value, and the parent's precision
+  is its marginal over its children (:func:`_nested_precisions`): given the globals, the
+  Laplace approximation of a school and its students jointly.
 
 The guide refreshes every ``refresh_every`` steps (default: once per pass over the rows),
 so the amortized cost is about one extra pass over the data per epoch; a step itself reads
@@ -128,7 +132,8 @@ class LaplaceState(NamedTuple):
     coordinates, its sites' canonical values concatenated in model order.
 
     :ivar mode: ``{block: (*sizes, d)}`` the joint mode (canonical unconstrained values).
-    :ivar chol: ``{block: (*sizes, d, d)}`` Cholesky factors of each element's precision there.
+    :ivar chol: ``{block: (*sizes, d, d)}`` Cholesky factors of each element's precision there
+        (a parent block's: its marginal precision over its nested children).
     :ivar jac: ``{block: (*sizes, d, k)}`` derivative of the mode with respect to ``anchor``.
     :ivar dchol: ``{block: (*sizes, d, d, k)}`` derivative of ``chol`` with respect to
         ``anchor`` (the mode moving along ``jac``).
@@ -201,8 +206,9 @@ def stored_obstacle(structure: ModelStructure, laplace_sites) -> str | None:
         if len({frozenset(a.plates) for a in inner}) > 1:
             names = "', '".join(a.name for a in inner)
             return (
-                f"site '{b.name}' sits on plates nested in those of sites on different plates ('{names}'): "
-                "stored bases follow one level of nesting"
+                f"site '{b.name}' sits on plates containing those of sites on different plates ('{names}'): "
+                "stored bases follow one parent plate set (students in schools), not two (students in "
+                "schools in regions, or an interaction of two crossed factors)"
             )
         late = [a for a in inner if latent.index(a) > latent.index(b)]
         if late:
@@ -418,7 +424,15 @@ def _nested_precisions(logp, blocks: dict, parents: dict, plates: dict, modes: d
     element of each), the child's conditional mode moves by ``pjac = P_c^{-1} G`` per unit
     of its parent, and the parent's marginal precision is ``-H_pp - sum G^T P_c^{-1} G``
     over its children (a Schur complement: the Laplace approximation of the parent with its
-    children integrated out, rather than held at their modes)."""
+    children integrated out, rather than held at their modes).
+
+    ``G`` is one forward-mode pass per parent coordinate, all parent elements at once: each
+    child element is taken to read the parent element at its own indices of the shared
+    plates, as a nested prior does (a likelihood reaching another school's effect from a
+    student's row would be attributed to the student's own school). Two child blocks of
+    one parent on plates neither of which contains the other (students and classes of a
+    school) add their terms independently: their coupling given the parent is left out, as
+    between crossed blocks."""
     hs = {}
     for name in blocks:
         _, hs[name] = grad_and_blocks(lambda z, name=name: logp(name, z, modes, th), modes[name])
