@@ -140,17 +140,19 @@ def _crossed_slopes_rows(family: str, seed: int = 0, S: int = 400, L: int = 150,
     return data, {"S": S, "L": L, "family": family}
 
 
-def nested_crossed_rows(school, student, l, y, K: int, M: int, L: int, batch: int | None = None) -> None:
+def nested_crossed_rows(
+    school, student, l, y, K: int, M: int, L: int, family: str = "normal", batch: int | None = None
+) -> None:
     """A long table with students nested in schools and crossed lecturers, rows subsampled
-    ``batch`` per step: ``y_r ~ N(mu + a[student_r, school_r] + b[l_r], sigma)``,
-    ``a ~ N(k[school], tau_s)``, ``k ~ N(0, tau_k)``, ``b ~ N(0, tau_b)``, half-normal
-    scales. The stored bases do not cover nested sites: the guide samples them without a
-    base (``plan._batch_only_bases``)."""
+    ``batch`` per step: ``y_r ~ family(mu + a[student_r, school_r] + b[l_r])`` (normal with
+    sd ``sigma``, or Poisson with a log link), ``a ~ N(k[school], tau_s)``, ``k ~ N(0,
+    tau_k)``, ``b ~ N(0, tau_b)``, half-normal scales. A student's stored base follows its
+    school's draw (``StoredSpec.parents``)."""
     mu = numpyro.sample("mu", dist.Normal(0.0, 2.0))
     tau_k = numpyro.sample("tau_k", dist.HalfNormal(1.0))
     tau_s = numpyro.sample("tau_s", dist.HalfNormal(1.0))
     tau_b = numpyro.sample("tau_b", dist.HalfNormal(1.0))
-    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0)) if family == "normal" else None
     with numpyro.plate("schools", K):
         k = numpyro.sample("k", dist.Normal(0.0, tau_k))
         with numpyro.plate("students", M):
@@ -158,18 +160,22 @@ def nested_crossed_rows(school, student, l, y, K: int, M: int, L: int, batch: in
     with numpyro.plate("lecturers", L):
         b = numpyro.sample("b", dist.Normal(0.0, tau_b))
     with numpyro.plate("rows", y.shape[0], subsample_size=batch) as r:
-        numpyro.sample("y", dist.Normal(mu + a[student[r], school[r]] + b[l[r]], sigma), obs=y[r])
+        eta = mu + a[student[r], school[r]] + b[l[r]]
+        fn = dist.Normal(eta, sigma) if family == "normal" else dist.Poisson(jnp.exp(eta))
+        numpyro.sample("y", fn, obs=y[r])
 
 
-def _nested_crossed_rows(seed: int = 0, K: int = 20, M: int = 15, L: int = 100, N: int = 8000):
-    """Uniform rows; true ``tau_k`` 0.5, ``tau_s`` 0.3, ``tau_b`` 0.4, noise sd 0.9."""
+def _nested_crossed_rows(family: str = "normal", seed: int = 0, K: int = 20, M: int = 15, L: int = 100, N: int = 8000):
+    """Uniform rows; true ``tau_k`` 0.5, ``tau_s`` 0.3, ``tau_b`` 0.4, noise sd 0.9
+    (``"normal"``)."""
     rng = np.random.default_rng(seed)
     school, student, l = rng.integers(0, K, N), rng.integers(0, M, N), rng.integers(0, L, N)
     k = 0.5 * rng.normal(size=K)
     a = k[None] + 0.3 * rng.normal(size=(M, K))
-    y = 0.5 + a[student, school] + 0.4 * rng.normal(size=L)[l] + 0.9 * rng.normal(size=N)
+    eta = 0.5 + a[student, school] + 0.4 * rng.normal(size=L)[l]
+    y = eta + 0.9 * rng.normal(size=N) if family == "normal" else rng.poisson(np.exp(eta))
     data = tuple(jnp.asarray(v, jnp.int32) for v in (school, student, l)) + (jnp.asarray(y, jnp.float32),)
-    return data, {"K": K, "M": M, "L": L}
+    return data, {"K": K, "M": M, "L": L, "family": family}
 
 
 def _crossed_rows(family: str, seed: int = 0, S: int = 600, L: int = 200, N: int = 12000):
@@ -194,6 +200,7 @@ TRAIN_KWARGS = {
     "crossed_slopes_normal_rows": {"batch": 1024},
     "crossed_slopes_poisson_rows": {"batch": 1024},
     "nested_crossed_rows": {"batch": 1024},
+    "nested_crossed_poisson_rows": {"batch": 1024},
 }
 
 MODELS = {
@@ -212,6 +219,11 @@ MODELS = {
     ),
     # students nested in schools, crossed lecturers, rows subsampled: no stored bases
     "nested_crossed_rows": (nested_crossed_rows, lambda: _nested_crossed_rows()[0], _nested_crossed_rows()[1]),
+    "nested_crossed_poisson_rows": (
+        nested_crossed_rows,
+        lambda: _nested_crossed_rows("poisson")[0],
+        _nested_crossed_rows("poisson")[1],
+    ),
     "poisson_glmm": (glmms.poisson_glmm, lambda: glmms.simulate_poisson_glmm(0)[0], {}),
     "correlated_slopes": (glmms.correlated_slopes, lambda: glmms.simulate_correlated_slopes(0)[0], {}),
     "random_effects": (models.random_effects, lambda: _random_effects(0)[0], {}),

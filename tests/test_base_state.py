@@ -581,14 +581,15 @@ def test_rows_subsampled_without_stored_bases_drops_the_per_step_bases_with_a_wa
     deep = "site 'a' sits on plates containing those of sites on different plates \\('g', 'k'\\)"
     for model, reason in ((deep_nested_model, deep), (late_global, "global site 'sigma' comes after")):
         guide = AutoPAVI(model)
-        with pytest.warns(LaplaceWarning, match=f"(?s)plate 'rows'.*{reason}.*laplace=False"):
-            numpyro.handlers.seed(guide, 0)(school, student, y, 10)
+        with numpyro.handlers.seed(rng_seed=0), pytest.warns(LaplaceWarning, match=f"(?s)plate 'rows'.*{reason}.*laplace=False"):
+            guide._setup_prototype(school, student, y, 10)
         assert guide.plan.stored is None and not any(guide.plan.on_laplace(s) for s in guide.structure.latent.values())
         # the full batch keeps the per-step bases, without the warning
         full = AutoPAVI(model)
         with warnings.catch_warnings():
             warnings.simplefilter("error", LaplaceWarning)
-            numpyro.handlers.seed(full, 0)(school, student, y)
+            with numpyro.handlers.seed(rng_seed=0):
+                full._setup_prototype(school, student, y)
         assert any(full.plan.on_laplace(s) for s in full.structure.latent.values())
 
 
@@ -646,7 +647,7 @@ def test_a_nested_site_follows_its_parents_draw_exactly():
     assert spec.blocks == (("k",), ("a",)) and spec.parents == (("a", "k"),)
     assert "stored Laplace bases: k, a in k" in guide.describe()
     mu, K = 0.3, 3
-    state = refresh(nested_long_model, structure, spec, init_state(structure, spec), jnp.array([mu]), ((school, student, y, 10), {}), sweeps=400)
+    state = jax.jit(lambda m: refresh(nested_long_model, structure, spec, init_state(structure, spec), m, ((school, student, y, 10), {}), sweeps=400))(jnp.array([mu]))
     P, mean = nested_posterior(school, student, y, mu)
     np.testing.assert_allclose(state.mode["k"][:, 0], mean[:K], atol=2e-3)
     np.testing.assert_allclose(np.ravel(state.mode["a"][..., 0]), mean[K:], atol=2e-3)

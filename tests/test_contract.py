@@ -158,6 +158,7 @@ def test_median_and_quantiles_shapes(fitted):
     assert np.all(np.diff(np.asarray(q["mu_g"]), axis=0) >= 0)
 
 
+@pytest.mark.slow  # quick tier <= 8 min on 2 cores: runs in the slow tier
 def test_posterior_api_shapes_match_autonormal(fitted):
     """``median``, ``quantiles`` (lists of one and of several levels, a single level) and
     ``sample_posterior`` give AutoNormal's shapes on the same model (issue 28: ``[0.5]``

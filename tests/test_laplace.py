@@ -624,6 +624,7 @@ def _assert_theta_base(guide, mu: float, args: tuple, mean, precision) -> None:
         assert bool(jnp.all(report.converged()))
 
 
+@pytest.mark.slow  # quick tier <= 8 min on 2 cores: runs in the slow tier
 @pytest.mark.parametrize("family", ["normal", "lognormal"])
 def test_a_sibling_masked_out_at_some_cells_leaves_the_sites_base_exact(family):
     """``obs_mask`` imputes the missing cells as a later latent sibling of a group's effect,
@@ -653,6 +654,7 @@ def test_a_sibling_masked_out_at_some_cells_leaves_the_sites_base_exact(family):
     _assert_theta_base(guide, mu, (y, seen), mean, precision)
 
 
+@pytest.mark.slow  # quick tier <= 8 min on 2 cores: runs in the slow tier
 def test_a_masked_sibling_a_factor_reads_is_not_taken_for_a_flat_direction():
     """NumPyro's custom-prior idiom: a sibling sampled under ``d.mask(False)`` whose density
     a ``factor`` supplies. The model scores none of its cells, yet they are not flat: the

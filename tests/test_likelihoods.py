@@ -76,6 +76,7 @@ def test_base_derivative_is_exact(family, x64):
         np.testing.assert_allclose(np.asarray(jac[:, i]), np.asarray(fd), rtol=2e-3, atol=1e-4 * (1 + float(jnp.max(jnp.abs(fd)))))
 
 
+@pytest.mark.slow  # quick tier <= 8 min on 2 cores: runs in the slow tier
 def test_heavy_tails_from_the_tails_converge():
     """StudentT(30) and Cauchy groups started 5 scales from their data (b0 far off, tau wide):
     the trust-region iterations reach each element's mode (zero gradient, concave)."""

@@ -179,6 +179,7 @@ def test_crossed_design_streams_one_plate_at_a_time():
         assert np.all(s[site]["quantiles"][0] < s[site]["quantiles"][-1])
 
 
+@pytest.mark.slow  # quick tier <= 8 min on 2 cores: runs in the slow tier
 def test_ragged_laplace_sites_chunk_exactly():
     """Observations reach their group through an index array (not nested in the groups'
     plate): a chunk's per-step Laplace bases must still read every group's own observations,
