@@ -780,19 +780,27 @@ def _laplace_sites(model, structure, options, trace, args, kwargs) -> tuple[froz
 
 
 def _stored_context(structure: ModelStructure, stored: StoredSpec, gaussian: frozenset) -> ModelStructure:
-    """The structure with the local sites dropped from the flow context of the stored sites
-    whose likelihood is Gaussian in them (``gaussian``): their stored base already is the
-    Gaussian conditional given their parent block's and earlier siblings' draws
-    (:func:`~numpyro_pavi.base_state.stored_base`), exact given the globals where no factor
-    is crossed with theirs, so the flow has nothing to learn from those values; without
-    them its context is the same for every element, and its conditioner runs once, not
-    once per element (most of a posterior draw's time on a Gaussian table with an
-    intercept and slope, or with nested effects: RESULTS section 31)."""
+    """The structure with the earlier sites of a stored block dropped from the flow context
+    of its later sites, where the block's first site is Gaussian (``gaussian``: the probe of
+    its Newton problem, which holds the whole block, found it quadratic). The block is then
+    jointly Gaussian given the other sites, and a later site's stored base already is its
+    exact conditional given the earlier ones' draws (:func:`~numpyro_pavi.base_state.stored_base`):
+    the flow has nothing to learn from those values, and without them (and with no other
+    local site in the context) its context is the same for every element, so its
+    conditioner runs once, not once per element (most of a posterior draw's time on a
+    Gaussian table with an intercept and slope: RESULTS section 31).
+
+    A nested block keeps its parent in the context: its base follows the parent's draw in
+    its mode only, and a parent that sets the child's scale (``a ~ N(0, exp(k))``, or a
+    per-school noise sd in the likelihood) leaves the child Gaussian but its width
+    dependent on the parent, which the flow can learn only by reading it."""
     latent = dict(structure.latent)
-    for name in stored.sites:
-        site = latent[name]
-        if name in gaussian and any(structure.latent[p].plates for p in site.conditions_on):
-            context = tuple(p for p in site.conditions_on if not structure.latent[p].plates)
+    for block in stored.blocks:
+        if block[0] not in gaussian:
+            continue
+        for name in block[1:]:
+            site = latent[name]
+            context = tuple(p for p in site.conditions_on if p not in block)
             latent[name] = dataclasses.replace(site, conditions_on=context)
     return dataclasses.replace(structure, latent=latent)
 

@@ -70,7 +70,8 @@ class LatentSite:
         parents in those plates, and the earlier *siblings* the posterior couples with it
         through shared observations (a group's intercept and slope, say) even when the prior
         does not. Sites in plates the site is not in are left out: their per-element values
-        do not line up with this site's elements.
+        do not line up with this site's elements. A guide's plan may drop some (a stored
+        block's earlier sites, ``plan._stored_context``): ``guide.structure`` is the plan's.
     """
 
     name: str

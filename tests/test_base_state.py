@@ -534,6 +534,9 @@ def test_rows_subsampled_fit_with_an_intercept_and_slope_block_matches_exact():
     svi = SVI(slopes_model, guide, optax.adam(5e-3), Trace_ELBO())
     state = svi.init(jax.random.PRNGKey(0), s, l, x, y, 40)
     assert guide.plan.stored.blocks == (("a", "c"), ("b",))
+    # a jointly Gaussian block: the slope's base is its exact conditional given the
+    # intercept's draw, and its flow does not read that draw
+    assert "a" not in guide.structure.latent["c"].conditions_on
     update = jax.jit(lambda st: svi.update(st, s, l, x, y, 40))
     for _ in range(1500):
         state, _ = update(state)
@@ -646,6 +649,9 @@ def test_a_nested_site_follows_its_parents_draw_exactly():
     spec, structure = guide.plan.stored, guide.structure
     assert spec.blocks == (("k",), ("a",)) and spec.parents == (("a", "k"),)
     assert "stored Laplace bases: k, a in k" in guide.describe()
+    # the students' flow reads its school's draw: a parent may set a child's width, which
+    # the stored base (its mode moved by pjac) does not follow
+    assert "k" in structure.latent["a"].conditions_on
     mu, K = 0.3, 3
     state = jax.jit(lambda m: refresh(nested_long_model, structure, spec, init_state(structure, spec), m, ((school, student, y, 10), {}), sweeps=400))(jnp.array([mu]))
     P, mean = nested_posterior(school, student, y, mu)
