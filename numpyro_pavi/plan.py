@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from numpyro.distributions.transforms import biject_to
 
 from . import data as _data
 from .compiling import SMALL_DATA, data_size, run_once
@@ -461,18 +462,18 @@ def build_plan(
     """
     kwargs = dict(kwargs or {})
     features, stats, masked = _data_statistics(structure, options, model, trace, args, kwargs)
-    laplace_sites, gaussian, reference_start, warm_start, flat = _laplace_sites(
+    laplace_sites, gaussian, reference_start, warm_start, flat, linear = _laplace_sites(
         model, structure, options, trace, args, kwargs
     )
     batch_only = _batch_only_bases(structure, laplace_sites)
-    laplace_sites, gaussian, reference_start, warm_start = (
-        x - batch_only for x in (laplace_sites, gaussian, reference_start, warm_start)
+    laplace_sites, gaussian, reference_start, warm_start, linear = (
+        x - batch_only for x in (laplace_sites, gaussian, reference_start, warm_start, linear)
     )
     sources = encoding_sources(structure, options, laplace_sites)
     stored = stored_spec(structure, laplace_sites, options.refresh_every)
     if stored is not None:
         warm_start = warm_start - frozenset(stored.sites)  # stored bases solve no Newton problem per draw
-        structure = _stored_context(structure, stored, gaussian)
+        structure = _stored_context(structure, stored, gaussian, linear)
     # plate sets with no data inside whose sites all have a Laplace base: the base informs
     # every element, so "set" gives them no encoding, and "auto" none where per-element
     # vectors would not be trained at every step (or would have nothing to add)
@@ -583,7 +584,7 @@ def probe_laplace(
 
 
 def _probe(model, structure, trace, args, kwargs) -> dict[str, tuple]:
-    """``{local site: (converged share, quadratic, from reference, concave, flat)}`` (see
+    """``{local site: (converged share, quadratic, from reference, concave, flat, linear)}`` (see
     :func:`probe_laplace`); ``quadratic``: the log joint of the site's Newton problem (the
     site and its later siblings of the same plates, as in
     :func:`~numpyro_pavi.sampling.laplace_base`) has the same curvature, to round-off, at
@@ -599,7 +600,8 @@ def _probe(model, structure, trace, args, kwargs) -> dict[str, tuple]:
     heuristic, as the probe sees one point of the parameter space: heavy tails and
     mixtures, whose curvature turns within a few sds, fail it. ``flat``: ``{later sibling
     with unscored cells: whether they are flat directions}``
-    (:func:`~numpyro_pavi.laplace.flat_unscored`)."""
+    (:func:`~numpyro_pavi.laplace.flat_unscored`). ``linear``: quadratic, and so as its
+    local parents move (:func:`_linear_in_parents`); False for a site without them."""
     kwargs = dict(kwargs or {})
     latent = structure.latent
     plates = {p: trace[p]["value"] for p in structure.plates if p in trace}
@@ -612,15 +614,16 @@ def _probe(model, structure, trace, args, kwargs) -> dict[str, tuple]:
     for batch in batches:
         flags.update(run_once(lambda b=batch: {s.name: _probe_site(model, structure, trace, plates, s, args, kwargs) for s in b}))
     # in the model's order (a program's dict comes back sorted): the warnings follow it
-    def host(share, quadratic, from_reference, concave, flat):
-        return float(share), bool(quadratic), bool(from_reference), bool(concave), {k: bool(v) for k, v in flat.items()}
+    def host(share, quadratic, from_reference, concave, flat, linear):
+        flat = {k: bool(v) for k, v in flat.items()}
+        return float(share), bool(quadratic), bool(from_reference), bool(concave), flat, bool(linear)
 
     return {s.name: host(*flags[s.name]) for s in local}
 
 
 def _probe_site(model, structure, trace, plates, site, args, kwargs) -> tuple[jax.Array, ...]:
     """:func:`_probe`'s flags of one local site, traced: ``(converged share, quadratic, from
-    reference, concave, flat)``."""
+    reference, concave, flat, linear)``."""
     latent = structure.latent
     names = list(latent)
     before = {n: trace[n]["value"] for n in names[: names.index(site.name)]}
@@ -666,7 +669,42 @@ def _probe_site(model, structure, trace, plates, site, args, kwargs) -> tuple[ja
     # sibling's flat direction would leave every element of the site on its prior location)
     fixed = draw_start(model, group, plates, args, kwargs)
     converged, one_step, one_step_ref, concave = quadratic(start, fixed)
-    return _data.scored_mean(site, converged, trace.get(site.name)), one_step, one_step_ref, concave, flat
+    parents = [n for n in before if latent[n].plates and set(latent[n].plates) < set(site.plates)]
+    linear = jnp.array(False)
+    if parents:
+        linear = one_step & _linear_in_parents(joint, plates, before, parents, latent, start)
+    return _data.scored_mean(site, converged, trace.get(site.name)), one_step, one_step_ref, concave, flat, linear
+
+
+def _linear_in_parents(joint, plates, before, parents, latent, start) -> jax.Array:
+    """Whether a quadratic Newton problem stays so as its local parents (earlier sites on
+    fewer plates: a school over its students) move: at the parents' values shifted by 0, 1
+    and 2 in unconstrained coordinates, the modes' second difference is within
+    :data:`ONE_STEP_TOL_SDS` sds and the curvature is the same to round-off at every
+    converged element. The problem is then jointly Gaussian in the site and its parents
+    (``a ~ N(k, tau)``), its conditional mean linear and its width fixed in them, and the
+    stored base (its mode moved by ``pjac`` along the parent's draw) is the exact
+    conditional; not where a parent sets the width (``a ~ N(0, exp(k))``) or enters
+    nonlinearly. One direction of the parents' space: a heuristic, as the probe's others."""
+
+    def at(shift):
+        moved = dict(before)
+        for n in parents:
+            transform = biject_to(latent[n].support)
+            moved[n] = transform(transform.inv(before[n]) + shift)
+
+        def logp(z):
+            return joint(z, {**plates, **moved})
+
+        z, chol, report = newton_iterate(logp, start)
+        return z, chol, grad_and_blocks(logp, z)[1], report.converged()
+
+    (z0, chol, h0, ok0), (z1, _, h1, ok1), (z2, _, h2, ok2) = (at(c) for c in (0.0, 1.0, 2.0))
+    ok = ok0 & ok1 & ok2
+    miss = jnp.linalg.norm(jnp.einsum("...ji,...j->...i", chol, z2 - 2.0 * z1 + z0), axis=-1)  # |L^T s|: sds
+    same = jnp.all(jnp.abs(h1 - h0) <= 1e-3 * (jnp.abs(h0) + 1e-6), (-2, -1))
+    same &= jnp.all(jnp.abs(h2 - h0) <= 1e-3 * (jnp.abs(h0) + 1e-6), (-2, -1))
+    return jnp.all(same & (miss <= ONE_STEP_TOL_SDS) | ~ok) & jnp.any(ok)
 
 
 def _later_siblings(structure: ModelStructure, name: str) -> list[str]:
@@ -726,24 +764,28 @@ def _laplace_sites(model, structure, options, trace, args, kwargs) -> tuple[froz
     :class:`~numpyro_pavi.LaplaceWarning` naming each; those of them whose likelihood is
     Gaussian in the site (:func:`_probe`); those of these whose posterior draws may step
     from the model's reference point (``GuidePlan.reference_start``); and the others whose
-    draws may start from the guide's center (``GuidePlan.warm_start``); and the later
+    draws may start from the guide's center (``GuidePlan.warm_start``); the later
     siblings whose unscored cells are flat directions of a Newton problem
-    (``GuidePlan.flat_unscored``). Under tracing (no values to look at) every local site
-    keeps its base, none counts as Gaussian, and every masked sibling counts as flat (None)."""
+    (``GuidePlan.flat_unscored``); and the Gaussian sites whose problem stays quadratic as
+    their local parents move (:func:`_linear_in_parents`). Under tracing (no values to look
+    at) every local site keeps its base, none counts as Gaussian, and every masked sibling
+    counts as flat (None)."""
     local = frozenset(name for name, s in structure.latent.items() if s.plates)
     if not (options.laplace and local):
-        return frozenset(), frozenset(), frozenset(), frozenset(), None
+        return frozenset(), frozenset(), frozenset(), frozenset(), None, frozenset()
     values = [trace[n]["value"] for n in structure.latent] + jax.tree.leaves((args, kwargs))
     if any(isinstance(v, jax.core.Tracer) for v in values):
-        return local, frozenset(), frozenset(), frozenset(), None
-    kept, gaussian, reference, warm = set(local), set(), set(), set()
+        return local, frozenset(), frozenset(), frozenset(), None, frozenset()
+    kept, gaussian, reference, warm, linear = set(local), set(), set(), set(), set()
     # a sibling is flat only where every Newton problem holding it finds it so
     flat, read = set(), set()
-    for name, (share, quadratic, from_reference, concave, flags) in _probe(model, structure, trace, args, kwargs).items():
+    for name, (share, quadratic, from_reference, concave, flags, in_parents) in _probe(model, structure, trace, args, kwargs).items():
         flat.update(k for k, v in flags.items() if v)
         read.update(k for k, v in flags.items() if not v)
         if quadratic:
             gaussian.add(name)
+        if in_parents:
+            linear.add(name)
         if from_reference:
             reference.add(name)
         if concave and not quadratic:
@@ -776,10 +818,11 @@ def _laplace_sites(model, structure, options, trace, args, kwargs) -> tuple[froz
         frozenset(reference & kept),
         frozenset(warm & kept),
         frozenset(flat - read),
+        frozenset(linear & kept),
     )
 
 
-def _stored_context(structure: ModelStructure, stored: StoredSpec, gaussian: frozenset) -> ModelStructure:
+def _stored_context(structure: ModelStructure, stored: StoredSpec, gaussian: frozenset, linear: frozenset) -> ModelStructure:
     """The structure with the earlier sites of a stored block dropped from the flow context
     of its later sites, where the block's first site is Gaussian (``gaussian``: the probe of
     its Newton problem, which holds the whole block, found it quadratic). The block is then
@@ -790,18 +833,23 @@ def _stored_context(structure: ModelStructure, stored: StoredSpec, gaussian: fro
     conditioner runs once, not once per element (most of a posterior draw's time on a
     Gaussian table with an intercept and slope: RESULTS section 31).
 
-    A nested block keeps its parent in the context: its base follows the parent's draw in
-    its mode only, and a parent that sets the child's scale (``a ~ N(0, exp(k))``, or a
-    per-school noise sd in the likelihood) leaves the child Gaussian but its width
-    dependent on the parent, which the flow can learn only by reading it."""
+    A nested block drops its parent block's sites as well only where the probe found its
+    problem quadratic jointly with them (``linear``: :func:`_linear_in_parents`, a student's
+    ``a ~ N(k, tau)``): its base follows the parent's draw in its mode only, and a parent
+    that sets the child's scale (``a ~ N(0, exp(k))``, or a per-school noise sd in the
+    likelihood) leaves the child Gaussian but its width dependent on the parent, which the
+    flow can learn only by reading it."""
     latent = dict(structure.latent)
+    parent_of = dict(stored.parents)
     for block in stored.blocks:
         if block[0] not in gaussian:
             continue
-        for name in block[1:]:
+        drop = set(block)
+        if block[0] in parent_of and block[0] in linear:
+            drop |= set(stored.block_of(parent_of[block[0]]))
+        for name in block:
             site = latent[name]
-            context = tuple(p for p in site.conditions_on if p not in block)
-            latent[name] = dataclasses.replace(site, conditions_on=context)
+            latent[name] = dataclasses.replace(site, conditions_on=tuple(p for p in site.conditions_on if p not in drop))
     return dataclasses.replace(structure, latent=latent)
 
 

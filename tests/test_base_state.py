@@ -649,9 +649,9 @@ def test_a_nested_site_follows_its_parents_draw_exactly():
     spec, structure = guide.plan.stored, guide.structure
     assert spec.blocks == (("k",), ("a",)) and spec.parents == (("a", "k"),)
     assert "stored Laplace bases: k, a in k" in guide.describe()
-    # the students' flow reads its school's draw: a parent may set a child's width, which
-    # the stored base (its mode moved by pjac) does not follow
-    assert "k" in structure.latent["a"].conditions_on
+    # jointly Gaussian in (k, a): the student's base is its exact conditional given its
+    # school's draw, so its flow does not read that draw (and runs once, not per student)
+    assert "k" not in structure.latent["a"].conditions_on
     mu, K = 0.3, 3
     state = jax.jit(lambda m: refresh(nested_long_model, structure, spec, init_state(structure, spec), m, ((school, student, y, 10), {}), sweeps=400))(jnp.array([mu]))
     P, mean = nested_posterior(school, student, y, mu)
@@ -678,6 +678,43 @@ def test_a_nested_site_follows_its_parents_draw_exactly():
     np.testing.assert_allclose(np.ravel(chol_a[..., 0, 0] ** 2), np.diag(P_aa), rtol=1e-4)
     grad = jax.grad(lambda k: student_mean(k)[0].sum())(k_draw)[:, 0]
     np.testing.assert_allclose(grad, -(P_ak / np.diag(P_aa)[:, None]).sum(0), rtol=1e-4)
+
+
+def parent_sets_width(school, student, y, batch=None):
+    """A school's effect sets its students' spread: a student is Gaussian given its school,
+    with a width that depends on the school's draw."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    with numpyro.plate("schools", 3):
+        k = numpyro.sample("k", dist.Normal(0.0, 0.5))
+        with numpyro.plate("students", 4):
+            a = numpyro.sample("a", dist.Normal(0.0, jnp.exp(k)))
+    with numpyro.plate("rows", y.shape[0], subsample_size=batch) as r:
+        numpyro.sample("y", dist.Normal(mu + a[student[r], school[r]], 1.0), obs=y[r])
+
+
+def parent_enters_nonlinearly(school, student, y, batch=None):
+    """A student's mean is a nonlinear function of its school's effect (a fixed width)."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    with numpyro.plate("schools", 3):
+        k = numpyro.sample("k", dist.Normal(0.0, 0.5))
+        with numpyro.plate("students", 4):
+            a = numpyro.sample("a", dist.Normal(jnp.sin(k), 1.0))
+    with numpyro.plate("rows", y.shape[0], subsample_size=batch) as r:
+        numpyro.sample("y", dist.Normal(mu + a[student[r], school[r]], 1.0), obs=y[r])
+
+
+def test_a_nested_site_reads_its_parent_where_its_base_does_not_follow_it():
+    """The stored base follows a parent's draw in its mode, to first order: where the parent
+    sets the child's width, or its mean nonlinearly, the child's flow keeps the parent's
+    draw in its context (the probe finds the problem not quadratic jointly with it)."""
+    school, student, y = nested_long_data()
+    for model in (parent_sets_width, parent_enters_nonlinearly):
+        guide = AutoPAVI(model)
+        with numpyro.handlers.seed(rng_seed=0):
+            guide._setup_prototype(school, student, y, 10)
+        assert guide.plan.stored.parents == (("a", "k"),)
+        assert "a" in guide.plan.quadratic, model.__name__
+        assert "k" in guide.structure.latent["a"].conditions_on, model.__name__
 
 
 @pytest.mark.slow
