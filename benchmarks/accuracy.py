@@ -36,7 +36,7 @@ ROWS = {name: kw for name, kw in TRAIN_KWARGS.items() if name.endswith("_rows")}
 #: mean is confounded with the schools' and lecturers' means, and diagonal NUTS (1,000 +
 #: 2,000) gave its mean an ESS of 8-19 and means 0.44-0.55 over three keys (0.8 sd apart),
 #: where dense NUTS gives ESS 2,050-2,270 and 0.458-0.460 (RESULTS section 31)
-DENSE_MASS = {"nested_crossed_rows", "nested_crossed_poisson_rows"}
+DENSE_MASS = {"nested_crossed_rows", "nested_crossed_poisson_rows", "regions_crossed_rows"}
 
 from numpyro_pavi import AutoPAVI
 from numpyro_pavi.monitor import check_losses

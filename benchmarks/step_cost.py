@@ -200,7 +200,7 @@ def measure(model, guide_fn, args, kwargs, block: int, blocks: int, draws: int) 
     jax.block_until_ready(sample(jax.random.PRNGKey(1)))
     t_draw_compile = time.perf_counter() - t0
     times = []
-    for i in range(3):
+    for i in range(9):  # the median of nine: three calls of 1,000 draws moved 2x between runs
         t0 = time.perf_counter()
         jax.block_until_ready(sample(jax.random.PRNGKey(2 + i)))
         times.append(time.perf_counter() - t0)

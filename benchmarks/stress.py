@@ -178,6 +178,46 @@ def _nested_crossed_rows(family: str = "normal", seed: int = 0, K: int = 20, M: 
     return data, {"K": K, "M": M, "L": L, "family": family}
 
 
+def regions_crossed_rows(
+    region, school, student, l, y, R: int, K: int, M: int, L: int, batch: int | None = None
+) -> None:
+    """A long table with students nested in schools nested in regions, and crossed
+    lecturers, rows subsampled ``batch`` per step: ``y_r ~ N(mu + a[student_r, school_r,
+    region_r] + b[l_r], sigma)``, ``a ~ N(k[school, region], tau_s)``, ``k ~ N(g[region],
+    tau_k)``, ``g ~ N(0, tau_g)``, ``b ~ N(0, tau_b)``, half-normal scales. A student's
+    stored base follows its school's and region's draws, a school's its region's."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 2.0))
+    tau_g = numpyro.sample("tau_g", dist.HalfNormal(1.0))
+    tau_k = numpyro.sample("tau_k", dist.HalfNormal(1.0))
+    tau_s = numpyro.sample("tau_s", dist.HalfNormal(1.0))
+    tau_b = numpyro.sample("tau_b", dist.HalfNormal(1.0))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    with numpyro.plate("regions", R):
+        g = numpyro.sample("g", dist.Normal(0.0, tau_g))
+        with numpyro.plate("schools", K):
+            k = numpyro.sample("k", dist.Normal(g, tau_k))
+            with numpyro.plate("students", M):
+                a = numpyro.sample("a", dist.Normal(k, tau_s))
+    with numpyro.plate("lecturers", L):
+        b = numpyro.sample("b", dist.Normal(0.0, tau_b))
+    with numpyro.plate("rows", y.shape[0], subsample_size=batch) as r:
+        eta = mu + a[student[r], school[r], region[r]] + b[l[r]]
+        numpyro.sample("y", dist.Normal(eta, sigma), obs=y[r])
+
+
+def _regions_crossed_rows(seed: int = 0, R: int = 8, K: int = 5, M: int = 10, L: int = 100, N: int = 8000):
+    """Uniform rows; true ``tau_g`` 0.4, ``tau_k`` 0.3, ``tau_s`` 0.3, ``tau_b`` 0.4, noise
+    sd 0.9."""
+    rng = np.random.default_rng(seed)
+    region, school, student, l = (rng.integers(0, n, N) for n in (R, K, M, L))
+    g = 0.4 * rng.normal(size=R)
+    k = g[None] + 0.3 * rng.normal(size=(K, R))
+    a = k[None] + 0.3 * rng.normal(size=(M, K, R))
+    y = 0.5 + a[student, school, region] + 0.4 * rng.normal(size=L)[l] + 0.9 * rng.normal(size=N)
+    data = tuple(jnp.asarray(v, jnp.int32) for v in (region, school, student, l)) + (jnp.asarray(y, jnp.float32),)
+    return data, {"R": R, "K": K, "M": M, "L": L}
+
+
 def _crossed_rows(family: str, seed: int = 0, S: int = 600, L: int = 200, N: int = 12000):
     """Skewed level counts (lognormal weights, as ``crossed_long.simulate``); true ``tau_a``
     0.3, ``tau_b`` 0.4, noise sd 0.9 (``"normal"``)."""
@@ -201,6 +241,7 @@ TRAIN_KWARGS = {
     "crossed_slopes_poisson_rows": {"batch": 1024},
     "nested_crossed_rows": {"batch": 1024},
     "nested_crossed_poisson_rows": {"batch": 1024},
+    "regions_crossed_rows": {"batch": 1024},
 }
 
 MODELS = {
@@ -217,13 +258,15 @@ MODELS = {
     "crossed_slopes_poisson_rows": (
         crossed_slopes_rows, lambda: _crossed_slopes_rows("poisson")[0], _crossed_slopes_rows("poisson")[1]
     ),
-    # students nested in schools, crossed lecturers, rows subsampled: no stored bases
+    # students nested in schools, crossed lecturers, rows subsampled
     "nested_crossed_rows": (nested_crossed_rows, lambda: _nested_crossed_rows()[0], _nested_crossed_rows()[1]),
     "nested_crossed_poisson_rows": (
         nested_crossed_rows,
         lambda: _nested_crossed_rows("poisson")[0],
         _nested_crossed_rows("poisson")[1],
     ),
+    # students in schools in regions (a chain of nested blocks), crossed lecturers
+    "regions_crossed_rows": (regions_crossed_rows, lambda: _regions_crossed_rows()[0], _regions_crossed_rows()[1]),
     "poisson_glmm": (glmms.poisson_glmm, lambda: glmms.simulate_poisson_glmm(0)[0], {}),
     "correlated_slopes": (glmms.correlated_slopes, lambda: glmms.simulate_correlated_slopes(0)[0], {}),
     "random_effects": (models.random_effects, lambda: _random_effects(0)[0], {}),

@@ -305,14 +305,13 @@ class AutoPAVI(AutoGuide):
         and batches every piece again: pass it ``vectorize_particles=False`` there.
 
         Long-format data whose *rows* are subsampled (``numpyro.plate("ratings", N,
-        subsample_size=B)``, the local sites on full plates, crossed or nested one level
-        deep, the global sites first; sites on the same plates, a user's intercept and
-        slope, form one block) get *stored* bases instead
+        subsample_size=B)``, the local sites on full plates, crossed or nested (students in
+        schools in regions), the global sites first; sites on the same plates, a user's
+        intercept and slope, form one block) get *stored* bases instead
         (:mod:`numpyro_pavi.base_state`): the joint mode of all local sites given the
         globals, from all rows, its derivative in the globals and each element's precision
-        (a nested site's base follows its parent's draw, the parent's is its marginal over
-        its children),
-        kept between steps as non-learned state (a ``numpyro.mutable`` site named
+        (a nested site's base follows its ancestors' draws, an ancestor's is its marginal
+        over its descendants), kept between steps as non-learned state (a ``numpyro.mutable`` site named
         ``laplace_{prefix}_state``, carried by ``SVI`` with ``Trace_ELBO`` or
         ``TraceMeanField_ELBO``) and refreshed every ``refresh_every`` steps; a step expands
         the stored mode to first order in its sampled globals and does not run the model
@@ -323,10 +322,10 @@ class AutoPAVI(AutoGuide):
         correct and slower. ELBOs without mutable state (``RenyiELBO``,
         ``TraceGraph_ELBO``) refuse such a guide in ``SVI``: use ``laplace=False`` there.
         Where rows are subsampled but these conditions fail (a site whose plates contain
-        those of sites on two plate sets: nested two levels deep, or an interaction of two
-        crossed factors; a global site after the local ones), a base computed at each step would read only the batch's
-        rows: the local sites are then sampled without a base, with a
-        :class:`~numpyro_pavi.LaplaceWarning` naming the condition.
+        those of two crossed factors' sites, an interaction; a global site after the local
+        ones), a base computed at each step would read only the batch's rows: the local
+        sites are then sampled without a base, with a :class:`~numpyro_pavi.LaplaceWarning`
+        naming the condition.
     :param int refresh_every: steps between refreshes of the stored bases (default: once per
         pass over the subsampled rows, ``ceil(N / B)``).
     :param bool forward_mode_differentiation: as in NumPyro's guides: use forward-mode

@@ -26,10 +26,12 @@ the guide between SVI steps:
   full-data conditional mode (exact for a Gaussian likelihood that is linear in them). A
   later site of a block gets the Gaussian conditional given its earlier siblings' sampled
   values (and marginal over the later ones), as the joint Laplace approximation has it.
-* A *nested* block (students in schools: its plates strictly contain its parent block's)
-  moves its mode to first order in its parent's sampled value, and the parent's precision
-  is its marginal over its children (:func:`_nested_precisions`): given the globals, the
-  Laplace approximation of a school and its students jointly.
+* A *nested* block (students in schools: its plates strictly contain its parent block's;
+  or in schools in regions, a chain of them) moves its mode to first order in its
+  ancestors' sampled values, and an ancestor's precision is its marginal over its
+  descendants, conditional on its own ancestors (:func:`_nested_precisions`, a block
+  elimination from the innermost plates out): given the globals, the Laplace approximation
+  of a region, its schools and their students jointly.
 
 The guide refreshes every ``refresh_every`` steps (default: once per pass over the rows),
 so the amortized cost is about one extra pass over the data per epoch; a step itself reads
@@ -100,9 +102,10 @@ class StoredSpec:
     :param period: steps between refreshes.
     :param blocks: the local sites grouped by their plates (sites on the same plates form
         one block, in model order); the state is keyed by each block's first site.
-    :param parents: ``(child, parent)`` pairs of blocks (by first site): the child's plates
-        strictly contain the parent's (students nested in schools), so its base follows the
-        parent's sampled value and the parent's is its marginal over its children.
+    :param parents: ``(child, ancestor)`` pairs of blocks (by first site): the child's
+        plates strictly contain the ancestor's (students nested in schools, schools in
+        regions), so its base follows the ancestor's sampled value and the ancestor's is its
+        marginal over its descendants; a child's ancestors in order, outermost first.
     """
 
     sites: tuple[str, ...]
@@ -119,11 +122,17 @@ class StoredSpec:
         """The block holding site ``name`` (its first site keys the state)."""
         return next((b for b in self.blocks if name in b), (name,))
 
-    def parent_of(self, name: str) -> tuple[str, ...] | None:
-        """The block whose plates the block of site ``name`` is nested in (None: none)."""
+    def ancestors_of(self, name: str) -> list[tuple[str, ...]]:
+        """The blocks whose plates the block of site ``name`` is nested in, outermost first
+        (regions, then schools, for a student)."""
         first = self.block_of(name)[0]
-        parent = dict(self.parents).get(first)
-        return None if parent is None else self.block_of(parent)
+        return [self.block_of(outer) for child, outer in self.parents if child == first]
+
+    def parent_of(self, name: str) -> tuple[str, ...] | None:
+        """The innermost block whose plates the block of site ``name`` is nested in (None:
+        none)."""
+        outer = self.ancestors_of(name)
+        return outer[-1] if outer else None
 
 
 class LaplaceState(NamedTuple):
@@ -141,11 +150,11 @@ class LaplaceState(NamedTuple):
     :ivar concave: ``{block: (*sizes)}`` whether the curvature there was negative definite.
     :ivar anchor: ``(k,)`` the globals' unconstrained values at the last refresh.
     :ivar count: ``()`` guide calls so far; a refresh happens when ``count % period == 0``.
-    :ivar pjac: ``{child block: (*sizes, d, d_parent)}`` derivative of a nested block's
-        conditional mode with respect to its parent block's value
-        (:attr:`StoredSpec.parents`); None where no block is nested.
-    :ivar dpjac: ``{child block: (*sizes, d, d_parent, k)}`` its derivative with respect to
-        ``anchor``.
+    :ivar pjac: ``{child block: (*sizes, d, d_ancestors)}`` derivative of a nested block's
+        conditional mode with respect to its ancestor blocks' values, concatenated outermost
+        first (:attr:`StoredSpec.parents`); None where no block is nested.
+    :ivar dpjac: ``{child block: (*sizes, d, d_ancestors, k)}`` its derivative with respect
+        to ``anchor``.
     """
 
     mode: dict
@@ -183,9 +192,10 @@ def stored_obstacle(structure: ModelStructure, laplace_sites) -> str | None:
     Stored bases apply when observations are subsampled along a plate that holds no latent
     site (the rows of a long table, :func:`subsampled_rows`), every local site is on a
     Laplace base, none of their plates is subsampled, the local sites nest at most one
-    level deep (a site's plates strictly contain those of sites on one plate set at most,
-    sampled before it: students in schools, not students in schools in regions; sites on
-    the same plates, a user's intercept and slope as separate sites, form one block), and
+    chain (the plate sets that a site's plates strictly contain are nested in one another,
+    and their sites are sampled before it: students in schools in regions, not an
+    interaction of two crossed factors; sites on the same plates, a user's intercept and
+    slope as separate sites, form one block), and
     the global sites all come before the local ones, with at most ``MAX_GLOBAL_DIM``
     unconstrained coordinates in all.
     """
@@ -203,12 +213,13 @@ def stored_obstacle(structure: ModelStructure, laplace_sites) -> str | None:
                 return f"site '{s.name}' is on a subsampled plate ('{p}')"
     for b in local:
         inner = [a for a in local if set(a.plates) < set(b.plates)]
-        if len({frozenset(a.plates) for a in inner}) > 1:
+        sets = sorted({frozenset(a.plates) for a in inner}, key=len)
+        if any(not outer < deeper for outer, deeper in zip(sets, sets[1:])):
             names = "', '".join(a.name for a in inner)
             return (
-                f"site '{b.name}' sits on plates containing those of sites on different plates ('{names}'): "
-                "stored bases follow one parent plate set (students in schools), not two (students in "
-                "schools in regions, or an interaction of two crossed factors)"
+                f"site '{b.name}' sits on plates containing those of sites on crossed plates ('{names}'): "
+                "stored bases follow nested plates (students in schools in regions), not an interaction "
+                "of two crossed factors"
             )
         late = [a for a in inner if latent.index(a) > latent.index(b)]
         if late:
@@ -238,8 +249,10 @@ def stored_spec(structure: ModelStructure, laplace_sites, refresh_every: int | N
     blocks = {}
     for s in local:  # sites on the same plates (in any order of their names): one block
         blocks.setdefault(frozenset(s.plates), []).append(s.name)
-    parents = tuple(
-        (names[0], blocks[outer][0]) for plates, names in blocks.items() for outer in blocks if outer < plates
+    parents = tuple(  # each child's ancestors outermost first (a chain: stored_obstacle)
+        (names[0], blocks[outer][0])
+        for plates, names in blocks.items()
+        for outer in sorted((o for o in blocks if o < plates), key=len)
     )
     return StoredSpec(
         tuple(s.name for s in local),
@@ -272,8 +285,8 @@ def init_state(structure: ModelStructure, spec: StoredSpec) -> LaplaceState:
     pjac = dpjac = None
     if spec.parents:
         pjac, dpjac = {}, {}
-        for child, parent in spec.parents:
-            dp = _global_dim([latent[n] for n in spec.block_of(parent)])
+        for child in dict(spec.parents):
+            dp = sum(_global_dim([latent[n] for n in outer]) for outer in spec.ancestors_of(child))
             pjac[child] = jnp.zeros(mode[child].shape + (dp,))
             dpjac[child] = jnp.zeros(mode[child].shape + (dp, k))
     return LaplaceState(mode, chol, jac, dchol, dec, conc, jnp.zeros((k,)), jnp.zeros((), jnp.int32), pjac, dpjac)
@@ -357,11 +370,11 @@ def refresh(
         extra = 0.0 if out is None else -0.5 * jnp.sum(jnp.where(out, z, 0.0) ** 2)
         return log_joint(model, joint, args, kwargs) + logdet + extra
 
-    parents = dict(spec.parents)
+    ancestors = {child: [outer[0] for outer in spec.ancestors_of(child)] for child in dict(spec.parents)}
     site_plates = {name: group[0].plates for name, group in blocks.items()}
 
     def at(modes, th):
-        return _nested_precisions(logp, blocks, parents, site_plates, modes, th)
+        return _nested_precisions(logp, blocks, ancestors, site_plates, modes, th)
 
     def sweep(_, carry):
         modes, chols, decs, concs = (dict(c) for c in carry)
@@ -414,35 +427,47 @@ def refresh(
     return jax.lax.stop_gradient(new)
 
 
-def _nested_precisions(logp, blocks: dict, parents: dict, plates: dict, modes: dict, th: jax.Array):
+def _nested_precisions(logp, blocks: dict, ancestors: dict, plates: dict, modes: dict, th: jax.Array):
     """``(chols, pjacs)`` at the joint mode: each block's precision factor ``{block: (*sizes,
-    d, d)}`` (a parent block's is its marginal over its children) and each nested block's
-    ``pjac``, the derivative of its conditional mode in its parent's value ``{child: (*sizes,
-    d, d_parent)}``.
+    d, d)}`` (an ancestor block's is its marginal over its descendants, conditional on its
+    own ancestors) and each nested block's ``pjac``, the derivative of its conditional mode
+    in its ancestors' values ``{child: (*sizes, d, d_ancestors)}`` (``ancestors``: ``{child:
+    [ancestor blocks, outermost first]}``).
 
-    With ``H`` the log joint's Hessian and ``G = H_cp`` (child rows, parent columns, one
+    With ``H`` the log joint's Hessian and ``G = H_ca`` (child rows, ancestors' columns, one
     element of each), the child's conditional mode moves by ``pjac = P_c^{-1} G`` per unit
-    of its parent, and the parent's marginal precision is ``-H_pp - sum G^T P_c^{-1} G``
-    over its children (a Schur complement: the Laplace approximation of the parent with its
-    children integrated out, rather than held at their modes).
+    of its ancestors, and eliminating the child adds ``G^T P_c^{-1} G`` to the ancestors'
+    Hessian (a Schur complement: the Laplace approximation of the ancestors with the child
+    integrated out, rather than held at its mode), its diagonal blocks to each ancestor's
+    own curvature and its off-diagonal ones to the coupling between a school and its
+    region. Blocks are eliminated from the innermost plates out, so a school's precision
+    and coupling to its region hold its students' terms when it is eliminated in turn.
 
-    ``G`` is one forward-mode pass per parent coordinate, all parent elements at once: each
-    child element is taken to read the parent element at its own indices of the shared
-    plates, as a nested prior does (a likelihood reaching another school's effect from a
-    student's row would be attributed to the student's own school). Two child blocks of
-    one parent on plates neither of which contains the other (students and classes of a
-    school) add their terms independently: their coupling given the parent is left out, as
-    between crossed blocks."""
+    ``G`` is one forward-mode pass per ancestor coordinate, all ancestor elements at once:
+    each child element is taken to read the ancestor element at its own indices of the
+    shared plates, as a nested prior does (a likelihood reaching another school's effect
+    from a student's row would be attributed to the student's own school). Two child blocks
+    of one parent on plates neither of which contains the other (students and classes of
+    a school) add their terms independently: their coupling given the parent is left out,
+    as between crossed blocks."""
     hs = {}
     for name in blocks:
         _, hs[name] = grad_and_blocks(lambda z, name=name: logp(name, z, modes, th), modes[name])
-    chols, pjacs = {}, {}
-    for child, parent in parents.items():
+    chols, pjacs, cross = {}, {}, {}
+    for child in sorted(ancestors, key=lambda n: -len(plates[n])):
         chols[child] = precision_chol(hs[child])
-        g = _coupling(logp, child, parent, modes, th)
+        outer = ancestors[child]
+        g = jnp.concatenate([_coupling(logp, child, a, modes, th) + cross.get((child, a), 0.0) for a in outer], -1)
         pjacs[child] = in_pieces(lambda c, b: jax.scipy.linalg.cho_solve((c, True), b), chols[child], g)
-        schur = jnp.einsum("...ji,...jk->...ik", g, pjacs[child])  # (*child sizes, dp, dp)
-        hs[parent] = hs[parent] + _to_parent(schur, plates[child], plates[parent])
+        schur = jnp.einsum("...ji,...jk->...ik", g, pjacs[child])  # (*child sizes, D, D)
+        cuts = np.cumsum([0] + [modes[a].shape[-1] for a in outer]).tolist()
+        for i, a in enumerate(outer):
+            for j in range(i, len(outer)):  # rows of ancestor outer[j], as deep as a or deeper
+                piece = _to_parent(schur[..., cuts[j] : cuts[j + 1], cuts[i] : cuts[i + 1]], plates[child], plates[outer[j]])
+                if j == i:
+                    hs[a] = hs[a] + piece
+                else:
+                    cross[(outer[j], a)] = cross.get((outer[j], a), 0.0) + piece
     for name in blocks:
         if name not in chols:
             chols[name] = precision_chol(hs[name])
@@ -527,7 +552,7 @@ def stored_base(
     theta: jax.Array,
     block: Sequence[LatentSite] | None = None,
     given: Mapping[str, jax.Array] | None = None,
-    parent: tuple[Sequence[LatentSite], jax.Array] | None = None,
+    ancestors: Sequence[tuple[Sequence[LatentSite], jax.Array]] = (),
 ):
     """``(m, L)`` of ``site`` on its current elements: the stored mode expanded to first order
     in the globals ``theta (k,)`` (whose gradient it carries) and the stored precision.
@@ -536,10 +561,11 @@ def stored_base(
         alone). A site after the first gets the Gaussian conditional given ``given``, and
         every site the marginal over the block's later sites.
     :param given: ``{earlier site of the block: canonical sampled value (*grid, d)}``.
-    :param parent: a nested block's parent (:attr:`StoredSpec.parents`): its sites and their
-        sampled canonical values concatenated, ``(*parent grid, d_parent)``. The block's mode
-        moves to first order with their deviation from the parent's expanded mode (the
-        block's conditional given its parent, whose gradient reaches the parent's sample).
+    :param ancestors: a nested block's ancestor blocks (:attr:`StoredSpec.parents`),
+        outermost first, each as its sites and their sampled canonical values concatenated,
+        ``(*ancestor grid, d_ancestor)``. The block's mode moves to first order with their
+        deviations from the ancestors' expanded modes (the block's conditional given its
+        ancestors, whose gradient reaches their samples).
     :return: ``m (*grid, d)`` and ``L (*grid, d, d)``.
     """
     block = [site] if block is None else list(block)
@@ -556,13 +582,16 @@ def stored_base(
     eye = jnp.eye(d, dtype=chol.dtype)
     chol = (chol + lin) * (1.0 - eye) + eye * (diag * jnp.exp(rate))[..., None, :]
     mode = mode + jac @ delta
-    if parent is not None:
-        sites, value = parent
-        outer = sites[0].plates
-        where = jnp.ix_(*(indices[p] for p in outer))
-        centre = state.mode[sites[0].name][where] + state.jac[sites[0].name][where] @ delta
-        pjac = state.pjac[name][at] + state.dpjac[name][at] @ delta  # (*grid, d, d_parent)
-        mode = mode + jnp.einsum("...ij,...j->...i", pjac, _to_child(value - centre, outer, site.plates))
+    if ancestors:
+        shifts = []
+        for sites, value in ancestors:
+            outer = sites[0].plates
+            where = jnp.ix_(*(indices[p] for p in outer))
+            centre = state.mode[sites[0].name][where] + state.jac[sites[0].name][where] @ delta
+            shift = _to_child(value - centre, outer, site.plates)
+            shifts.append(jnp.broadcast_to(shift, mode.shape[:-1] + shift.shape[-1:]))
+        pjac = state.pjac[name][at] + state.dpjac[name][at] @ delta  # (*grid, d, d_ancestors)
+        mode = mode + jnp.einsum("...ij,...j->...i", pjac, jnp.concatenate(shifts, -1))
     if len(block) == 1:
         return mode, chol
     return _conditional(block, site, mode, chol, given or {})

@@ -833,20 +833,19 @@ def _stored_context(structure: ModelStructure, stored: StoredSpec, gaussian: fro
     conditioner runs once, not once per element (most of a posterior draw's time on a
     Gaussian table with an intercept and slope: RESULTS section 31).
 
-    A nested block drops its parent block's sites as well only where the probe found its
+    A nested block drops its ancestor blocks' sites as well only where the probe found its
     problem quadratic jointly with them (``linear``: :func:`_linear_in_parents`, a student's
     ``a ~ N(k, tau)``): its base follows the parent's draw in its mode only, and a parent
     that sets the child's scale (``a ~ N(0, exp(k))``, or a per-school noise sd in the
     likelihood) leaves the child Gaussian but its width dependent on the parent, which the
     flow can learn only by reading it."""
     latent = dict(structure.latent)
-    parent_of = dict(stored.parents)
     for block in stored.blocks:
         if block[0] not in gaussian:
             continue
         drop = set(block)
-        if block[0] in parent_of and block[0] in linear:
-            drop |= set(stored.block_of(parent_of[block[0]]))
+        if block[0] in linear:
+            drop.update(n for outer in stored.ancestors_of(block[0]) for n in outer)
         for name in block:
             site = latent[name]
             latent[name] = dataclasses.replace(site, conditions_on=tuple(p for p in site.conditions_on if p not in drop))

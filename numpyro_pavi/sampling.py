@@ -457,12 +457,13 @@ def sample_latents(
                 laplace_state = _advance(plan, laplace_state, theta, anchor, model_args, with_state)
             block = plan.stored.block_of(name)
             earlier = {n: unc[n] for n in block[: block.index(name)]}
-            outer = plan.stored.parent_of(name)  # a nested block's base follows its parent's draw
-            parent = None
-            if outer is not None:
-                parent = ([plan.structure.latent[n] for n in outer], jnp.concatenate([unc[n] for n in outer], -1))
+            # a nested block's base follows its ancestors' draws (a school's, its region's)
+            ancestors = [
+                ([plan.structure.latent[n] for n in outer], jnp.concatenate([unc[n] for n in outer], -1))
+                for outer in plan.stored.ancestors_of(name)
+            ]
             base = _state.stored_base(
-                laplace_state, site, indices, theta, [plan.structure.latent[n] for n in block], earlier, parent
+                laplace_state, site, indices, theta, [plan.structure.latent[n] for n in block], earlier, ancestors
             )
             reports[name] = laplace_state.report(block[0], tuple(indices[p] for p in site.plates))
         elif plan.on_laplace(site):

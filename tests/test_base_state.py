@@ -65,16 +65,32 @@ def nested_long_model(school, student, y, batch=None):
 
 
 def deep_nested_model(school, student, y, batch=None):
-    """Students in schools in two regions, rows subsampled: two levels of nesting, no
-    stored bases."""
+    """Students in schools in two regions, rows subsampled: two levels of nesting, each row
+    reading its student's, school's and region's effects (a student's base follows its
+    school's and its region's draws). Gaussian with known variances: exact given ``mu``."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
     with numpyro.plate("regions", 2):
-        g = numpyro.sample("g", dist.Normal(0.0, 1.0))
+        g = numpyro.sample("g", dist.Normal(mu, 1.0))
         with numpyro.plate("schools", 3):
             k = numpyro.sample("k", dist.Normal(g, 1.0))
             with numpyro.plate("students", 4):
                 a = numpyro.sample("a", dist.Normal(k, 1.0))
     with numpyro.plate("rows", y.shape[0], subsample_size=batch) as r:
-        numpyro.sample("y", dist.Normal(a[student[r], school[r], r % 2], 1.0), obs=y[r])
+        at = (school[r], r % 2)
+        numpyro.sample("y", dist.Normal(a[(student[r],) + at] + 0.5 * k[at] + 0.5 * g[r % 2], 1.0), obs=y[r])
+
+
+def interaction_model(school, student, y, batch=None):
+    """A school-by-term interaction beside each factor's own effect, rows subsampled: the
+    interaction's plates contain those of two crossed factors, no stored bases."""
+    with numpyro.plate("schools", 3):
+        k = numpyro.sample("k", dist.Normal(0.0, 1.0))
+    with numpyro.plate("terms", 2, dim=-2):
+        t = numpyro.sample("t", dist.Normal(0.0, 1.0))
+    with numpyro.plate("terms", 2, dim=-2), numpyro.plate("schools", 3):
+        a = numpyro.sample("a", dist.Normal(k + t, 1.0))
+    with numpyro.plate("rows", y.shape[0], subsample_size=batch) as r:
+        numpyro.sample("y", dist.Normal(a[r % 2, school[r]], 1.0), obs=y[r])
 
 
 def nested_posterior(school, student, y, mu):
@@ -143,10 +159,15 @@ def test_spec_finds_long_format_sites(data):
 
     from numpyro_pavi import LaplaceWarning
 
-    g = AutoPAVI(deep_nested_model)
+    g = AutoPAVI(interaction_model)
     with numpyro.handlers.seed(rng_seed=0), pytest.warns(LaplaceWarning, match="no stored Laplace bases"):
         g._setup_prototype(*nested_long_data(), 10)
     assert g.plan.stored is None
+    g = AutoPAVI(deep_nested_model)  # students in schools in regions: a chain of blocks
+    with numpyro.handlers.seed(rng_seed=0):
+        g._setup_prototype(*nested_long_data(), 10)
+    assert g.plan.stored.parents == (("k", "g"), ("a", "g"), ("a", "k"))
+    assert "stored Laplace bases: g, k in g, a in k" in g.describe()
 
 
 @pytest.mark.slow  # quick tier <= 8 min on 2 cores: runs in the slow tier
@@ -567,8 +588,8 @@ def test_rows_subsampled_fit_with_an_intercept_and_slope_block_matches_exact():
 
 
 def test_rows_subsampled_without_stored_bases_drops_the_per_step_bases_with_a_warning():
-    """Rows subsampled where the stored bases do not apply (students in schools in regions,
-    or a global site after the local ones): a step's base would read only its batch, so the
+    """Rows subsampled where the stored bases do not apply (an interaction of two crossed
+    factors, or a global site after the local ones): a step's base would read only its batch, so the
     local sites are sampled without one, and a LaplaceWarning names them and why."""
     from numpyro_pavi import LaplaceWarning
 
@@ -581,8 +602,8 @@ def test_rows_subsampled_without_stored_bases_drops_the_per_step_bases_with_a_wa
         with numpyro.plate("rows", y.shape[0], subsample_size=batch) as r:
             numpyro.sample("y", dist.Normal(k[school[r]], sigma), obs=y[r])
 
-    deep = "site 'a' sits on plates containing those of sites on different plates \\('g', 'k'\\)"
-    for model, reason in ((deep_nested_model, deep), (late_global, "global site 'sigma' comes after")):
+    crossed = "site 'a' sits on plates containing those of sites on crossed plates \\('k', 't'\\)"
+    for model, reason in ((interaction_model, crossed), (late_global, "global site 'sigma' comes after")):
         guide = AutoPAVI(model)
         with numpyro.handlers.seed(rng_seed=0), pytest.warns(LaplaceWarning, match=f"(?s)plate 'rows'.*{reason}.*laplace=False"):
             guide._setup_prototype(school, student, y, 10)
@@ -669,7 +690,7 @@ def test_a_nested_site_follows_its_parents_draw_exactly():
     k_draw = jnp.asarray(mean[:K] + np.array([0.5, -0.2, 0.1]))[:, None]
 
     def student_mean(k):
-        return stored_base(state, a_site, idx, jnp.array([mu]), [a_site], None, ([k_site], k))
+        return stored_base(state, a_site, idx, jnp.array([mu]), [a_site], None, [([k_site], k)])
 
     m_a, chol_a = student_mean(k_draw)
     P_aa, P_ak = P[K:, K:], P[K:, :K]
@@ -818,10 +839,70 @@ def test_nested_blocks_of_other_shapes_are_exact(model):
     sites = [structure.latent[s] for s in outer]
     site = structure.latent[child]
     idx = {p: jnp.arange(info.size) for p, info in structure.plates.items()}
-    m, chol = stored_base(state, site, idx, jnp.array([mu]), [site], None, (sites, draw))
+    m, chol = stored_base(state, site, idx, jnp.array([mu]), [site], None, [(sites, draw)])
     c, p = rows[child], np.concatenate([rows[s] for s in outer])
     shift = np.concatenate([np.asarray(draw[:, i]) for i in range(len(outer))]) - mean[p]
     exact = mean[c] - np.linalg.solve(P[np.ix_(c, c)], P[np.ix_(c, p)] @ shift)
     assert site.plates == structure.plate_order(site.plates)  # canonical grid = site layout here
     np.testing.assert_allclose(np.ravel(m[..., 0]), exact, atol=2e-3)
     np.testing.assert_allclose(np.ravel(chol[..., 0, 0] ** 2), np.diag(P)[c], rtol=1e-4)
+
+
+@pytest.mark.slow  # quick tier <= 8 min on 2 cores: runs in the slow tier
+def test_a_chain_of_nested_blocks_is_exact():
+    """Students in schools in regions, each row reading all three levels: a refresh gives
+    each region's exact marginal precision, each school's exact conditional given its
+    region (its students integrated out), and each student's exact conditional given its
+    school and region; the bases' modes follow the ancestors' draws exactly (the exact
+    posterior given mu read off the log joint's Hessian: quadratic in the local sites)."""
+    from numpyro.infer.util import log_density
+
+    school, student, y = nested_long_data()
+    data = (school, student, y)
+    guide = AutoPAVI(deep_nested_model)
+    with numpyro.handlers.seed(rng_seed=0):
+        guide._setup_prototype(*data, 10)
+    spec, structure = guide.plan.stored, guide.structure
+    mu = 0.3
+    state = refresh(deep_nested_model, structure, spec, init_state(structure, spec), jnp.array([mu]), (data + (10,), {}), sweeps=400)
+
+    names = ["g", "k", "a"]
+    shapes = {n: guide.prototype_trace[n]["value"].shape for n in names}  # (2,), (3, 2), (4, 3, 2)
+    cuts = np.cumsum([0] + [int(np.prod(shapes[n])) for n in names])
+
+    def log_joint(flat):
+        vals = {n: flat[cuts[i] : cuts[i + 1]].reshape(shapes[n]) for i, n in enumerate(names)}
+        return log_density(deep_nested_model, data, {}, {"mu": jnp.array(mu), **vals})[0]
+
+    zero = jnp.zeros(cuts[-1])
+    P = -np.asarray(jax.hessian(log_joint)(zero), float)
+    mean = np.linalg.solve(P, np.asarray(jax.grad(log_joint)(zero), float))
+    ids = {n: np.arange(cuts[i], cuts[i + 1]).reshape(shapes[n]) for i, n in enumerate(names)}
+    sites = {n: structure.latent[n] for n in names}
+    for n in names:
+        np.testing.assert_allclose(np.ravel(state.mode[n][..., 0]), mean[np.ravel(ids[n])], atol=2e-3)
+
+    # a region: its marginal; a school: its conditional given the regions in the (k, g) marginal
+    cov = np.linalg.inv(P)
+    outer = np.concatenate([np.ravel(ids["g"]), np.ravel(ids["k"])])
+    Q = np.linalg.inv(cov[np.ix_(outer, outer)])  # precision of (g, k), students integrated out
+    np.testing.assert_allclose(np.asarray(state.chol["g"][:, 0, 0]) ** 2, 1.0 / np.diag(cov)[ids["g"]], rtol=1e-4)
+    np.testing.assert_allclose(np.ravel(state.chol["k"][..., 0, 0]) ** 2, np.diag(Q)[2:], rtol=1e-4)
+
+    idx = {p: jnp.arange(info.size) for p, info in structure.plates.items()}
+    theta = jnp.array([mu])
+    g_draw = state.mode["g"] + jnp.array([[0.4], [-0.3]])
+    m_k, _ = stored_base(state, sites["k"], idx, theta, [sites["k"]], None, [([sites["g"]], g_draw)])
+    shift = np.ravel(g_draw[:, 0]) - mean[ids["g"]]
+    exact_k = mean[np.ravel(ids["k"])] - np.linalg.solve(Q[2:, 2:], Q[2:, :2] @ shift)
+    np.testing.assert_allclose(np.ravel(m_k[..., 0]), exact_k, atol=2e-3)
+
+    k_draw = jnp.reshape(jnp.asarray(exact_k), (3, 2, 1)) + 0.2
+    m_a, chol_a = stored_base(
+        state, sites["a"], idx, theta, [sites["a"]], None, [([sites["g"]], g_draw), ([sites["k"]], k_draw)]
+    )
+    c = np.ravel(ids["a"])
+    shift = np.concatenate([np.ravel(g_draw[:, 0]) - mean[ids["g"]], np.ravel(k_draw[..., 0]) - mean[np.ravel(ids["k"])]])
+    exact_a = mean[c] - np.linalg.solve(P[np.ix_(c, c)], P[np.ix_(c, outer)] @ shift)
+    np.testing.assert_allclose(np.ravel(m_a[..., 0]), exact_a, atol=2e-3)
+    np.testing.assert_allclose(np.ravel(chol_a[..., 0, 0]) ** 2, np.diag(P)[c], rtol=1e-4)
