@@ -62,10 +62,12 @@ def compare(ref: dict, draws: dict, sites: list[str]) -> dict:
     sd = r.std(0) + 1e-12
     z = np.abs(q.mean(0) - r.mean(0)) / sd
     logsd = np.abs(np.log((q.std(0) + 1e-12) / sd))
-    per_site, i = {}, 0
+    per_site, per_site_sd, i = {}, {}, 0
     for s in sites:
         n = int(np.prod(np.shape(ref[s])[1:]))
         per_site[s] = float(np.median(z[i : i + n]))
+        # signed: a guide too narrow (< 0) or too wide (> 0) on a site
+        per_site_sd[s] = float(np.median(np.log((q.std(0)[i : i + n] + 1e-12) / sd[i : i + n])))
         i += n
     return {
         "median_mean_error_sd": float(np.median(z)),
@@ -73,6 +75,7 @@ def compare(ref: dict, draws: dict, sites: list[str]) -> dict:
         "max_mean_error_sd": float(np.max(z)),
         "median_abs_log_sd_ratio": float(np.median(logsd)),
         "per_site_median_mean_error_sd": per_site,
+        "per_site_median_log_sd_ratio": per_site_sd,
     }
 
 

@@ -5,9 +5,9 @@ model with 8 groups, the binomial random-intercept model of the likelihood matri
 ``--models random_effects_1e5``, the random-effects model at 1e5 groups, 128 per step, where
 the data pass dominates; with ``--models crossed_slopes_normal_rows,crossed_slopes_poisson_rows``
 the long tables of ``stress.crossed_slopes_rows``, 1,024 of 12,000 rows per step, and with
-``nested_crossed_rows`` ``stress.nested_crossed_rows``'s, 1,024 of 8,000, with
-``AutoNormal(fast draw)`` as the peer whose rows are drawn as AutoPAVI's) and each guide,
-in one process:
+``nested_crossed_rows`` and ``regions_crossed_rows`` ``stress``'s nested tables, 1,024 of
+8,000, with ``AutoNormal(fast draw)`` as the peer whose rows are drawn as AutoPAVI's) and
+each guide, in one process:
 
 * ``init s``: ``svi.init`` (tracing, parameter set-up, Laplace set-up where there is one);
 * ``compile s``: lowering and compiling a ``lax.scan`` of ``--block`` steps;
@@ -112,6 +112,11 @@ def _nested_crossed_rows_data():
     return args, {**kwargs, **stress.TRAIN_KWARGS["nested_crossed_rows"]}
 
 
+def _regions_crossed_rows_data():
+    args, kwargs = stress._regions_crossed_rows()
+    return args, {**kwargs, **stress.TRAIN_KWARGS["regions_crossed_rows"]}
+
+
 def _random_effects_data(G: int = 100_000, B: int = 128):
     x = models.simulate_random_effects(jax.random.PRNGKey(0), G, 10, 2)
     return (x,), {"subsample_size": B}
@@ -131,6 +136,8 @@ MODELS = {
     "crossed_slopes_poisson_rows": (stress.crossed_slopes_rows, lambda: _crossed_slopes_rows_data("poisson")),
     # students nested in schools, crossed lecturers, 1,024 of 8,000 rows per step
     "nested_crossed_rows": (stress.nested_crossed_rows, _nested_crossed_rows_data),
+    # students in schools in regions (a chain of nested blocks), crossed lecturers, 1,024 of 8,000
+    "regions_crossed_rows": (stress.regions_crossed_rows, _regions_crossed_rows_data),
 }
 #: model arguments that subsample rows or groups: dropped for the draws (full plates)
 SUBSAMPLING_KWARGS = ("subsample_size", "batch")

@@ -989,8 +989,14 @@ class AutoPAVI(AutoGuide):
             width = sum(self.structure.latent[n].dim for n in block)
             if state.mode[block[0]].shape != tuple(sizes[p] for p in site.plates) + (width,):
                 return None
-        if self.plan.stored.parents and state.pjac is None:  # stored before nested blocks had bases
-            return None
+        spec = self.plan.stored
+        if spec.parents:
+            if state.pjac is None:  # stored before nested blocks had bases
+                return None
+            for child in dict(spec.parents):  # nesting of another shape (a chain of other length)
+                width = sum(self.structure.latent[n].dim for outer in spec.ancestors_of(child) for n in outer)
+                if child not in state.pjac or state.pjac[child].shape[-1] != width:
+                    return None
         name = self._changed_observed(trace or {}, self.structure.observed)
         if name is not None:
             raise ValueError(

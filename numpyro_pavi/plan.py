@@ -241,9 +241,8 @@ class GuidePlan:
         if self.stored is not None:
             spec = self.stored
 
-            def block(b):  # a nested block names the block its base follows
-                outer = spec.parent_of(b[0])
-                return "+".join(b) + ("" if outer is None else f" in {'+'.join(outer)}")
+            def block(b):  # a nested block names the blocks its base follows, innermost first
+                return " in ".join("+".join(x) for x in [b] + spec.ancestors_of(b[0])[::-1])
 
             lines.append(
                 f"stored Laplace bases: {', '.join(map(block, spec.blocks))} (joint mode from all rows, "
@@ -671,27 +670,36 @@ def _probe_site(model, structure, trace, plates, site, args, kwargs) -> tuple[ja
     converged, one_step, one_step_ref, concave = quadratic(start, fixed)
     parents = [n for n in before if latent[n].plates and set(latent[n].plates) < set(site.plates)]
     linear = jnp.array(False)
-    if parents:
-        linear = one_step & _linear_in_parents(joint, plates, before, parents, latent, start)
+    if parents and subsampled_rows(structure):  # only stored bases read it
+        linear = jax.lax.cond(
+            one_step, lambda: _linear_in_parents(joint, plates, before, parents, latent, start), lambda: jnp.array(False)
+        )
     return _data.scored_mean(site, converged, trace.get(site.name)), one_step, one_step_ref, concave, flat, linear
 
 
 def _linear_in_parents(joint, plates, before, parents, latent, start) -> jax.Array:
     """Whether a quadratic Newton problem stays so as its local parents (earlier sites on
-    fewer plates: a school over its students) move: at the parents' values shifted by 0, 1
-    and 2 in unconstrained coordinates, the modes' second difference is within
+    fewer plates: a school over its students) move: with each parent site shifted on its own
+    by 1 and 2 times ``u`` (``u_i = 1 + i / d`` over the ``d`` unconstrained coordinates of
+    its event, so that a difference of coordinates moves too), the modes' second difference is within
     :data:`ONE_STEP_TOL_SDS` sds and the curvature is the same to round-off at every
     converged element. The problem is then jointly Gaussian in the site and its parents
-    (``a ~ N(k, tau)``), its conditional mean linear and its width fixed in them, and the
-    stored base (its mode moved by ``pjac`` along the parent's draw) is the exact
-    conditional; not where a parent sets the width (``a ~ N(0, exp(k))``) or enters
-    nonlinearly. One direction of the parents' space: a heuristic, as the probe's others."""
+    (``a ~ N(k, tau)``): its conditional mean is linear and its width fixed in them, and
+    the stored base, its mode moved by ``pjac`` along the parents' draws, is the exact
+    conditional at the last refresh's globals (to first order in them between refreshes,
+    as every stored base). Not so where a parent sets the width (``a ~ N(0, exp(k))``, a
+    per-school noise sd) or enters nonlinearly. A heuristic, as the probe's others: a few
+    directions of the parents' space, at the setup values."""
 
-    def at(shift):
+    def at(name, scale):
         moved = dict(before)
-        for n in parents:
-            transform = biject_to(latent[n].support)
-            moved[n] = transform(transform.inv(before[n]) + shift)
+        if name is not None:
+            transform = biject_to(latent[name].support)
+            unc = transform.inv(before[name])
+            shape = latent[name].unconstrained_event_shape
+            d = math.prod(shape)
+            u = jnp.reshape(1.0 + jnp.arange(d, dtype=unc.dtype) / d, shape)
+            moved[name] = transform(unc + scale * u)
 
         def logp(z):
             return joint(z, {**plates, **moved})
@@ -699,12 +707,16 @@ def _linear_in_parents(joint, plates, before, parents, latent, start) -> jax.Arr
         z, chol, report = newton_iterate(logp, start)
         return z, chol, grad_and_blocks(logp, z)[1], report.converged()
 
-    (z0, chol, h0, ok0), (z1, _, h1, ok1), (z2, _, h2, ok2) = (at(c) for c in (0.0, 1.0, 2.0))
-    ok = ok0 & ok1 & ok2
-    miss = jnp.linalg.norm(jnp.einsum("...ji,...j->...i", chol, z2 - 2.0 * z1 + z0), axis=-1)  # |L^T s|: sds
-    same = jnp.all(jnp.abs(h1 - h0) <= 1e-3 * (jnp.abs(h0) + 1e-6), (-2, -1))
-    same &= jnp.all(jnp.abs(h2 - h0) <= 1e-3 * (jnp.abs(h0) + 1e-6), (-2, -1))
-    return jnp.all(same & (miss <= ONE_STEP_TOL_SDS) | ~ok) & jnp.any(ok)
+    z0, chol, h0, ok = at(None, 0.0)
+    flags = []
+    for name in parents:
+        (z1, _, h1, ok1), (z2, _, h2, ok2) = at(name, 1.0), at(name, 2.0)
+        both = ok & ok1 & ok2
+        miss = jnp.linalg.norm(jnp.einsum("...ji,...j->...i", chol, z2 - 2.0 * z1 + z0), axis=-1)  # |L^T s|: sds
+        same = jnp.all(jnp.abs(h1 - h0) <= 1e-3 * (jnp.abs(h0) + 1e-6), (-2, -1))
+        same &= jnp.all(jnp.abs(h2 - h0) <= 1e-3 * (jnp.abs(h0) + 1e-6), (-2, -1))
+        flags.append(jnp.all(same & (miss <= ONE_STEP_TOL_SDS) | ~both) & jnp.any(both))
+    return jnp.all(jnp.stack(flags))
 
 
 def _later_siblings(structure: ModelStructure, name: str) -> list[str]:
@@ -827,7 +839,8 @@ def _stored_context(structure: ModelStructure, stored: StoredSpec, gaussian: fro
     of its later sites, where the block's first site is Gaussian (``gaussian``: the probe of
     its Newton problem, which holds the whole block, found it quadratic). The block is then
     jointly Gaussian given the other sites, and a later site's stored base already is its
-    exact conditional given the earlier ones' draws (:func:`~numpyro_pavi.base_state.stored_base`):
+    exact conditional given the earlier ones' draws (:func:`~numpyro_pavi.base_state.stored_base`,
+    at the last refresh's globals, to first order in them between refreshes):
     the flow has nothing to learn from those values, and without them (and with no other
     local site in the context) its context is the same for every element, so its
     conditioner runs once, not once per element (most of a posterior draw's time on a

@@ -167,7 +167,7 @@ def test_spec_finds_long_format_sites(data):
     with numpyro.handlers.seed(rng_seed=0):
         g._setup_prototype(*nested_long_data(), 10)
     assert g.plan.stored.parents == (("k", "g"), ("a", "g"), ("a", "k"))
-    assert "stored Laplace bases: g, k in g, a in k" in g.describe()
+    assert "stored Laplace bases: g, k in g, a in k in g" in g.describe()
 
 
 @pytest.mark.slow  # quick tier <= 8 min on 2 cores: runs in the slow tier
@@ -724,12 +724,25 @@ def parent_enters_nonlinearly(school, student, y, batch=None):
         numpyro.sample("y", dist.Normal(mu + a[student[r], school[r]], 1.0), obs=y[r])
 
 
+def width_from_two_parents(school, student, y, batch=None):
+    """A two-site parent block whose difference sets its students' width: moving both parent
+    sites together would leave it unchanged."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    with numpyro.plate("schools", 3):
+        k = numpyro.sample("k", dist.Normal(0.0, 0.5))
+        q = numpyro.sample("q", dist.Normal(0.0, 0.5))
+        with numpyro.plate("students", 4):
+            a = numpyro.sample("a", dist.Normal(k, jnp.exp(k - q)))
+    with numpyro.plate("rows", y.shape[0], subsample_size=batch) as r:
+        numpyro.sample("y", dist.Normal(mu + a[student[r], school[r]], 1.0), obs=y[r])
+
+
 def test_a_nested_site_reads_its_parent_where_its_base_does_not_follow_it():
     """The stored base follows a parent's draw in its mode, to first order: where the parent
     sets the child's width, or its mean nonlinearly, the child's flow keeps the parent's
     draw in its context (the probe finds the problem not quadratic jointly with it)."""
     school, student, y = nested_long_data()
-    for model in (parent_sets_width, parent_enters_nonlinearly):
+    for model in (parent_sets_width, parent_enters_nonlinearly, width_from_two_parents):
         guide = AutoPAVI(model)
         with numpyro.handlers.seed(rng_seed=0):
             guide._setup_prototype(school, student, y, 10)
