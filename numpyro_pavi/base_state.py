@@ -128,11 +128,6 @@ class StoredSpec:
         first = self.block_of(name)[0]
         return [self.block_of(outer) for child, outer in self.parents if child == first]
 
-    def parent_of(self, name: str) -> tuple[str, ...] | None:
-        """The innermost block whose plates the block of site ``name`` is nested in (None:
-        none)."""
-        outer = self.ancestors_of(name)
-        return outer[-1] if outer else None
 
 
 class LaplaceState(NamedTuple):
@@ -457,13 +452,15 @@ def _nested_precisions(logp, blocks: dict, ancestors: dict, plates: dict, modes:
     for child in sorted(ancestors, key=lambda n: -len(plates[n])):
         chols[child] = precision_chol(hs[child])
         outer = ancestors[child]
-        g = jnp.concatenate([_coupling(logp, child, a, modes, th) + cross.get((child, a), 0.0) for a in outer], -1)
+        g = [_coupling(logp, child, a, modes, th) + cross.get((child, a), 0.0) for a in outer]
+        g = jnp.concatenate(g, -1)  # (*child sizes, d, d_ancestors)
         pjacs[child] = in_pieces(lambda c, b: jax.scipy.linalg.cho_solve((c, True), b), chols[child], g)
         schur = jnp.einsum("...ji,...jk->...ik", g, pjacs[child])  # (*child sizes, D, D)
         cuts = np.cumsum([0] + [modes[a].shape[-1] for a in outer]).tolist()
         for i, a in enumerate(outer):
             for j in range(i, len(outer)):  # rows of ancestor outer[j], as deep as a or deeper
-                piece = _to_parent(schur[..., cuts[j] : cuts[j + 1], cuts[i] : cuts[i + 1]], plates[child], plates[outer[j]])
+                rows, cols = slice(cuts[j], cuts[j + 1]), slice(cuts[i], cuts[i + 1])
+                piece = _to_parent(schur[..., rows, cols], plates[child], plates[outer[j]])
                 if j == i:
                     hs[a] = hs[a] + piece
                 else:

@@ -671,9 +671,10 @@ def _probe_site(model, structure, trace, plates, site, args, kwargs) -> tuple[ja
     parents = [n for n in before if latent[n].plates and set(latent[n].plates) < set(site.plates)]
     linear = jnp.array(False)
     if parents and subsampled_rows(structure):  # only stored bases read it
-        linear = jax.lax.cond(
-            one_step, lambda: _linear_in_parents(joint, plates, before, parents, latent, start), lambda: jnp.array(False)
-        )
+        def probe():
+            return _linear_in_parents(joint, plates, before, parents, latent, start)
+
+        linear = jax.lax.cond(one_step, probe, lambda: jnp.array(False))
     return _data.scored_mean(site, converged, trace.get(site.name)), one_step, one_step_ref, concave, flat, linear
 
 
@@ -689,7 +690,8 @@ def _linear_in_parents(joint, plates, before, parents, latent, start) -> jax.Arr
     conditional at the last refresh's globals (to first order in them between refreshes,
     as every stored base). Not so where a parent sets the width (``a ~ N(0, exp(k))``, a
     per-school noise sd) or enters nonlinearly. A heuristic, as the probe's others: a few
-    directions of the parents' space, at the setup values."""
+    directions of the parents' space (a site's intrinsic, non-plate batch coordinates all
+    move together), at the setup values."""
 
     def at(name, scale):
         moved = dict(before)
@@ -791,7 +793,8 @@ def _laplace_sites(model, structure, options, trace, args, kwargs) -> tuple[froz
     kept, gaussian, reference, warm, linear = set(local), set(), set(), set(), set()
     # a sibling is flat only where every Newton problem holding it finds it so
     flat, read = set(), set()
-    for name, (share, quadratic, from_reference, concave, flags, in_parents) in _probe(model, structure, trace, args, kwargs).items():
+    probes = _probe(model, structure, trace, args, kwargs)
+    for name, (share, quadratic, from_reference, concave, flags, in_parents) in probes.items():
         flat.update(k for k, v in flags.items() if v)
         read.update(k for k, v in flags.items() if not v)
         if quadratic:
@@ -834,10 +837,14 @@ def _laplace_sites(model, structure, options, trace, args, kwargs) -> tuple[froz
     )
 
 
-def _stored_context(structure: ModelStructure, stored: StoredSpec, gaussian: frozenset, linear: frozenset) -> ModelStructure:
+def _stored_context(
+    structure: ModelStructure, stored: StoredSpec, gaussian: frozenset, linear: frozenset
+) -> ModelStructure:
     """The structure with the earlier sites of a stored block dropped from the flow context
     of its later sites, where the block's first site is Gaussian (``gaussian``: the probe of
-    its Newton problem, which holds the whole block, found it quadratic). The block is then
+    its Newton problem, which holds the whole block, found it quadratic) and so is every
+    block nested in it (its base is its marginal over them: a Laplace approximation, not
+    exact, under students with a Poisson likelihood). The block is then
     jointly Gaussian given the other sites, and a later site's stored base already is its
     exact conditional given the earlier ones' draws (:func:`~numpyro_pavi.base_state.stored_base`,
     at the last refresh's globals, to first order in them between refreshes):
@@ -853,15 +860,17 @@ def _stored_context(structure: ModelStructure, stored: StoredSpec, gaussian: fro
     likelihood) leaves the child Gaussian but its width dependent on the parent, which the
     flow can learn only by reading it."""
     latent = dict(structure.latent)
+    below = {b[0]: [c for c, outer in stored.parents if outer == b[0]] for b in stored.blocks}
     for block in stored.blocks:
-        if block[0] not in gaussian:
+        if not all(n in gaussian for n in [block[0]] + below[block[0]]):
             continue
         drop = set(block)
         if block[0] in linear:
             drop.update(n for outer in stored.ancestors_of(block[0]) for n in outer)
         for name in block:
             site = latent[name]
-            latent[name] = dataclasses.replace(site, conditions_on=tuple(p for p in site.conditions_on if p not in drop))
+            context = tuple(p for p in site.conditions_on if p not in drop)
+            latent[name] = dataclasses.replace(site, conditions_on=context)
     return dataclasses.replace(structure, latent=latent)
 
 

@@ -71,7 +71,8 @@ class LatentSite:
         through shared observations (a group's intercept and slope, say) even when the prior
         does not. Sites in plates the site is not in are left out: their per-element values
         do not line up with this site's elements. A guide's plan may drop some (a stored
-        block's earlier sites, ``plan._stored_context``): ``guide.structure`` is the plan's.
+        block's earlier sites, and its ancestors' where its base is their exact
+        conditional: ``plan._stored_context``): ``guide.structure`` is the plan's.
     """
 
     name: str

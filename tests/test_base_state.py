@@ -737,6 +737,21 @@ def width_from_two_parents(school, student, y, batch=None):
         numpyro.sample("y", dist.Normal(mu + a[student[r], school[r]], 1.0), obs=y[r])
 
 
+def deep_nested_poisson(school, student, y, batch=None):
+    """``deep_nested_model``'s chain with Poisson counts: a school's base is a Laplace
+    marginal over its students, not its exact conditional given its region."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    with numpyro.plate("regions", 2):
+        g = numpyro.sample("g", dist.Normal(mu, 1.0))
+        with numpyro.plate("schools", 3):
+            k = numpyro.sample("k", dist.Normal(g, 1.0))
+            with numpyro.plate("students", 4):
+                a = numpyro.sample("a", dist.Normal(k, 1.0))
+    with numpyro.plate("rows", y.shape[0], subsample_size=batch) as r:
+        rate = jnp.exp(a[student[r], school[r], r % 2])
+        numpyro.sample("y", dist.Poisson(rate), obs=jnp.round(jnp.abs(y[r]) * 3))
+
+
 def test_a_nested_site_reads_its_parent_where_its_base_does_not_follow_it():
     """The stored base follows a parent's draw in its mode, to first order: where the parent
     sets the child's width, or its mean nonlinearly, the child's flow keeps the parent's
@@ -749,6 +764,13 @@ def test_a_nested_site_reads_its_parent_where_its_base_does_not_follow_it():
         assert guide.plan.stored.parents == (("a", "k"),)
         assert "a" in guide.plan.quadratic, model.__name__
         assert "k" in guide.structure.latent["a"].conditions_on, model.__name__
+    # a chain over Poisson students: no block's base is its exact conditional
+    guide = AutoPAVI(deep_nested_poisson)
+    with numpyro.handlers.seed(rng_seed=0):
+        guide._setup_prototype(school, student, y, 10)
+    assert "a" not in guide.plan.quadratic
+    assert "g" in guide.structure.latent["k"].conditions_on
+    assert {"g", "k"} <= set(guide.structure.latent["a"].conditions_on)
 
 
 @pytest.mark.slow
