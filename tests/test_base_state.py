@@ -829,6 +829,24 @@ def two_extra_plates(school, student, x, y, batch=None):
         numpyro.sample("y", dist.Normal(a[r % 2, student[r], school[r]], 1.0), obs=y[r])
 
 
+def exact_given_mu(model, data, guide, names, mu):
+    """The exact posterior of the local sites ``names`` given ``mu``, read off the log
+    joint's Hessian (quadratic in them): ``(P, mean, cuts)``, the sites flattened in
+    ``names``' order, site ``names[i]`` at ``cuts[i]:cuts[i + 1]``."""
+    from numpyro.infer.util import log_density
+
+    shapes = {n: guide.prototype_trace[n]["value"].shape for n in names}
+    cuts = np.cumsum([0] + [int(np.prod(shapes[n])) for n in names])
+
+    def log_joint(flat):
+        vals = {n: flat[cuts[i] : cuts[i + 1]].reshape(shapes[n]) for i, n in enumerate(names)}
+        return log_density(model, data, {}, {"mu": jnp.array(mu), **vals})[0]
+
+    zero = jnp.zeros(cuts[-1])
+    P = -np.asarray(jax.hessian(log_joint)(zero), float)
+    return P, np.linalg.solve(P, np.asarray(jax.grad(log_joint)(zero), float)), cuts
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model", [two_site_parent, two_extra_plates])
 def test_nested_blocks_of_other_shapes_are_exact(model):
@@ -836,8 +854,6 @@ def test_nested_blocks_of_other_shapes_are_exact(model):
     the parent's stored precision is its exact marginal (each school's 2 x 2), the child's
     base the exact conditional given a parent draw; the exact posterior given mu is read
     off the log joint's Hessian (quadratic in the local sites)."""
-    from numpyro.infer.util import log_density
-
     rng = np.random.default_rng(0)
     n = 40
     data = tuple(jnp.asarray(v) for v in (rng.integers(0, 3, n), rng.integers(0, 4, n), rng.normal(size=n).astype(np.float32), rng.normal(size=n).astype(np.float32)))
@@ -851,16 +867,7 @@ def test_nested_blocks_of_other_shapes_are_exact(model):
     state = refresh(model, structure, spec, init_state(structure, spec), jnp.array([mu]), (data + (10,), {}), sweeps=400)
 
     names = [n for n, s in structure.latent.items() if s.plates]  # site layout, flattened in order
-    shapes = {n: guide.prototype_trace[n]["value"].shape for n in names}
-    cuts = np.cumsum([0] + [int(np.prod(shapes[n])) for n in names])
-
-    def log_joint(flat):
-        vals = {n: flat[cuts[i] : cuts[i + 1]].reshape(shapes[n]) for i, n in enumerate(names)}
-        return log_density(model, data, {}, {"mu": jnp.array(mu), **vals})[0]
-
-    zero = jnp.zeros(cuts[-1])
-    P = -np.asarray(jax.hessian(log_joint)(zero), float)
-    mean = np.linalg.solve(P, np.asarray(jax.grad(log_joint)(zero), float))
+    P, mean, cuts = exact_given_mu(model, data, guide, names, mu)
     cov = np.linalg.inv(P)
     rows = {n: np.arange(cuts[i], cuts[i + 1]) for i, n in enumerate(names)}
     outer = spec.block_of(parent)
@@ -890,8 +897,6 @@ def test_a_chain_of_nested_blocks_is_exact():
     region (its students integrated out), and each student's exact conditional given its
     school and region; the bases' modes follow the ancestors' draws exactly (the exact
     posterior given mu read off the log joint's Hessian: quadratic in the local sites)."""
-    from numpyro.infer.util import log_density
-
     school, student, y = nested_long_data()
     data = (school, student, y)
     guide = AutoPAVI(deep_nested_model)
@@ -903,15 +908,7 @@ def test_a_chain_of_nested_blocks_is_exact():
 
     names = ["g", "k", "a"]
     shapes = {n: guide.prototype_trace[n]["value"].shape for n in names}  # (2,), (3, 2), (4, 3, 2)
-    cuts = np.cumsum([0] + [int(np.prod(shapes[n])) for n in names])
-
-    def log_joint(flat):
-        vals = {n: flat[cuts[i] : cuts[i + 1]].reshape(shapes[n]) for i, n in enumerate(names)}
-        return log_density(deep_nested_model, data, {}, {"mu": jnp.array(mu), **vals})[0]
-
-    zero = jnp.zeros(cuts[-1])
-    P = -np.asarray(jax.hessian(log_joint)(zero), float)
-    mean = np.linalg.solve(P, np.asarray(jax.grad(log_joint)(zero), float))
+    P, mean, cuts = exact_given_mu(deep_nested_model, data, guide, names, mu)
     ids = {n: np.arange(cuts[i], cuts[i + 1]).reshape(shapes[n]) for i, n in enumerate(names)}
     sites = {n: structure.latent[n] for n in names}
     for n in names:
