@@ -208,8 +208,10 @@ class AutoPAVI(AutoGuide):
       ``(plate_size, D)`` array per plate named ``{plate}_{prefix}_encoding``;
     * the sampled (unconstrained) values of every earlier latent site whose plates are a
       subset of the site's (its prior parents and the siblings the posterior couples it
-      with), so ``q(theta) = prod_i q(theta_i | theta_<i, E)`` in the model's order. Sites in
-      plates the site is not in are left out (their per-element values do not align);
+      with), so ``q(theta) = prod_i q(theta_i | theta_<i, E)`` in the model's order, except
+      that the globals written before the first local site are drawn scales first (a
+      location given its scale holds their funnel; :func:`~numpyro_pavi.plan.scales_first`).
+      Sites in plates the site is not in are left out (their per-element values do not align);
     * nothing else for sites outside every plate: their flows see only their parents.
 
     The flow (params ``{site}_{prefix}_flow``) is a standard normal on the site's flattened

@@ -3,11 +3,11 @@ posteriors, streamed summaries, PSIS and the ArviZ export.
 
 Given a :class:`~numpyro_pavi.plan.GuidePlan`, the parameters, a key, the current plate
 elements and a trace of the model on them (its observed data), :func:`sample_latents` draws
-every latent site top-down in the model's order: each plate set's encodings (free, from set
-encoders, or none), then each site's flow on the grid of its plates' elements, conditioned
-on the element's encoding and its parents' sampled values, placed on the element's Laplace
-base where it has one, and constrained to the site's support. It reads nothing else and
-changes nothing.
+every latent site top-down in the plan's order (the model's, its leading globals scales
+first): each plate set's encodings (free, from set encoders, or none), then each site's
+flow on the grid of its plates' elements, conditioned on the element's encoding and its
+parents' sampled values, placed on the element's Laplace base where it has one, and
+constrained to the site's support. It reads nothing else and changes nothing.
 """
 
 from __future__ import annotations

@@ -501,6 +501,21 @@ def model_structure(trace: Mapping[str, dict]) -> ModelStructure:
     return ModelStructure(plates=plates, latent=latent, observed=observed)
 
 
+def is_scale_support(support) -> bool:
+    """True for a scale's support: bounded below only (``positive``, ``softplus_positive``,
+    ``greater_than``), or a covariance or its Cholesky factor (possibly with event dims)."""
+    if isinstance(support, constraints.independent):
+        support = support.base_constraint
+    shapes = (
+        constraints.positive_definite,
+        constraints.corr_cholesky,
+        constraints.corr_matrix,
+        constraints.lower_cholesky,
+        constraints.scaled_unit_lower_cholesky,
+    )
+    return isinstance(support, constraints._GreaterThan) or any(support is c for c in shapes)
+
+
 def is_real_support(support) -> bool:
     """True when the support is the real line (possibly with event dims)."""
     return support is constraints.real or (

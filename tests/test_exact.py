@@ -16,8 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
+import numpyro.distributions as dist
 import optax
 import pytest
+from numpyro import handlers
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoNormal
 
@@ -182,3 +184,57 @@ def test_set_encoder_param_count_independent_of_plate_size():
         )
         free[G] = guide.num_params()
     assert free[200] - free[100] == 100 * guide.encoding_dim  # PAVI-F grows with the plate
+
+
+EIGHT_Y = np.array([28.0, 8, -3, 7, -1, 1, 18, 12])
+EIGHT_SIGMA = np.array([15.0, 10, 16, 11, 9, 11, 10, 18])
+
+
+def eight_schools(y, sigma):
+    """Rubin's eight schools, the location written before its scale (the usual order)."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = numpyro.sample("tau", dist.HalfNormal(5.0))
+    with numpyro.plate("schools", y.shape[0]):
+        theta = numpyro.sample("theta", dist.Normal(mu, tau))
+        numpyro.sample("y", dist.Normal(theta, sigma), obs=y)
+
+
+def eight_schools_mu():
+    """Posterior mean and sd of ``mu`` in :func:`eight_schools` by quadrature over ``log
+    tau``: given ``tau``, ``mu`` is Gaussian with the schools integrated out."""
+    log_tau = np.linspace(-10.0, 4.0, 8001)
+    tau = np.exp(log_tau)
+    v = EIGHT_SIGMA[None] ** 2 + tau[:, None] ** 2  # y_j | mu, tau ~ N(mu, v_j)
+    w = 1.0 / v
+    var = 1.0 / (1.0 / 25.0 + w.sum(1))
+    mean = var * (w * EIGHT_Y).sum(1)
+    log_p = -0.5 * np.log(v).sum(1) - 0.5 * (w * EIGHT_Y**2).sum(1) + 0.5 * mean**2 / var + 0.5 * np.log(var)
+    log_p += -0.5 * tau**2 / 25.0 + log_tau  # half-normal prior, the Jacobian of log tau
+    p = np.exp(log_p - log_p.max())
+    p /= p.sum()
+    m = (p * mean).sum()
+    return m, np.sqrt((p * (var + mean**2)).sum() - m**2)
+
+
+def test_a_location_beside_an_unknown_scale_follows_it():
+    """Eight schools: ``mu``'s posterior sd grows with ``tau`` (a funnel). The guide draws the
+    scale first (``plan.scales_first``), so ``q(mu | tau)``, a Gaussian whose sd is a learned
+    function of ``tau``, holds the funnel; drawn in the model's order (``mu`` first, then
+    ``tau | mu``) it was 14-18% narrow on ``mu`` and up to 1 sd off its mean. The schools'
+    bases are their exact conditionals (a Gaussian likelihood). ``log tau`` is not checked:
+    its posterior is skewed, and a global's flow is a Gaussian in it."""
+    y, sigma = jnp.asarray(EIGHT_Y), jnp.asarray(EIGHT_SIGMA)
+    guide = AutoPAVI(eight_schools)
+    assert list(guide_order(guide, y, sigma)) == ["tau", "mu", "theta"]
+    params = _fit(eight_schools, guide, 3000, y, sigma, lr=5e-3, decay=1.0)  # the README's constant rate
+    draws = np.asarray(guide.sample_posterior(jax.random.PRNGKey(9), params, y, sigma, sample_shape=(NUM_DRAWS,))["mu"])
+    mean, sd = eight_schools_mu()
+    assert abs(draws.mean() - mean) < 4 * sd / np.sqrt(NUM_DRAWS) + 0.15 * sd
+    assert abs(draws.std() / sd - 1) < 4 / np.sqrt(2 * NUM_DRAWS) + 0.05
+
+
+def guide_order(guide, *args):
+    """The guide's sampling order of the latent sites (its plan, after setup)."""
+    with handlers.seed(rng_seed=0):
+        guide(*args)
+    return guide.plan.structure.latent

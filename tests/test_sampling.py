@@ -9,14 +9,17 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
+import numpyro.distributions as dist
 import pytest
 from numpyro import handlers
 
 from numpyro_pavi import AutoPAVI
 from numpyro_pavi.examples import models
 from numpyro_pavi.encoders import SetEncoder
-from numpyro_pavi.plan import GuidePlan, build_plan, with_encoder_width
+from numpyro_pavi.plan import GuidePlan, build_plan, scales_first, with_encoder_width
 from numpyro_pavi.sampling import sample_latents
+from numpyro_pavi.structure import model_structure
 
 G, M, K = 7, 2, 2
 X = models.simulate_random_effects(jax.random.PRNGKey(0), G, M, K)
@@ -162,3 +165,26 @@ def test_set_encoder_width_is_the_encoding_dim():
     assert with_encoder_width(SetEncoder(), 4).out_dim == 4
     with pytest.raises(ValueError, match=r"SetEncoder\(out_dim=6\) disagrees with encoding_dim=4"):
         with_encoder_width(SetEncoder(out_dim=6), 4)
+
+
+def test_scales_are_drawn_before_the_locations_beside_them():
+    """The leading globals are reordered scales first (a vector sd, an LKJ factor), each
+    conditioned on every global drawn before it; a global after the first local site keeps
+    its place (a local's base may read what was drawn before it)."""
+    def model():
+        b0 = numpyro.sample("b0", dist.Normal(0.0, 1.0))
+        sd = numpyro.sample("sd", dist.HalfNormal(jnp.ones(2)).to_event(1))
+        beta = numpyro.sample("beta", dist.Normal(0.0, 1.0))
+        corr = numpyro.sample("corr", dist.LKJCholesky(2, 1.0))
+        with numpyro.plate("g", 3):
+            numpyro.sample("u", dist.MultivariateNormal(b0 + beta, scale_tril=sd[:, None] * corr))
+        numpyro.sample("late", dist.HalfNormal(1.0))
+
+    structure = model_structure(handlers.trace(handlers.seed(model, 0)).get_trace())
+    latent = scales_first(structure).latent
+    assert list(latent) == ["sd", "corr", "b0", "beta", "u", "late"]
+    given = [latent[n].conditions_on for n in ["sd", "corr", "b0", "beta"]]
+    assert given == [(), ("sd",), ("sd", "corr"), ("sd", "corr", "b0")]
+    for name in ["u", "late"]:
+        assert latent[name] == structure.latent[name]
+    assert scales_first(scales_first(structure)) == scales_first(structure)
