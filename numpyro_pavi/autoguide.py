@@ -638,7 +638,7 @@ class AutoPAVI(AutoGuide):
             values, densities, shares, new_state = sample(params, key, state)
         if stored is not None:
             stored["state"] = new_state[0]
-        for name in self.structure.latent:  # in the model's order (a program's dict comes back sorted)
+        for name in self.structure.latent:  # in the plan's order (a program's dict comes back sorted)
             if name in shares:
                 _warn_unconverged(name, shares[name], self.__dict__.setdefault("_warned", set()))
         result = {}
@@ -701,7 +701,8 @@ class AutoPAVI(AutoGuide):
             if want != got:
                 raise ValueError(
                     f"params['{name}'] does not match this guide (shapes {got} vs {want}): were they "
-                    "trained with other options (encoding_dim, hidden_dims, num_flows) or another model?"
+                    "trained with other options (encoding_dim, hidden_dims, num_flows), another model, or an "
+                    "earlier numpyro-pavi version (the CHANGELOG lists the changes of the guide's family)?"
                 )
 
     _check_params = check_params

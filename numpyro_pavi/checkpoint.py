@@ -295,8 +295,8 @@ def _check_compatible(path: str, loaded: SVIState, expected: SVIState) -> None:
             else f"{len(got)} leaves in the checkpoint, {len(want)} expected"
         )
         raise ValueError(
-            f"checkpoint {path!r} does not match this SVI problem (different guide, optimizer or "
-            f"data shapes?): {first} ({max(len(diff), 1)} differences; optimizer state, then mutable state)"
+            f"checkpoint {path!r} does not match this SVI problem (different guide, optimizer, "
+            f"data shapes, or an earlier numpyro-pavi version?): {first} ({max(len(diff), 1)} differences; optimizer state, then mutable state)"
         )
 
 

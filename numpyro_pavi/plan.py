@@ -78,7 +78,8 @@ class GuidePlan:
     """What the guide samples and with which parameters (built by :func:`build_plan`).
 
     :param model: the user's model.
-    :param structure: its plates and sites.
+    :param structure: its plates and sites, in the guide's order (:func:`scales_first`), each
+        site's ``conditions_on`` as the guide has it (:func:`_stored_context`).
     :param options: the guide's options.
     :param flows: ``{latent site: ConditionalFlow}``.
     :param sources: ``{plate set: data sources}`` for every plate set holding latent sites,
@@ -529,7 +530,7 @@ def build_plan(
     def initial_values(rng_key, inputs):
         keys = jax.random.split(rng_key, len(structure.latent) + len(structure.plates) + 1)
         values = {}
-        # inputs in the model's order (a dict's keys would come back sorted)
+        # inputs in the plan's order (a dict's keys would come back sorted)
         for k, site, flow, name, (loc, skip) in zip(keys, structure.latent.values(), flows.values(), flow_inputs, inputs):
             loc = jnp.zeros(site.dim) if loc is None else jnp.mean(jnp.reshape(site.to_canonical(loc), (-1, site.dim)), 0)
             values[name] = flow.init(k, loc=loc, skip=skip)

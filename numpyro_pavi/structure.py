@@ -72,7 +72,9 @@ class LatentSite:
         does not. Sites in plates the site is not in are left out: their per-element values
         do not line up with this site's elements. A guide's plan may drop some (a stored
         block's earlier sites, and its ancestors' where its base is their exact
-        conditional: ``plan._stored_context``): ``guide.structure`` is the plan's.
+        conditional: ``plan._stored_context``), and reorders the leading globals, scales
+        first, each conditioned on the globals before it in that order
+        (``plan.scales_first``): ``guide.structure`` is the plan's.
     """
 
     name: str
@@ -503,17 +505,29 @@ def model_structure(trace: Mapping[str, dict]) -> ModelStructure:
 
 def is_scale_support(support) -> bool:
     """True for a scale's support: bounded below only (``positive``, ``softplus_positive``,
-    ``greater_than``), or a covariance or its Cholesky factor (possibly with event dims)."""
+    ``greater_than``: rates and degrees of freedom too), an interval from 0 other than a
+    probability's (``Uniform(0, 100)`` on an sd), positive and ordered, or a covariance or
+    its Cholesky factor (possibly with event dims). The guide's order of its globals
+    follows it (:func:`~numpyro_pavi.plan.scales_first`); any order gives a valid guide,
+    only what its Gaussian conditionals can express changes."""
     if isinstance(support, constraints.independent):
         support = support.base_constraint
     shapes = (
         constraints.positive_definite,
+        constraints.positive_ordered_vector,
         constraints.corr_cholesky,
         constraints.corr_matrix,
         constraints.lower_cholesky,
         constraints.scaled_unit_lower_cholesky,
+        constraints.softplus_lower_cholesky,
     )
-    return isinstance(support, constraints._GreaterThan) or any(support is c for c in shapes)
+    from_zero = False
+    if isinstance(support, constraints._Interval) and support is not constraints.unit_interval:
+        try:  # a bound computed under tracing is not read: the site keeps its place
+            from_zero = bool(np.all(np.asarray(support.lower_bound) == 0))
+        except Exception:
+            from_zero = False
+    return isinstance(support, constraints._GreaterThan) or from_zero or any(support is c for c in shapes)
 
 
 def is_real_support(support) -> bool:

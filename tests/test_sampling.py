@@ -168,23 +168,28 @@ def test_set_encoder_width_is_the_encoding_dim():
 
 
 def test_scales_are_drawn_before_the_locations_beside_them():
-    """The leading globals are reordered scales first (a vector sd, an LKJ factor), each
-    conditioned on every global drawn before it; a global after the first local site keeps
-    its place (a local's base may read what was drawn before it)."""
+    """The leading globals are reordered scales first (a vector sd, an LKJ factor, an sd on
+    a flat prior; not a probability), each conditioned on every global drawn before it; a
+    global after the first local site keeps its place (a local's base may read what was
+    drawn before it)."""
+
     def model():
         b0 = numpyro.sample("b0", dist.Normal(0.0, 1.0))
         sd = numpyro.sample("sd", dist.HalfNormal(jnp.ones(2)).to_event(1))
         beta = numpyro.sample("beta", dist.Normal(0.0, 1.0))
         corr = numpyro.sample("corr", dist.LKJCholesky(2, 1.0))
+        prob = numpyro.sample("prob", dist.Beta(2.0, 2.0))  # a probability, not a scale
+        width = numpyro.sample("width", dist.Uniform(0.0, 10.0))  # an sd with a flat prior
         with numpyro.plate("g", 3):
-            numpyro.sample("u", dist.MultivariateNormal(b0 + beta, scale_tril=sd[:, None] * corr))
+            u = numpyro.sample("u", dist.MultivariateNormal(b0 + beta, scale_tril=sd[:, None] * corr))
+            numpyro.sample("y", dist.Normal(u[:, 0] * prob, width), obs=np.zeros(3))
         numpyro.sample("late", dist.HalfNormal(1.0))
 
     structure = model_structure(handlers.trace(handlers.seed(model, 0)).get_trace())
     latent = scales_first(structure).latent
-    assert list(latent) == ["sd", "corr", "b0", "beta", "u", "late"]
-    given = [latent[n].conditions_on for n in ["sd", "corr", "b0", "beta"]]
-    assert given == [(), ("sd",), ("sd", "corr"), ("sd", "corr", "b0")]
+    assert list(latent) == ["sd", "corr", "width", "b0", "beta", "prob", "u", "late"]
+    given = [latent[n].conditions_on for n in ["sd", "corr", "width", "b0"]]
+    assert given == [(), ("sd",), ("sd", "corr"), ("sd", "corr", "width")]
     for name in ["u", "late"]:
         assert latent[name] == structure.latent[name]
     assert scales_first(scales_first(structure)) == scales_first(structure)
