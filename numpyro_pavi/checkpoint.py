@@ -296,7 +296,8 @@ def _check_compatible(path: str, loaded: SVIState, expected: SVIState) -> None:
         )
         raise ValueError(
             f"checkpoint {path!r} does not match this SVI problem (different guide, optimizer, "
-            f"data shapes, or an earlier numpyro-pavi version?): {first} ({max(len(diff), 1)} differences; optimizer state, then mutable state)"
+            f"data shapes, or an earlier numpyro-pavi version?): {first} ({max(len(diff), 1)} "
+            "differences; optimizer state, then mutable state)"
         )
 
 

@@ -506,10 +506,10 @@ def model_structure(trace: Mapping[str, dict]) -> ModelStructure:
 def is_scale_support(support) -> bool:
     """True for a scale's support: bounded below only (``positive``, ``softplus_positive``,
     ``greater_than``: rates and degrees of freedom too), an interval from 0 other than a
-    Beta's ``unit_interval`` (``Uniform(0, 100)`` on an sd), positive and ordered, or a covariance or
-    its Cholesky factor (possibly with event dims). The guide's order of its globals
-    follows it (:func:`~numpyro_pavi.plan.scales_first`); any order gives a valid guide,
-    only what its Gaussian conditionals can express changes."""
+    Beta's ``unit_interval`` (``Uniform(0, 100)`` on an sd), positive and ordered, or a
+    covariance or its Cholesky factor (possibly with event dims). The guide's order of its
+    globals follows it (:func:`~numpyro_pavi.plan.scales_first`); any order gives a valid
+    guide, only what its Gaussian conditionals can express changes."""
     if isinstance(support, constraints.independent):
         support = support.base_constraint
     shapes = (
