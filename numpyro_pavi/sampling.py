@@ -546,8 +546,9 @@ def _advance(plan: GuidePlan, state, theta: jax.Array, anchor: jax.Array, model_
     if not training:
         cold = _state.COLD_SWEEPS
         return _state.refresh(
-            plan.model, structure, spec, state, theta, model_args, sweeps=cold, tangents=False, flat=plan.flat_unscored
-        )
+            plan.model, structure, spec, state, theta, model_args, sweeps=cold, tangents=False,
+            flat=plan.flat_unscored, score=False,
+        )  # fmt: skip
     sweeps = jnp.where(state.count == 0, _state.COLD_SWEEPS, _state.WARM_SWEEPS)
 
     def refreshed(s):
