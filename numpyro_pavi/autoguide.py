@@ -319,9 +319,10 @@ class AutoPAVI(AutoGuide):
         the stored mode to first order in its sampled globals and does not run the model
         for the bases. A step also gives its ELBO a control variate (a ``numpyro.factor``
         site of the guide named ``laplace_{prefix}_control_variate``, zero on average over
-        the batches): the batch log joint's first-order expansion at the stored modes, less
-        the same over all rows (kept in the state), which takes most of the rows' noise out
-        of the gradients (one forward-mode pass through the model on the batch). Pass the state to the posterior methods with the params,
+        the batches): the linear term of the batch log joint's expansion at the stored
+        modes, less the same over all rows (kept in the state), which takes most of the
+        rows' noise out of the gradients (about one more forward and backward pass of the
+        model on the batch). Pass the state to the posterior methods with the params,
         ``{**svi.get_params(state), **state.mutable_state}``; without it they compute the
         bases from scratch at every draw. ``Trace_ELBO(num_particles > 1)`` drops mutable
         state (NumPyro warns): the bases are then computed from scratch at every step,
@@ -626,10 +627,12 @@ class AutoPAVI(AutoGuide):
                 for name, report in reports.items()
             }
             if stored is not None and subsampled:
-                spec, latent = self.plan.stored, self.structure.latent
+                spec = self.plan.stored
                 theta = global_vector(self.structure, spec, unc)
                 blocks = {b[0]: jnp.concatenate([unc[n] for n in b], -1) for b in spec.blocks}
-                cv = control_variate(self.model, self.structure, spec, new_state[0], theta, blocks, indices, (args, kwargs))
+                cv = control_variate(
+                    self.plan.model, self.structure, spec, new_state[0], theta, blocks, indices, (args, kwargs)
+                )
                 new_state = [new_state[0], cv]
             return values, densities, shares, new_state
 

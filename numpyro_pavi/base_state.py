@@ -160,7 +160,8 @@ class LaplaceState(NamedTuple):
     :ivar score: ``{block: (*sizes, d)}`` the gradient of the model's log joint over all rows
         at ``mode`` and ``anchor`` with respect to each block's canonical values, and
         ``{"": (k,)}`` with respect to the globals: the full-data half of the steps'
-        control variate (:func:`control_variate`); None in a state stored before it.
+        control variate (:func:`control_variate`); None in a state stored before it (a
+        training step then refreshes it).
     """
 
     mode: dict
@@ -478,9 +479,10 @@ def control_variate(
     ELBO (a control variate; the guide adds it to its log density).
 
     A step sees the model's log joint ``l_B(x)`` on a batch of rows, scaled by ``N / B``.
-    Its first-order expansion at the stored modes and globals ``x0`` is known for all rows
-    as well (:attr:`LaplaceState.score`), so ``c(x) = grad l_B(x0) . (x - x0) - grad
-    l(x0) . (x - x0)`` has mean zero over the batches for every draw ``x``: the ELBO
+    The linear term of its expansion at the stored modes and globals ``x0`` is known for
+    all rows as well (:attr:`LaplaceState.score`), so ``c(x) = grad l_B(x0) . (x - x0) -
+    grad l(x0) . (x - x0)`` has mean zero over the batches for every draw ``x`` that does
+    not depend on the batch (stored bases, no encoder reading the batch's rows): the ELBO
     ``l_B(x) - c(x) - log q(x)`` stays unbiased, and its gradient keeps of the rows' noise
     only ``grad l_B(x) - grad l_B(x0)``, which is the rows' curvature times the draw's
     distance from the mode (a fraction of a posterior sd) where it was each row's residual.
@@ -491,10 +493,15 @@ def control_variate(
     :param values: ``{block's first site: its sampled canonical values (*sizes, d)}`` over
         the full plates, the block's sites concatenated.
     :param indices: ``{plate: this step's indices}`` (the rows' batch).
-    :return: ``c(x)``, which carries the draw's gradient.
+    :return: ``c(x)``, which carries the draw's gradient (0 where ``state`` holds no
+        refresh yet). Its cost: a forward-mode pass through the model on the batch, and
+        its transpose in the step's gradient.
     """
     if state.score is None:
         return jnp.zeros(())
+    # only a state from a refresh has its score at its modes: the initial state (a first
+    # refresh rolled back as non-finite) has neither, and would bias the step
+    refreshed = jnp.all(jnp.stack([jnp.all(jnp.isfinite(d)) for d in state.decrement.values()]))
     x0 = {name: state.mode[name] for name in values}
     delta = {name: values[name] - x0[name] for name in values}
     logp = _rows_log_joint(model, structure, spec, dict(indices), model_args)
@@ -503,7 +510,7 @@ def control_variate(
     full = jnp.dot(state.score[""], theta - anchor)
     for name in values:
         full = full + jnp.sum(state.score[name] * delta[name])
-    return batch - full
+    return jnp.where(refreshed, batch - full, 0.0)
 
 
 def _nested_precisions(logp, blocks: dict, ancestors: dict, plates: dict, modes: dict, th: jax.Array):

@@ -543,6 +543,10 @@ def _advance(plan: GuidePlan, state, theta: jax.Array, anchor: jax.Array, model_
         return state
     if state is None:
         state = _state.init_state(structure, spec)
+    if training and state.score is None:
+        # a state stored before the control variate's score: refresh it at this step, so
+        # the score comes from the same refresh as the modes it is taken at
+        state = state._replace(score=_state.init_state(structure, spec).score, count=jnp.zeros_like(state.count))
     if not training:
         cold = _state.COLD_SWEEPS
         return _state.refresh(

@@ -980,3 +980,29 @@ def test_the_control_variate_has_mean_zero_over_batches_and_removes_the_rows_noi
     assert spread(reduced) < 0.25 * spread(raw), (spread(reduced), spread(raw))  # 0.10 when written
     # the two gradients agree on average over the partition (the same ELBO)
     np.testing.assert_allclose(np.mean(reduced, 0), np.mean(raw, 0), atol=1e-2 * np.abs(np.mean(raw, 0)).max())
+
+
+def test_a_state_from_before_the_score_is_refreshed_and_an_unrefreshed_one_adds_nothing():
+    """A stored state without ``score`` (an earlier version's) trains: the step refreshes it,
+    so its score comes from the same refresh as its modes; a state that never refreshed
+    (a first refresh rolled back as non-finite) gives a zero control variate, not a
+    biased one."""
+    from numpyro_pavi.base_state import control_variate
+    from numpyro_pavi.sampling import _advance
+
+    s, l, y = (jnp.asarray(x) for x in (np.arange(60) % 6, np.arange(60) % 5, np.linspace(-1, 1, 60)))
+    small = small_long_model(1.0)
+    guide = AutoPAVI(small)
+    svi = SVI(small, guide, optax.adam(1e-3), Trace_ELBO())
+    stored = svi.init(jax.random.PRNGKey(0), s, l, y, 10).mutable_state[guide._state_name]["state"]
+    old = stored._replace(score=None, count=jnp.ones_like(stored.count))
+    args = ((s, l, y, 10), {})
+    after = _advance(guide.plan, old, jnp.ones(1), jnp.ones(1), args, training=True)
+    assert after.score is not None and float(jnp.abs(after.score["a"]).sum()) > 0
+    np.testing.assert_allclose(after.anchor, jnp.ones(1))
+    spec, structure = guide.plan.stored, guide.structure
+    fresh = init_state(structure, spec)
+    idx = {"students": jnp.arange(6), "lecturers": jnp.arange(5), "ratings": jnp.arange(10)}
+    values = {n: m + 1.0 for n, m in fresh.mode.items()}
+    assert float(control_variate(small, structure, spec, fresh, jnp.ones(1), values, idx, args)) == 0.0
+    assert float(control_variate(small, structure, spec, after, jnp.ones(1), values, idx, args)) != 0.0
